@@ -1,0 +1,117 @@
+"""The command line: ``python main.py <command> ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from lib.io.errors import VolumeReadError
+
+# Errors a user can fix: printed as one line, no traceback.
+USER_ERRORS = (VolumeReadError, ValueError, FileExistsError, FileNotFoundError)
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from lib.data.prepare import PrepareConfig, prepare_dataset
+
+    config = PrepareConfig(size=args.size, val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.seed)
+    manifest = prepare_dataset(
+        args.layout,
+        args.src,
+        args.out,
+        source=args.source,
+        target=args.target,
+        config=config,
+        open_count=args.subjects,
+        max_subjects=args.max_subjects,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(
+        f"prepared {len(manifest['subjects'])} subjects ({manifest['counts']}), "
+        f"{manifest['total_slices']} slices of {args.size}x{args.size} in {manifest['seconds']} s -> {args.out}"
+    )
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from lib.io import dense_grid, read_volume
+
+    volume = read_volume(args.input, series_uid=args.series_uid, modality=args.modality)
+    grid = dense_grid(volume, args.target_spacing)
+    report = {
+        "source": volume.source,
+        "modality": volume.modality,
+        "shape": list(volume.shape),
+        "pixel_spacing_mm": [round(v, 4) for v in volume.pixel_spacing],
+        "acquired_positions_mm": [round(float(p), 3) for p in volume.positions],
+        "regular": volume.is_regular(),
+        "value_range": [float(volume.array.min()), float(volume.array.max())],
+        "dense_grid": {"spacing_mm": grid.spacing, "slices": grid.shape[2], "on_grid_acquired": int(grid.acquired.sum()), "gaps": grid.gap_count},
+        "series_uid": volume.meta.get("series_uid"),
+        "skipped_series": volume.meta.get("skipped_series", {}),
+        "skipped_files": volume.meta.get("skipped_files", {}),
+        "gantry_tilt_deg": volume.meta.get("gantry_tilt_deg"),
+    }
+    print(json.dumps(report, indent=1))
+
+
+def _export_cranium(args: argparse.Namespace) -> None:
+    from lib.data.invesalius import read_inv3
+    from lib.io.nifti import write_nifti
+
+    volume = read_inv3(args.inv3)
+    write_nifti(args.out, volume.array.astype(np.int16), volume.voxel_affine(), description="Real head CT (InVesalius Cranium example), HU", dtype=np.int16)
+    print(f"wrote {args.out}: {volume.shape} voxels, spacing {volume.pixel_spacing} x {volume.slice_steps[0]:.3g} mm, HU {volume.array.min():.0f}..{volume.array.max():.0f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="python main.py", description="ReBrain: sparse head CT to dense brain MRI.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details (series skipped, ...)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prepare = commands.add_parser("prepare", help="preprocess a dataset layout into normalised brain slices")
+    prepare.add_argument("--layout", required=True, choices=["brats", "synthrad", "open"])
+    prepare.add_argument("--src", help="dataset folder (brats, synthrad); for open: optional folder of BraTS cases whose T1 volumes are used as extra bases")
+    prepare.add_argument("--out", required=True, help="output folder (written atomically)")
+    prepare.add_argument("--source", default="t2f", help="brats: source contrast (default t2f)")
+    prepare.add_argument("--target", default="t1n", help="brats: target contrast (default t1n)")
+    prepare.add_argument("--size", type=int, default=128, help="in-plane size in pixels (default 128)")
+    prepare.add_argument("--subjects", type=int, default=12, help="open: number of pseudo-subjects (default 12)")
+    prepare.add_argument("--max-subjects", type=int, help="use at most this many subjects")
+    prepare.add_argument("--val-fraction", type=float, default=0.2)
+    prepare.add_argument("--test-fraction", type=float, default=0.2)
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the subject split")
+    prepare.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+    prepare.set_defaults(run=_prepare)
+
+    inspect = commands.add_parser("inspect", help="read a NIfTI file or DICOM folder and report its geometry and acquired slices")
+    inspect.add_argument("input", help="a .nii/.nii.gz file or a DICOM folder")
+    inspect.add_argument("--series-uid", help="DICOM: the SeriesInstanceUID to read (default: the CT series)")
+    inspect.add_argument("--modality", default="unknown", help="NIfTI: what the values are (CT for HU)")
+    inspect.add_argument("--target-spacing", type=float, default=1.0, help="dense grid spacing in mm (default 1)")
+    inspect.set_defaults(run=_inspect)
+
+    cranium = commands.add_parser("export-cranium", help="write Debian's real head CT (invesalius-examples) as NIfTI in HU")
+    cranium.add_argument("--inv3", default="/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+    cranium.add_argument("--out", required=True, help="output .nii.gz")
+    cranium.set_defaults(run=_export_cranium)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (2 for a user error, with a one-line message)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,195 @@
+"""Dataset layouts: where the paired source/target volumes of each subject are.
+
+* ``brats``: ``<case>/<case>-t2f.nii.gz`` (BraTS 2023 naming) or ``<case>/t2f.nii.gz``
+  (the form in ``shared/data``); source and target are two contrasts (default FLAIR -> T1).
+* ``synthrad``: SynthRAD2023 brain, ``<case>/ct.nii.gz``, ``mr.nii.gz``, ``mask.nii.gz``.
+* ``open``: pseudo-subjects whose CT/T1 pairs are synthesised (:mod:`lib.data.synthesis`) from
+  real images a fresh machine can install: nilearn's MNI152 T1 and tissue maps, plus the
+  BraTS T1 volumes under ``--src`` when given.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from lib.data import synthesis
+from lib.io.errors import VolumeReadError
+from lib.io.nifti import read_nifti
+from lib.io.volume import Volume, volume_from_voxel_affine
+
+
+class Layout(str, enum.Enum):
+    """The dataset layouts ``prepare`` understands."""
+
+    BRATS = "brats"
+    SYNTHRAD = "synthrad"
+    OPEN = "open"
+
+
+@dataclass
+class SubjectPair:
+    """One subject's co-registered source and target volumes and brain mask (canonical frame)."""
+
+    source: Volume
+    target: Volume
+    mask: np.ndarray
+    source_is_ct: bool
+
+
+@dataclass
+class SubjectRecord:
+    """A subject found in a layout: its name, the files it comes from, and how to load it."""
+
+    name: str
+    files: list[Path]
+    load: Callable[[], SubjectPair]
+    provenance: str = ""
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_grid(reference: Volume, other: Volume) -> None:
+    if reference.shape != other.shape or not np.allclose(reference.affine, other.affine, atol=1e-3):
+        raise VolumeReadError(other.source, f"not on the same voxel grid as {reference.source} (shape {other.shape} vs {reference.shape})")
+
+
+def _find_contrast(case: Path, contrast: str) -> Path | None:
+    for name in (f"{case.name}-{contrast}.nii.gz", f"{contrast}.nii.gz", f"{case.name}-{contrast}.nii", f"{contrast}.nii"):
+        if (case / name).is_file():
+            return case / name
+    return None
+
+
+def _load_mri_pair(source_path: Path, target_path: Path) -> SubjectPair:
+    source = read_nifti(source_path, modality="MR")
+    target = read_nifti(target_path, modality="MR")
+    _same_grid(source, target)
+    # Skull-stripped BraTS volumes are zero outside the brain in every contrast.
+    mask = (source.array > 0) | (target.array > 0)
+    return SubjectPair(source=source, target=target, mask=mask, source_is_ct=False)
+
+
+def brats_subjects(src: Path, source: str = "t2f", target: str = "t1n") -> list[SubjectRecord]:
+    """Every case folder under ``src`` that holds both contrasts (others are reported)."""
+    records = []
+    for case in sorted(path for path in src.iterdir() if path.is_dir()):
+        source_path, target_path = _find_contrast(case, source), _find_contrast(case, target)
+        if source_path is None or target_path is None:
+            continue
+        records.append(
+            SubjectRecord(
+                name=case.name,
+                files=[source_path, target_path],
+                load=lambda s=source_path, t=target_path: _load_mri_pair(s, t),
+            )
+        )
+    return records
+
+
+def _load_synthrad(case: Path) -> SubjectPair:
+    ct = read_nifti(case / "ct.nii.gz", modality="CT")
+    mr = read_nifti(case / "mr.nii.gz", modality="MR")
+    mask = read_nifti(case / "mask.nii.gz")
+    _same_grid(ct, mr)
+    _same_grid(ct, mask)
+    return SubjectPair(source=ct, target=mr, mask=mask.array > 0.5, source_is_ct=True)
+
+
+def synthrad_subjects(src: Path) -> list[SubjectRecord]:
+    """Every ``<case>/`` under ``src`` with ct, mr and mask NIfTI files."""
+    records = []
+    for case in sorted(path for path in src.iterdir() if path.is_dir()):
+        files = [case / name for name in ("ct.nii.gz", "mr.nii.gz", "mask.nii.gz")]
+        if all(path.is_file() for path in files):
+            records.append(SubjectRecord(name=case.name, files=files, load=lambda c=case: _load_synthrad(c)))
+    return records
+
+
+@lru_cache(maxsize=16)
+def _tissue_model(base: str) -> synthesis.TissueModel:
+    """The tissue model of a base image, computed once per process (it is reused by many subjects)."""
+    if base == "mni":
+        return synthesis.tissue_model_from_mni()
+    t1 = read_nifti(base, modality="MR")
+    return synthesis.tissue_model_from_t1(t1.array, t1.array > 0, t1.voxel_affine())
+
+
+def _load_pseudo_subject(base: str, seed: int) -> SubjectPair:
+    model = _tissue_model(base)
+    subject = synthesis.make_pseudo_subject(model, seed)
+    ct = volume_from_voxel_affine(subject.ct, model.affine, source=f"open:{Path(base).parent.name or base}:{seed}", modality="CT")
+    t1 = volume_from_voxel_affine(subject.t1, model.affine, source=ct.source, modality="MR")
+    mask = volume_from_voxel_affine(subject.mask.astype(np.float32), model.affine).array > 0.5
+    return SubjectPair(source=ct, target=t1, mask=mask, source_is_ct=True)
+
+
+def open_subjects(src: Path | None, count: int) -> list[SubjectRecord]:
+    """``count`` pseudo-subjects, cycling over the MNI template and the BraTS T1 volumes in ``src``."""
+    bases: list[tuple[str, list[Path], str]] = [("mni", [], "nilearn MNI152 2009 T1 + GM/WM maps")]
+    if src is not None:
+        for case in sorted(path for path in src.iterdir() if path.is_dir()):
+            t1 = _find_contrast(case, "t1n")
+            if t1 is not None:
+                bases.append((str(t1), [t1], f"real T1 {t1.name} of a BraTS case"))
+    records = []
+    for index in range(count):
+        base, files, description = bases[index % len(bases)]
+        label = "mni" if base == "mni" else Path(base).parent.name
+        records.append(
+            SubjectRecord(
+                name=f"open-{label}-{index:03d}",
+                files=files,
+                load=lambda b=base, s=index: _load_pseudo_subject(b, s),
+                provenance=f"{description}, deformation/intensity seed {index}",
+            )
+        )
+    return records
+
+
+def discover_subjects(
+    layout: Layout | str,
+    src: str | os.PathLike[str] | None,
+    source: str = "t2f",
+    target: str = "t1n",
+    open_count: int = 12,
+) -> list[SubjectRecord]:
+    """The subjects of a dataset in the given layout.
+
+    Raises:
+        ValueError: unknown layout, missing ``src`` folder, or no subject found.
+    """
+    layout = Layout(layout)
+    folder = Path(src) if src is not None else None
+    if folder is not None and not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder")
+    if layout is Layout.OPEN:
+        records = open_subjects(folder, open_count)
+    elif folder is None:
+        raise ValueError(f"--src is required for the {layout.value} layout")
+    elif layout is Layout.BRATS:
+        records = brats_subjects(folder, source, target)
+    else:
+        records = synthrad_subjects(folder)
+    if not records:
+        expected = {
+            Layout.BRATS: f"<case>/<case>-{source}.nii.gz and -{target}.nii.gz (or <case>/{source}.nii.gz)",
+            Layout.SYNTHRAD: "<case>/ct.nii.gz, mr.nii.gz, mask.nii.gz",
+            Layout.OPEN: "at least one pseudo-subject (--subjects >= 1)",
+        }[layout]
+        raise ValueError(f"{folder}: no subject found for layout {layout.value}; expected {expected}")
+    return records
