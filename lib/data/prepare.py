@@ -106,13 +106,10 @@ def _crop_pad(array: np.ndarray, box: tuple[slice, slice, int], fill: float) -> 
     return out
 
 
-def _resize_slices(array: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
-    """(X, Y, Z) -> (Z, size, size), anti-aliased bilinear (nearest for masks)."""
+def _resize_slices(array: np.ndarray, size: int) -> np.ndarray:
+    """(X, Y, Z) -> (Z, size, size), anti-aliased bilinear."""
     slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, 2, 0)[:, None], dtype=np.float32))
-    if nearest:
-        resized = F.interpolate(slices, size=(size, size), mode="nearest")
-    else:
-        resized = F.interpolate(slices, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    resized = F.interpolate(slices, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return resized[:, 0].numpy()
 
 
@@ -141,13 +138,15 @@ def prepare_subject(pair: SubjectPair, config: PrepareConfig) -> dict[str, np.nd
     target_crop = _crop_pad(target_norm, box, -1.0)
     mask_crop = _crop_pad(mask.astype(np.float32), box, 0.0)
 
-    resized_mask = _resize_slices(mask_crop, config.size, nearest=True) > 0.5
+    # An anti-aliased mask thresholded at half is the brain at the new size; outside it the
+    # images are set to exactly -1, so that resizing blur never smears brain into background.
+    resized_mask = _resize_slices(mask_crop, config.size) > 0.5
     brain_slices = np.nonzero(mask.any(axis=(0, 1)))[0]
     low, high = brain_slices.min(), brain_slices.max()
     positions = (np.arange(mask.shape[2]) - low) / max(high - low, 1)
     return {
-        "source": np.clip(_resize_slices(source_crop, config.size), -1, 1).astype(np.float32),
-        "target": np.clip(_resize_slices(target_crop, config.size), -1, 1).astype(np.float32),
+        "source": np.where(resized_mask, np.clip(_resize_slices(source_crop, config.size), -1, 1), -1.0).astype(np.float32),
+        "target": np.where(resized_mask, np.clip(_resize_slices(target_crop, config.size), -1, 1), -1.0).astype(np.float32),
         "mask": resized_mask.astype(np.uint8),
         "position": positions.astype(np.float32),
         "brain_fraction": resized_mask.mean(axis=(1, 2)).astype(np.float32),
