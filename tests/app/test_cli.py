@@ -1,0 +1,67 @@
+"""The command line as a user runs it: ``python main.py ...`` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+
+from lib.data.invesalius import CRANIUM_PATH
+
+from tests.conftest import SHARED_DATA, require
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_subcommands():
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("prepare", "inspect", "export-cranium"):
+        assert command in result.stdout
+
+
+def test_inspect_reports_acquired_positions_and_skipped_series(head_ct_folder):
+    result = run("inspect", str(head_ct_folder), "--target-spacing", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["modality"] == "CT" and report["shape"] == [512, 512, 67]
+    assert report["acquired_positions_mm"][:3] == [0.0, 2.5, 5.0]
+    assert report["dense_grid"]["slices"] == 166 and len(report["skipped_series"]) == 4
+
+
+def test_bad_input_gives_one_line_error_not_a_traceback(tmp_path):
+    bad = tmp_path / "scan.nii.gz"
+    bad.write_bytes(b"garbage")
+    result = run("inspect", str(bad))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {bad}: not a readable NIfTI") and "Traceback" not in result.stderr
+    result = run("prepare", "--layout", "brats", "--src", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "no subject found for layout brats" in result.stderr
+
+
+def test_prepare_command_writes_a_dataset(tmp_path):
+    src = require(SHARED_DATA / "brats_dev")
+    out = tmp_path / "prepared"
+    result = run("prepare", "--layout", "brats", "--src", str(src), "--out", str(out), "--size", "32", "--max-subjects", "2", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "prepared 2 subjects" in result.stdout
+    assert json.loads((out / "manifest.json").read_text())["config"]["size"] == 32
+
+
+def test_export_cranium_writes_hu_nifti(tmp_path):
+    if not CRANIUM_PATH.is_file():
+        pytest.skip(f"{CRANIUM_PATH} missing (apt-get install invesalius-examples)")
+    out = tmp_path / "cranium.nii.gz"
+    result = run("export-cranium", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    image = nib.load(str(out))
+    assert image.shape == (256, 256, 108) and image.get_fdata().min() == -1024
+    assert b"Real head CT" in image.header["descrip"].tobytes()
