@@ -1,0 +1,144 @@
+"""Bridge schedule, forward marginal, targets, x0 recovery and the sampler against METHOD.md."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lib.diffusion.bridge import BridgeSchedule, predict_x0, q_sample, training_target
+from lib.diffusion.sampler import sample_bridge, sampling_timesteps
+from lib.models.denoiser import Objective
+
+from tests.conftest import BRATS_CASE, require
+
+
+def test_schedule_values_match_the_formulas():
+    schedule = BridgeSchedule(timesteps=1000, max_var=0.5)
+    for t in (0, 1, 500, 998, 999):
+        m = 0.001 + (0.999 - 0.001) * t / 999
+        assert schedule.m[t].item() == pytest.approx(m, abs=1e-12)
+        assert schedule.delta[t].item() == pytest.approx(2 * 0.5 * (m - m * m), abs=1e-12)
+    # Maximum variance s / 2 in the middle of the bridge; almost none at the ends.
+    assert schedule.delta.max().item() == pytest.approx(0.25, abs=1e-6)
+    assert schedule.delta[0].item() < 1e-3 and schedule.delta[-1].item() < 1e-3
+    with pytest.raises(ValueError, match="m_min < m_max"):
+        BridgeSchedule(10, m_min=0.5, m_max=0.4)
+
+
+def test_forward_sample_mean_and_variance_monte_carlo():
+    """x_t ~ N((1 - m_t) x0 + m_t y, delta_t): checked with 200k draws per pixel value."""
+    schedule = BridgeSchedule(1000)
+    generator = torch.Generator().manual_seed(0)
+    x0, y = torch.full((200_000, 1, 1, 1), -0.6, dtype=torch.float64), torch.full((200_000, 1, 1, 1), 0.8, dtype=torch.float64)
+    for step in (100, 500, 900):
+        t = torch.full((200_000,), step)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+        x_t = q_sample(schedule, x0, y, t, noise)
+        m, delta = schedule.m[step].item(), schedule.delta[step].item()
+        # Standard error of the mean is sqrt(delta / n) < 1.6e-3; of the variance ~ delta * sqrt(2 / n).
+        assert x_t.mean().item() == pytest.approx((1 - m) * -0.6 + m * 0.8, abs=5 * math.sqrt(delta / 200_000))
+        assert x_t.var().item() == pytest.approx(delta, rel=5 * math.sqrt(2 / 200_000))
+
+
+def _pair(seed: int = 0, shape=(3, 1, 16, 16)) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(shape, generator=generator, dtype=torch.float64) * 1.6 - 0.8
+    y = torch.rand(shape, generator=generator, dtype=torch.float64) * 1.6 - 0.8
+    return x0, y
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_targets_match_the_formulas(objective):
+    schedule = BridgeSchedule(1000)
+    x0, y = _pair()
+    t = torch.tensor([10, 500, 990])
+    noise = torch.randn_like(x0)
+    target = training_target(schedule, x0, y, t, noise, objective, eps=0.0)
+    for b in range(3):
+        m, delta = schedule.m[t[b]].item(), schedule.delta[t[b]].item()
+        direction = y[b] - x0[b]
+        if objective is Objective.DIRECTIONAL:
+            direction = direction / direction.norm()
+        torch.testing.assert_close(target[b], m * direction + math.sqrt(delta) * noise[b])
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+@pytest.mark.parametrize("step", [0, 1, 300, 700, 998, 999])
+def test_x0_recovery_is_exact_for_the_exact_target(objective, step):
+    schedule = BridgeSchedule(1000)
+    x0, y = _pair(seed=step)
+    t = torch.full((3,), step)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x_t = q_sample(schedule, x0, y, t, noise)
+    target = training_target(schedule, x0, y, t, noise, objective, eps=0.0)
+    recovered = predict_x0(schedule, target, x_t, y, t, objective, clip=False)
+    torch.testing.assert_close(recovered, x0, atol=1e-9, rtol=0)
+
+
+def test_naive_recovery_is_wrong_for_the_directional_objective():
+    """METHOD.md's caution: x_t - eps_theta is not x0 under the directional target."""
+    schedule = BridgeSchedule(1000)
+    x0, y = _pair()
+    t = torch.full((3,), 500)
+    noise = torch.randn_like(x0)
+    x_t = q_sample(schedule, x0, y, t, noise)
+    target = training_target(schedule, x0, y, t, noise, Objective.DIRECTIONAL)
+    assert (x_t - target - x0).abs().max() > 0.1
+
+
+def oracle(x0: torch.Tensor, schedule: BridgeSchedule, objective: Objective):
+    """A denoiser that knows x0 and returns the exact target for the current x_t.
+
+    The noise it implies is eps = (x_t - (1 - m_t) x0 - m_t y) / sqrt(delta_t).
+    """
+
+    def denoise(x_t, t, condition):
+        y = condition[:, :1]
+        m, delta = schedule.coefficients(t, x_t)
+        eps = (x_t - (1 - m) * x0 - m * y) / delta.sqrt()
+        return training_target(schedule, x0, y, t, eps, objective, eps=0.0)
+
+    return denoise
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+@pytest.mark.parametrize("steps", [2, 10, 100, 1000])
+def test_sampler_with_an_oracle_recovers_x0(objective, steps):
+    schedule = BridgeSchedule(1000)
+    x0, y = _pair(seed=steps)
+    result = sample_bridge(oracle(x0, schedule, objective), y, y, schedule, objective, steps=steps)
+    torch.testing.assert_close(result, x0, atol=1e-6, rtol=0)
+
+
+def test_sampler_on_a_real_slice_pair_with_eta():
+    """Real FLAIR -> T1 slice; oracle denoiser; stochastic sampling still lands on x0."""
+    import nibabel as nib
+    import numpy as np
+
+    folder = require(BRATS_CASE)
+    t1 = np.asarray(nib.load(str(folder / "t1n.nii.gz")).dataobj, dtype=np.float64)[60:124, 60:124, 80]
+    flair = np.asarray(nib.load(str(folder / "t2f.nii.gz")).dataobj, dtype=np.float64)[60:124, 60:124, 80]
+    x0 = torch.from_numpy(t1 / t1.max() * 2 - 1)[None, None]
+    y = torch.from_numpy(flair / flair.max() * 2 - 1)[None, None]
+    schedule = BridgeSchedule(1000)
+    calls = []
+    generator = torch.Generator().manual_seed(3)
+    result = sample_bridge(
+        oracle(x0, schedule, Objective.DIRECTIONAL), y, y, schedule, Objective.DIRECTIONAL,
+        steps=25, eta=1.0, generator=generator, progress=lambda done, total: calls.append((done, total)),
+    )
+    torch.testing.assert_close(result, x0, atol=1e-6, rtol=0)
+    assert calls[-1] == (25, 25) and len(calls) == 25
+
+
+def test_sampling_timesteps_and_errors():
+    assert sampling_timesteps(1000, 100)[:3] == [999, 989, 979]
+    assert sampling_timesteps(1000, 100)[-2:] == [1, 0]
+    assert len(sampling_timesteps(1000, 100)) == 100 and sampling_timesteps(1000, 2) == [999, 0]
+    with pytest.raises(ValueError, match="between 2 and 1000"):
+        sampling_timesteps(1000, 1)
+    with pytest.raises(ValueError, match="eta"):
+        x0, y = _pair()
+        sample_bridge(lambda *a: a[0], y, y, BridgeSchedule(10), Objective.PLAIN, steps=5, eta=-1)
