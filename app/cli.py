@@ -69,6 +69,35 @@ def _export_cranium(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {volume.shape} voxels, spacing {volume.pixel_spacing} x {volume.slice_steps[0]:.3g} mm, HU {volume.array.min():.0f}..{volume.array.max():.0f}")
 
 
+def _train_bbdm(args: argparse.Namespace) -> None:
+    from lib.data.dataset import PreparedDataset, PreparedSlices
+    from lib.models.denoiser import BBDMConfig
+    from lib.train.bbdm import TrainConfig, train_bbdm
+
+    dataset = PreparedDataset(args.data)
+    size = int(dataset.manifest["config"]["size"])
+    config = BBDMConfig(
+        image_size=size,
+        channels=tuple(args.channels),
+        attention_levels=tuple(level == len(args.channels) - 1 for level in range(len(args.channels))),
+        neighbours=args.neighbours,
+        objective=args.objective,
+        norm_num_groups=min(16, min(args.channels)),
+    )
+    train_config = TrainConfig(
+        iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_every=args.val_every,
+        val_slices=args.val_slices, val_steps=args.val_steps, checkpoint_every=args.checkpoint_every, device=args.device,
+    )
+    train_set = PreparedSlices(dataset, "train", args.min_brain_fraction, args.neighbours)
+    try:
+        val_set = PreparedSlices(dataset, "val", max(args.min_brain_fraction, 0.2), args.neighbours)
+    except ValueError:
+        print("warning: no validation slices in the prepared data; training without validation", file=sys.stderr)
+        val_set = None
+    scores = train_bbdm(train_set, val_set, args.out, config, train_config, resume=args.resume, progress=not args.quiet)
+    print(f"trained to iteration {args.iters}: {scores or 'no validation'} -> {args.out}/model.pt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="python main.py", description="ReBrain: sparse head CT to dense brain MRI.")
@@ -97,6 +126,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--modality", default="unknown", help="NIfTI: what the values are (CT for HU)")
     inspect.add_argument("--target-spacing", type=float, default=1.0, help="dense grid spacing in mm (default 1)")
     inspect.set_defaults(run=_inspect)
+
+    bbdm = commands.add_parser("train-bbdm", help="train the CT-to-MRI Brownian-bridge denoiser on a prepared dataset")
+    bbdm.add_argument("--data", required=True, help="prepared dataset folder (python main.py prepare)")
+    bbdm.add_argument("--out", required=True, help="run folder: checkpoints, model.pt, logs, curves")
+    bbdm.add_argument("--objective", choices=["directional", "plain"], default="directional")
+    bbdm.add_argument("--iters", type=int, default=2000)
+    bbdm.add_argument("--resume", action="store_true", help="continue the run in --out")
+    bbdm.add_argument("--batch-size", type=int, default=8)
+    bbdm.add_argument("--lr", type=float, default=1e-4)
+    bbdm.add_argument("--seed", type=int, default=0)
+    bbdm.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256], help="UNet channels per level (attention at the last)")
+    bbdm.add_argument("--neighbours", type=int, default=0, help="CT slices on each side as extra input channels (2.5-D)")
+    bbdm.add_argument("--min-brain-fraction", type=float, default=0.05, help="skip training slices with less brain")
+    bbdm.add_argument("--val-every", type=int, default=250)
+    bbdm.add_argument("--val-slices", type=int, default=16)
+    bbdm.add_argument("--val-steps", type=int, default=10, help="sampling steps used for validation")
+    bbdm.add_argument("--checkpoint-every", type=int, default=250)
+    bbdm.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    bbdm.add_argument("--quiet", action="store_true", help="no progress bar")
+    bbdm.set_defaults(run=_train_bbdm)
 
     cranium = commands.add_parser("export-cranium", help="write Debian's real head CT (invesalius-examples) as NIfTI in HU")
     cranium.add_argument("--inv3", default="/usr/share/doc/invesalius-examples/examples/Cranium.inv3")

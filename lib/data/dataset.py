@@ -50,6 +50,7 @@ class PreparedSlices(Dataset):
 
     Each item is a dict: ``source`` (C, S, S) with C = 1 + 2 * ``neighbours`` (the slice and
     its neighbours below and above, edge-clamped, for 2.5-D input), ``target`` (1, S, S),
+    ``mask`` (1, S, S) brain mask as 0/1 floats,
     ``subject`` (key), ``slice`` (index), ``position`` (normalised axial position).
 
     Args:
@@ -87,6 +88,7 @@ class PreparedSlices(Dataset):
         return {
             "source": torch.from_numpy(np.array(source[picks], dtype=np.float32)),
             "target": torch.from_numpy(np.array(self.dataset.array(subject, "target")[slice_index : slice_index + 1], dtype=np.float32)),
+            "mask": torch.from_numpy(np.array(self.dataset.array(subject, "mask")[slice_index : slice_index + 1], dtype=np.float32)),
             "subject": subject,
             "slice": slice_index,
             "position": float(row["position"]),

@@ -1,0 +1,272 @@
+"""Training the BBDM denoiser: AdamW, EMA, mixed precision on GPU, checkpoints and resume.
+
+A run folder holds::
+
+    config.json        the model config and the training config
+    checkpoint.pt      everything needed to resume (model, EMA, optimiser, RNG, iteration)
+    model.pt           the EMA weights and the model config: what inference loads
+    loss.csv           iteration, loss, learning rate, seconds
+    validation.csv     iteration, PSNR / SSIM (whole slice) and PSNR inside the brain mask
+    curves.png         the loss and validation curves
+
+Every random draw (batch indices, time steps, noise) comes from one seeded generator whose
+state is checkpointed, so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from lib.diffusion.bridge import BridgeSchedule, q_sample, training_target
+from lib.diffusion.sampler import sample_bridge
+from lib.metrics import psnr, ssim_2d
+from lib.models.denoiser import BBDMConfig, build_denoiser, denoise
+from lib.train.checkpoint import load_checkpoint, save_checkpoint
+
+LOSS_COLUMNS = ["iteration", "loss", "lr", "seconds"]
+VALIDATION_COLUMNS = ["iteration", "psnr", "ssim", "psnr_brain"]
+
+
+@dataclass
+class TrainConfig:
+    """How a BBDM model is trained (saved beside the model config)."""
+
+    iters: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_every: int = 250
+    val_slices: int = 16
+    val_steps: int = 10
+    checkpoint_every: int = 250
+    device: str = "auto"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def _batch(dataset: Dataset, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+    items = [dataset[int(i)] for i in indices]
+    return {key: torch.stack([item[key] for item in items]).to(device) for key in ("source", "target", "mask")}
+
+
+def _csv_rows(path: Path, up_to: int) -> list[list[str]]:
+    """Rows of a log up to an iteration (a resumed run rewrites what came after)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return [row for row in rows if int(row[0]) <= up_to]
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        writer.writerows(rows)
+
+
+def validation_indices(dataset: Dataset, count: int) -> list[int]:
+    """``count`` evenly spaced items: a fixed validation set across the run."""
+    return np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int).tolist()
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    config: BBDMConfig,
+    dataset: Dataset,
+    indices: Sequence[int],
+    steps: int,
+    device: torch.device,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Sample the given slices and score them against their targets (values mapped to [0, 1])."""
+    model.eval()
+    batch = _batch(dataset, indices, device)
+    condition = batch["source"]
+    y = condition[:, config.neighbours : config.neighbours + 1]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prediction = sample_bridge(
+        lambda x, t, c: denoise(model, x, t, c), y, condition, BridgeSchedule.from_config(config), config.objective,
+        steps=steps, generator=generator,
+    )
+    as_volume = lambda tensor: ((tensor[:, 0].permute(1, 2, 0).float().cpu().numpy() + 1) / 2).clip(0, 1)  # noqa: E731
+    predicted, target = as_volume(prediction), as_volume(batch["target"])
+    mask = batch["mask"][:, 0].permute(1, 2, 0).cpu().numpy() > 0.5
+    return {
+        "psnr": psnr(predicted, target),
+        "ssim": ssim_2d(predicted, target),
+        "psnr_brain": psnr(predicted, target, mask) if mask.any() else float("nan"),
+    }
+
+
+def plot_curves(run: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    """Plot a run's loss (smoothed) and validation curves to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    run = Path(run)
+    out = Path(out) if out is not None else run / "curves.png"
+    loss = pd.read_csv(run / "loss.csv")
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    axes[0].plot(loss.iteration, loss.loss.rolling(25, min_periods=1).mean())
+    axes[0].set(xlabel="iteration", ylabel="training loss (smoothed)", yscale="log")
+    if (run / "validation.csv").is_file():
+        validation = pd.read_csv(run / "validation.csv")
+        axes[1].plot(validation.iteration, validation.psnr, marker="o", label="whole slice")
+        axes[1].plot(validation.iteration, validation.psnr_brain, marker="o", label="brain")
+        axes[1].set(xlabel="iteration", ylabel="validation PSNR (dB)")
+        axes[1].legend()
+        axes[2].plot(validation.iteration, validation.ssim, marker="o")
+        axes[2].set(xlabel="iteration", ylabel="validation SSIM")
+    figure.suptitle(run.name)
+    figure.tight_layout()
+    figure.savefig(out, dpi=80)
+    plt.close(figure)
+    return out
+
+
+def train_bbdm(
+    train_set: Dataset,
+    val_set: Dataset | None,
+    out: str | os.PathLike[str],
+    config: BBDMConfig,
+    train_config: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Train (or resume training) a BBDM denoiser; see the module docstring for the outputs.
+
+    Args:
+        train_set: items with ``source`` (C, S, S), ``target`` and ``mask`` (1, S, S).
+        val_set: held-out items for periodic validation (None: no validation).
+        out: the run folder.
+        config: model config (ignored on resume: the checkpoint's config is used).
+        train_config: training settings.
+        resume: continue from ``out/checkpoint.pt``.
+        progress: show a progress bar.
+
+    Returns:
+        The last validation scores (empty without a validation set).
+
+    Raises:
+        FileExistsError: ``out`` holds a run and ``resume`` is false.
+        ValueError: no checkpoint to resume, or data that does not fit the model.
+    """
+    out = Path(out)
+    checkpoint_path = out / "checkpoint.pt"
+    if checkpoint_path.exists() and not resume:
+        raise FileExistsError(f"{out}: holds a training run already (pass --resume to continue it)")
+    state = load_checkpoint(checkpoint_path, kind="bbdm-train") if resume else None
+    if state is not None:
+        config = BBDMConfig.from_dict(state["config"])
+        train_config = TrainConfig(**{**state["train_config"], "iters": train_config.iters, "device": train_config.device})
+    sample = train_set[0]
+    expected = (config.condition_channels, config.image_size, config.image_size)
+    if tuple(sample["source"].shape) != expected:
+        raise ValueError(f"training slices have shape {tuple(sample['source'].shape)}, the model expects {expected} (image_size, neighbours)")
+
+    device = resolve_device(train_config.device)
+    torch.manual_seed(train_config.seed)
+    model = build_denoiser(config).to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_config.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    generator = torch.Generator().manual_seed(train_config.seed)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        start = int(state["iteration"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"model": config.to_dict(), "training": asdict(train_config)}, indent=1))
+    loss_rows = _csv_rows(out / "loss.csv", start)
+    validation_rows = _csv_rows(out / "validation.csv", start)
+
+    schedule = BridgeSchedule.from_config(config)
+    val_indices = validation_indices(val_set, train_config.val_slices) if val_set is not None else []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    scores: dict[str, float] = {}
+
+    def save(iteration: int) -> None:
+        save_checkpoint(checkpoint_path, {
+            "kind": "bbdm-train", "config": config.to_dict(), "train_config": asdict(train_config),
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(), "iteration": iteration,
+        })
+        save_checkpoint(out / "model.pt", {"kind": "bbdm", "config": config.to_dict(), "model": ema.module.state_dict(), "iteration": iteration})
+        _write_csv(out / "loss.csv", LOSS_COLUMNS, loss_rows)
+        _write_csv(out / "validation.csv", VALIDATION_COLUMNS, validation_rows)
+
+    started = time.perf_counter()
+    bar = tqdm(range(start + 1, train_config.iters + 1), desc="train-bbdm", unit="it", disable=not progress, initial=start, total=train_config.iters)
+    for iteration in bar:
+        model.train()
+        indices = torch.randint(len(train_set), (train_config.batch_size,), generator=generator)
+        t = torch.randint(config.timesteps, (train_config.batch_size,), generator=generator)
+        batch = _batch(train_set, indices.tolist(), device)
+        condition, x0 = batch["source"], batch["target"]
+        y = condition[:, config.neighbours : config.neighbours + 1]
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        x_t = q_sample(schedule, x0, y, t.to(device), noise)
+        target = training_target(schedule, x0, y, t.to(device), noise, config.objective, config.direction_eps)
+        with autocast:
+            output = denoise(model, x_t, t.to(device), condition)
+        loss = torch.nn.functional.mse_loss(output.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
+        optimizer.step()
+        ema.update_parameters(model)
+        loss_rows.append([iteration, f"{loss.item():.6g}", train_config.lr, f"{time.perf_counter() - started:.1f}"])
+        bar.set_postfix(loss=f"{loss.item():.4g}")
+
+        if val_indices and (iteration % train_config.val_every == 0 or iteration == train_config.iters):
+            scores = evaluate(ema.module, config, val_set, val_indices, train_config.val_steps, device, seed=train_config.seed)
+            validation_rows.append([iteration, f"{scores['psnr']:.4f}", f"{scores['ssim']:.4f}", f"{scores['psnr_brain']:.4f}"])
+            bar.write(f"iteration {iteration}: validation PSNR {scores['psnr']:.2f} dB (brain {scores['psnr_brain']:.2f}), SSIM {scores['ssim']:.4f}")
+        if iteration % train_config.checkpoint_every == 0 or iteration == train_config.iters:
+            save(iteration)
+    if start >= train_config.iters:
+        save(start)
+    plot_curves(out)
+    return scores
+
+
+def load_bbdm(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, BBDMConfig]:
+    """Load a trained denoiser (EMA weights) and its config from ``model.pt``.
+
+    Raises:
+        ValueError: not a BBDM model file.
+    """
+    state = load_checkpoint(path, kind="bbdm")
+    config = BBDMConfig.from_dict(state["config"])
+    model = build_denoiser(config)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config
