@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CRANIUM := /usr/share/doc/invesalius-examples/examples/Cranium.inv3
 
-.PHONY: venv system-deps test clean-venv
+.PHONY: venv system-deps test bench clean-venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ system-deps:
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
+
+# Speed and memory of the default denoiser (prints a table; not a test). BENCH_ARGS passes
+# options, e.g. make bench BENCH_ARGS="--device cuda --budget-s 3600".
+bench: $(STAMP)
+	$(PY) -m app.bench_bbdm $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lib.diffusion.bridge import BridgeSchedule, predict_x0
-from lib.models.denoiser import Objective
+from lib.models.denoiser import BBDMConfig, Objective, denoise
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -49,6 +49,7 @@ def sample_bridge(
     generator: torch.Generator | None = None,
     clip: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    distance_range: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Translate a batch of CT slices to MRI along the bridge.
 
@@ -63,6 +64,8 @@ def sample_bridge(
         generator: random source for eta > 0 (seeded for reproducible samples).
         clip: clip each x0 estimate to [-1, 1].
         progress: called as ``progress(step_done, steps)`` after each step.
+        distance_range: bounds for ||y - x0|| in the directional x0 recovery
+            (:func:`lib.diffusion.bridge.predict_x0`); use the model config's.
 
     Returns:
         x0, (B, 1, H, W).
@@ -78,7 +81,7 @@ def sample_bridge(
     for index, t_value in enumerate(visited):
         t = torch.full((batch,), t_value, device=y.device, dtype=torch.long)
         output = denoise_fn(x, t, condition)
-        x0 = predict_x0(schedule, output, x, y, t, objective, clip=clip)
+        x0 = predict_x0(schedule, output, x, y, t, objective, clip=clip, distance_range=distance_range)
         if t_value == 0:
             x = x0
         else:
@@ -95,3 +98,27 @@ def sample_bridge(
         if progress is not None:
             progress(index + 1, len(visited))
     return x
+
+
+def translate_slices(
+    model: torch.nn.Module,
+    config: BBDMConfig,
+    condition: torch.Tensor,
+    steps: int = 100,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Sample MRI slices from CT slices with a trained denoiser and its config.
+
+    Args:
+        model: the denoiser (in eval mode).
+        config: its config (objective, schedule, neighbours, distance range).
+        condition: (B, 1 + 2 * neighbours, H, W) CT slices, the centre one is the bridge's y.
+        steps, eta, generator, progress: as in :func:`sample_bridge`.
+    """
+    y = condition[:, config.neighbours : config.neighbours + 1]
+    return sample_bridge(
+        lambda x, t, c: denoise(model, x, t, c), y, condition, BridgeSchedule.from_config(config), config.objective,
+        steps=steps, eta=eta, generator=generator, progress=progress, distance_range=config.distance_range,
+    )

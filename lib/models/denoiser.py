@@ -37,6 +37,8 @@ class BBDMConfig:
         m_min: m at t = 0 (BBDM's linear grid starts at 0.001).
         m_max: m at t = T - 1 (0.999).
         direction_eps: e in the directional target's denominator.
+        distance_range: 1st and 99th percentiles of ||y - x0|| over training slices; bounds
+            the directional x0 recovery (measured by training when not given).
     """
 
     image_size: int = 128
@@ -52,11 +54,14 @@ class BBDMConfig:
     m_min: float = 0.001
     m_max: float = 0.999
     direction_eps: float = 1e-8
+    distance_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.objective = Objective(self.objective)
         self.channels = tuple(int(c) for c in self.channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        if self.distance_range is not None:
+            self.distance_range = (float(self.distance_range[0]), float(self.distance_range[1]))
         if len(self.channels) != len(self.attention_levels):
             raise ValueError(f"channels {self.channels} and attention_levels {self.attention_levels} differ in length")
         if any(c % self.norm_num_groups for c in self.channels):
@@ -75,6 +80,7 @@ class BBDMConfig:
         values["objective"] = self.objective.value
         values["channels"] = list(self.channels)
         values["attention_levels"] = list(self.attention_levels)
+        values["distance_range"] = list(self.distance_range) if self.distance_range is not None else None
         return values
 
     @classmethod

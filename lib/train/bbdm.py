@@ -20,7 +20,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from lib.diffusion.bridge import BridgeSchedule, q_sample, training_target
-from lib.diffusion.sampler import sample_bridge
+from lib.diffusion.sampler import translate_slices
 from lib.metrics import psnr, ssim_2d
 from lib.models.denoiser import BBDMConfig, build_denoiser, denoise
 from lib.train.checkpoint import load_checkpoint, save_checkpoint
@@ -92,6 +92,16 @@ def validation_indices(dataset: Dataset, count: int) -> list[int]:
     return np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int).tolist()
 
 
+def measure_distance_range(dataset: Dataset, neighbours: int = 0, count: int = 512) -> tuple[float, float]:
+    """1st and 99th percentiles of ||y - x0|| (per slice) over up to ``count`` training slices."""
+    distances = []
+    for index in validation_indices(dataset, count):
+        item = dataset[index]
+        distances.append(float((item["source"][neighbours] - item["target"][0]).norm()))
+    low, high = np.percentile(distances, [1, 99])
+    return float(low), float(high)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -105,13 +115,8 @@ def evaluate(
     """Sample the given slices and score them against their targets (values mapped to [0, 1])."""
     model.eval()
     batch = _batch(dataset, indices, device)
-    condition = batch["source"]
-    y = condition[:, config.neighbours : config.neighbours + 1]
     generator = torch.Generator(device=device).manual_seed(seed)
-    prediction = sample_bridge(
-        lambda x, t, c: denoise(model, x, t, c), y, condition, BridgeSchedule.from_config(config), config.objective,
-        steps=steps, generator=generator,
-    )
+    prediction = translate_slices(model, config, batch["source"], steps=steps, generator=generator)
     as_volume = lambda tensor: ((tensor[:, 0].permute(1, 2, 0).float().cpu().numpy() + 1) / 2).clip(0, 1)  # noqa: E731
     predicted, target = as_volume(prediction), as_volume(batch["target"])
     mask = batch["mask"][:, 0].permute(1, 2, 0).cpu().numpy() > 0.5
@@ -191,6 +196,8 @@ def train_bbdm(
     if tuple(sample["source"].shape) != expected:
         raise ValueError(f"training slices have shape {tuple(sample['source'].shape)}, the model expects {expected} (image_size, neighbours)")
 
+    if config.distance_range is None:
+        config = replace(config, distance_range=measure_distance_range(train_set, config.neighbours))
     device = resolve_device(train_config.device)
     torch.manual_seed(train_config.seed)
     model = build_denoiser(config).to(device)

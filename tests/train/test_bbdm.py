@@ -10,10 +10,9 @@ from torch.utils.data import Subset
 
 from lib.data.dataset import PreparedSlices
 from lib.data.prepare import PrepareConfig, prepare_dataset
-from lib.diffusion.bridge import BridgeSchedule
-from lib.diffusion.sampler import sample_bridge
+from lib.diffusion.sampler import translate_slices
 from lib.metrics import psnr
-from lib.models.denoiser import BBDMConfig, Objective, denoise
+from lib.models.denoiser import BBDMConfig, Objective
 from lib.train.bbdm import TrainConfig, load_bbdm, train_bbdm
 
 from tests.conftest import SHARED_DATA, require
@@ -42,6 +41,10 @@ def test_resumed_run_equals_an_uninterrupted_one(prepared, tmp_path):
     assert list(whole.iteration) == list(range(1, 7))
     np.testing.assert_array_equal(whole.loss, split.loss)
     assert len(pd.read_csv(tmp_path / "split" / "validation.csv")) == 2
+    # The distance range for the directional x0 recovery was measured on the training slices.
+    low, high = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["config"]["distance_range"]
+    distances = [float((train[i]["source"][0] - train[i]["target"][0]).norm()) for i in range(len(train))]
+    assert min(distances) <= low < high <= max(distances)
     a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True)["model"] for name in ("whole", "split"))
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert (tmp_path / "whole" / "curves.png").stat().st_size > 1000
@@ -69,7 +72,7 @@ def test_overfitting_real_slices_learns_the_translation(prepared, tmp_path, obje
     batch = [handful[i] for i in range(4)]
     condition = torch.stack([item["source"] for item in batch])
     target = torch.stack([item["target"] for item in batch])
-    result = sample_bridge(lambda x, t, c: denoise(model, x, t, c), condition, condition, BridgeSchedule.from_config(config), config.objective, steps=20)
+    result = translate_slices(model, config, condition, steps=20)
     to_unit = lambda tensor: ((tensor[:, 0].permute(1, 2, 0).numpy() + 1) / 2)  # noqa: E731
     identity = psnr(to_unit(condition), to_unit(target))
     learned = psnr(to_unit(result), to_unit(target))
@@ -84,7 +87,7 @@ def test_checkpoint_round_trip_gives_bit_identical_samples(prepared, tmp_path):
     def sample(seed: int) -> torch.Tensor:
         model, config = load_bbdm(tmp_path / "r" / "model.pt")
         generator = torch.Generator().manual_seed(seed)
-        return sample_bridge(lambda x, t, c: denoise(model, x, t, c), y, y, BridgeSchedule.from_config(config), config.objective, steps=5, eta=1.0, generator=generator)
+        return translate_slices(model, config, y, steps=5, eta=1.0, generator=generator)
 
     assert torch.equal(sample(7), sample(7))
     assert not torch.equal(sample(7), sample(8))
