@@ -98,6 +98,12 @@ def _train_bbdm(args: argparse.Namespace) -> None:
     print(f"trained to iteration {args.iters}: {scores or 'no validation'} -> {args.out}/model.pt")
 
 
+def _compare_runs(args: argparse.Namespace) -> None:
+    from lib.train.bbdm import plot_comparison
+
+    print(f"wrote {plot_comparison(args.runs, args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="python main.py", description="ReBrain: sparse head CT to dense brain MRI.")
@@ -146,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     bbdm.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bbdm.add_argument("--quiet", action="store_true", help="no progress bar")
     bbdm.set_defaults(run=_train_bbdm)
+
+    compare = commands.add_parser("compare-runs", help="overlay the validation curves of training runs in one PNG")
+    compare.add_argument("runs", nargs="+", help="run folders (with validation.csv)")
+    compare.add_argument("--out", required=True, help="output PNG")
+    compare.set_defaults(run=_compare_runs)
 
     cranium = commands.add_parser("export-cranium", help="write Debian's real head CT (invesalius-examples) as NIfTI in HU")
     cranium.add_argument("--inv3", default="/usr/share/doc/invesalius-examples/examples/Cranium.inv3")

@@ -156,6 +156,28 @@ def plot_curves(run: str | os.PathLike[str], out: str | os.PathLike[str] | None 
     return out
 
 
+def plot_comparison(runs: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
+    """Overlay the validation curves (PSNR whole / brain, SSIM) of several runs in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for run in map(Path, runs):
+        validation = pd.read_csv(run / "validation.csv")
+        for axis, column in zip(axes, ("psnr", "psnr_brain", "ssim")):
+            axis.plot(validation.iteration, validation[column], marker="o", markersize=3, label=run.name)
+    for axis, label in zip(axes, ("validation PSNR, whole slice (dB)", "validation PSNR, brain (dB)", "validation SSIM")):
+        axis.set(xlabel="iteration", ylabel=label)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=80)
+    plt.close(figure)
+    return Path(out)
+
+
 def train_bbdm(
     train_set: Dataset,
     val_set: Dataset | None,
