@@ -20,9 +20,7 @@ import hashlib
 import json
 import os
 import platform
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +33,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from lib.data.layouts import Layout, SubjectPair, SubjectRecord, discover_subjects, file_sha256
+from lib.io.atomic import atomic_directory
 from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, ct_to_unit, mri_to_unit
 
 PREPARED_FORMAT_VERSION = 1
@@ -193,9 +192,7 @@ def prepare_dataset(
     splits = split_subjects(keys, config.val_fraction, config.test_fraction, config.split_seed)
 
     started = time.perf_counter()
-    staging = out.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{out.name}")
-    staging.mkdir(parents=True)
-    try:
+    with atomic_directory(out) as staging:
         rows, subjects = [], []
         for record, key in tqdm(list(zip(records, keys)), desc="prepare", unit="subject", disable=not progress):
             subject_started = time.perf_counter()
@@ -240,10 +237,4 @@ def prepare_dataset(
             "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__},
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return manifest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,3 +33,30 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+STAGING_PREFIX = ".tmp-"
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``path``; it becomes ``path`` when the block succeeds.
+
+    Readers never see a half-written folder under the final name: the staging name starts
+    with :data:`STAGING_PREFIX`, and an existing ``path`` is swapped out only once the new
+    content is complete. If the block raises, the staging folder is removed and ``path`` is
+    left as it was.
+    """
+    target = Path(path)
+    staging = target.with_name(f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}-{target.name}")
+    staging.mkdir(parents=True)
+    retired = target.with_name(f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}-old-{target.name}")
+    try:
+        yield staging
+        if target.exists():
+            os.replace(target, retired)
+        os.replace(staging, target)
+    finally:
+        for leftover in (staging, retired):
+            if leftover.exists():
+                shutil.rmtree(leftover)
