@@ -98,6 +98,42 @@ def _train_bbdm(args: argparse.Namespace) -> None:
     print(f"trained to iteration {args.iters}: {scores or 'no validation'} -> {args.out}/model.pt")
 
 
+def _train_retrieval(args: argparse.Namespace) -> None:
+    from lib.data.dataset import PreparedDataset
+    from lib.models.retrieval_encoder import RetrievalConfig
+    from lib.train.retrieval import RetrievalTrainConfig, train_retrieval
+
+    size = int(PreparedDataset(args.data).manifest["config"]["size"])
+    config = RetrievalConfig(
+        image_size=size, patch_size=args.patch_size, width=args.width, depth=args.depth, heads=args.heads,
+        embedding_dim=args.embedding_dim, perceptual_blocks=tuple(args.perceptual_blocks),
+    )
+    train_config = RetrievalTrainConfig(
+        iters=args.iters, subjects_per_batch=args.subjects_per_batch, run_length=args.run_length, positives=args.positives,
+        percept_weight=args.percept_weight, lr=args.lr, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+        seed=args.seed, device=args.device,
+    )
+    accuracy = train_retrieval(args.data, args.out, config, train_config, resume=args.resume, progress=not args.quiet)
+    print(f"trained to iteration {args.iters}: held-out retrieval accuracy {accuracy or 'not measured'} -> {args.out}/encoder.pt")
+
+
+def _eval_retrieval(args: argparse.Namespace) -> None:
+    from lib.data.dataset import PreparedDataset
+    from lib.retrieval.evaluation import retrieval_accuracy
+    from lib.train.retrieval import load_retrieval_encoder
+
+    model, _ = load_retrieval_encoder(args.encoder)
+    accuracy = retrieval_accuracy(model, PreparedDataset(args.data), args.split, args.position_tolerance)
+    print(json.dumps({"encoder": args.encoder, "split": args.split, "position_tolerance": args.position_tolerance, **accuracy}))
+
+
+def _build_kb(args: argparse.Namespace) -> None:
+    from lib.retrieval.build import build_knowledge_base
+
+    kb = build_knowledge_base(args.data, args.encoder, args.out, split=args.split, tau_percentile=args.tau_percentile, overwrite=args.overwrite)
+    print(f"built {args.out}: {len(kb.entries)} entries, tau {kb.tau:.4f} (top {args.tau_percentile} % of random pairs), index {kb.manifest['index']['kind']}")
+
+
 def _compare_runs(args: argparse.Namespace) -> None:
     from lib.train.bbdm import plot_comparison
 
@@ -152,6 +188,45 @@ def build_parser() -> argparse.ArgumentParser:
     bbdm.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bbdm.add_argument("--quiet", action="store_true", help="no progress bar")
     bbdm.set_defaults(run=_train_bbdm)
+
+    retrieval = commands.add_parser("train-retrieval", help="train the ViT retrieval encoder (contrastive + perceptual loss)")
+    retrieval.add_argument("--data", required=True, help="prepared dataset folder")
+    retrieval.add_argument("--out", required=True, help="run folder: checkpoint.pt, encoder.pt, logs")
+    retrieval.add_argument("--iters", type=int, default=1000)
+    retrieval.add_argument("--resume", action="store_true")
+    retrieval.add_argument("--patch-size", type=int, default=16)
+    retrieval.add_argument("--width", type=int, default=192)
+    retrieval.add_argument("--depth", type=int, default=6)
+    retrieval.add_argument("--heads", type=int, default=3)
+    retrieval.add_argument("--embedding-dim", type=int, default=128)
+    retrieval.add_argument("--perceptual-blocks", type=int, nargs="+", default=[1, 3], help="transformer blocks whose features feed the perceptual term")
+    retrieval.add_argument("--subjects-per-batch", type=int, default=4)
+    retrieval.add_argument("--run-length", type=int, default=8, help="adjacent slices per subject in a batch")
+    retrieval.add_argument("--positives", type=int, default=2, help="K: slices p+1..p+K are positives of p")
+    retrieval.add_argument("--percept-weight", type=float, default=0.5, help="lambda (0: contrastive loss only)")
+    retrieval.add_argument("--lr", type=float, default=3e-4)
+    retrieval.add_argument("--eval-every", type=int, default=100)
+    retrieval.add_argument("--checkpoint-every", type=int, default=100)
+    retrieval.add_argument("--seed", type=int, default=0)
+    retrieval.add_argument("--device", default="auto")
+    retrieval.add_argument("--quiet", action="store_true")
+    retrieval.set_defaults(run=_train_retrieval)
+
+    evaluate = commands.add_parser("eval-retrieval", help="retrieval accuracy of an encoder on held-out subjects (METHOD.md protocol)")
+    evaluate.add_argument("--data", required=True, help="prepared dataset folder")
+    evaluate.add_argument("--encoder", required=True, help="encoder.pt")
+    evaluate.add_argument("--split", default="test", help="held-out split (default: test)")
+    evaluate.add_argument("--position-tolerance", type=float, default=0.1)
+    evaluate.set_defaults(run=_eval_retrieval)
+
+    kb = commands.add_parser("build-kb", help="embed the training CT slices into a FAISS knowledge base")
+    kb.add_argument("--data", required=True, help="prepared dataset folder")
+    kb.add_argument("--encoder", required=True, help="encoder.pt from train-retrieval")
+    kb.add_argument("--out", required=True, help="knowledge base folder (written atomically)")
+    kb.add_argument("--split", default="train", help="which subjects go in (default: train)")
+    kb.add_argument("--tau-percentile", type=float, default=5.0, help="tau = similarity at the top p %% of random pairs")
+    kb.add_argument("--overwrite", action="store_true")
+    kb.set_defaults(run=_build_kb)
 
     compare = commands.add_parser("compare-runs", help="overlay the validation curves of training runs in one PNG")
     compare.add_argument("runs", nargs="+", help="run folders (with validation.csv)")

@@ -15,7 +15,6 @@ state is checkpointed, so a resumed run continues exactly as an uninterrupted on
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
@@ -34,6 +33,7 @@ from lib.diffusion.sampler import translate_slices
 from lib.metrics import psnr, ssim_2d
 from lib.models.denoiser import BBDMConfig, build_denoiser, denoise
 from lib.train.checkpoint import load_checkpoint, save_checkpoint
+from lib.train.csv_log import rows_up_to, write_rows
 
 LOSS_COLUMNS = ["iteration", "loss", "lr", "seconds"]
 VALIDATION_COLUMNS = ["iteration", "psnr", "ssim", "psnr_brain"]
@@ -69,22 +69,6 @@ def resolve_device(name: str) -> torch.device:
 def _batch(dataset: Dataset, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
     items = [dataset[int(i)] for i in indices]
     return {key: torch.stack([item[key] for item in items]).to(device) for key in ("source", "target", "mask")}
-
-
-def _csv_rows(path: Path, up_to: int) -> list[list[str]]:
-    """Rows of a log up to an iteration (a resumed run rewrites what came after)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))[1:]
-    return [row for row in rows if int(row[0]) <= up_to]
-
-
-def _write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        writer.writerows(rows)
 
 
 def validation_indices(dataset: Dataset, count: int) -> list[int]:
@@ -235,8 +219,8 @@ def train_bbdm(
         start = int(state["iteration"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"model": config.to_dict(), "training": asdict(train_config)}, indent=1))
-    loss_rows = _csv_rows(out / "loss.csv", start)
-    validation_rows = _csv_rows(out / "validation.csv", start)
+    loss_rows = rows_up_to(out / "loss.csv", start)
+    validation_rows = rows_up_to(out / "validation.csv", start)
 
     schedule = BridgeSchedule.from_config(config)
     val_indices = validation_indices(val_set, train_config.val_slices) if val_set is not None else []
@@ -250,8 +234,8 @@ def train_bbdm(
             "generator": generator.get_state(), "iteration": iteration,
         })
         save_checkpoint(out / "model.pt", {"kind": "bbdm", "config": config.to_dict(), "model": ema.module.state_dict(), "iteration": iteration})
-        _write_csv(out / "loss.csv", LOSS_COLUMNS, loss_rows)
-        _write_csv(out / "validation.csv", VALIDATION_COLUMNS, validation_rows)
+        write_rows(out / "loss.csv", LOSS_COLUMNS, loss_rows)
+        write_rows(out / "validation.csv", VALIDATION_COLUMNS, validation_rows)
 
     started = time.perf_counter()
     bar = tqdm(range(start + 1, train_config.iters + 1), desc="train-bbdm", unit="it", disable=not progress, initial=start, total=train_config.iters)

@@ -83,3 +83,20 @@ def test_train_bbdm_command_trains_resumes_and_plots(tmp_path):
     assert (tmp_path / "run" / "model.pt").is_file()
     plot = run("compare-runs", str(tmp_path / "run"), "--out", str(tmp_path / "cmp.png"))
     assert plot.returncode == 0 and (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+def test_retrieval_commands_train_evaluate_and_build_a_kb(tmp_path):
+    src = require(SHARED_DATA / "brats_dev")
+    data = tmp_path / "prepared"
+    assert run("prepare", "--layout", "brats", "--src", str(src), "--out", str(data), "--size", "32", "--max-subjects", "5", "--quiet").returncode == 0
+    trained = run("train-retrieval", "--data", str(data), "--out", str(tmp_path / "enc"), "--patch-size", "8", "--width", "32", "--depth", "2",
+                  "--heads", "2", "--embedding-dim", "16", "--perceptual-blocks", "0", "1", "--iters", "2", "--subjects-per-batch", "2", "--run-length", "4", "--quiet")
+    assert trained.returncode == 0, trained.stderr
+    evaluated = run("eval-retrieval", "--data", str(data), "--encoder", str(tmp_path / "enc" / "encoder.pt"), "--split", "train")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert 0 <= json.loads(evaluated.stdout)["subject_accuracy"] <= 1
+    built = run("build-kb", "--data", str(data), "--encoder", str(tmp_path / "enc" / "encoder.pt"), "--out", str(tmp_path / "kb"))
+    assert built.returncode == 0, built.stderr
+    assert "entries, tau" in built.stdout and (tmp_path / "kb" / "manifest.json").is_file()
+    again = run("build-kb", "--data", str(data), "--encoder", str(tmp_path / "nowhere.pt"), "--out", str(tmp_path / "kb2"))
+    assert again.returncode == 2 and "no such checkpoint" in again.stderr
