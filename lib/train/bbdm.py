@@ -15,7 +15,6 @@ state is checkpointed, so a resumed run continues exactly as an uninterrupted on
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -26,14 +25,13 @@ import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from lib.diffusion.bridge import BridgeSchedule, q_sample, training_target
 from lib.diffusion.sampler import translate_slices
 from lib.metrics import psnr, ssim_2d
 from lib.models.denoiser import BBDMConfig, build_denoiser, denoise
-from lib.train.checkpoint import load_checkpoint, save_checkpoint
-from lib.train.csv_log import rows_up_to, write_rows
+from lib.train.checkpoint import load_checkpoint
+from lib.train.run_folder import TrainingRun
 
 LOSS_COLUMNS = ["iteration", "loss", "lr", "seconds"]
 VALIDATION_COLUMNS = ["iteration", "psnr", "ssim", "psnr_brain"]
@@ -190,13 +188,10 @@ def train_bbdm(
         ValueError: no checkpoint to resume, or data that does not fit the model.
     """
     out = Path(out)
-    checkpoint_path = out / "checkpoint.pt"
-    if checkpoint_path.exists() and not resume:
-        raise FileExistsError(f"{out}: holds a training run already (pass --resume to continue it)")
-    state = load_checkpoint(checkpoint_path, kind="bbdm-train") if resume else None
-    if state is not None:
-        config = BBDMConfig.from_dict(state["config"])
-        train_config = TrainConfig(**{**state["train_config"], "iters": train_config.iters, "device": train_config.device})
+    run = TrainingRun(out, "bbdm-train", resume, {"loss": LOSS_COLUMNS, "validation": VALIDATION_COLUMNS})
+    if run.state is not None:
+        config = BBDMConfig.from_dict(run.state["config"])
+        train_config = TrainConfig(**{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device})
     sample = train_set[0]
     expected = (config.condition_channels, config.image_size, config.image_size)
     if tuple(sample["source"].shape) != expected:
@@ -210,17 +205,12 @@ def train_bbdm(
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_config.ema_decay), use_buffers=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     generator = torch.Generator().manual_seed(train_config.seed)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        start = int(state["iteration"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"model": config.to_dict(), "training": asdict(train_config)}, indent=1))
-    loss_rows = rows_up_to(out / "loss.csv", start)
-    validation_rows = rows_up_to(out / "validation.csv", start)
+    if run.state is not None:
+        model.load_state_dict(run.state["model"])
+        ema.load_state_dict(run.state["ema"])
+        optimizer.load_state_dict(run.state["optimizer"])
+        generator.set_state(run.state["generator"])
+    run.begin({"model": config.to_dict(), "training": asdict(train_config)})
 
     schedule = BridgeSchedule.from_config(config)
     val_indices = validation_indices(val_set, train_config.val_slices) if val_set is not None else []
@@ -228,17 +218,16 @@ def train_bbdm(
     scores: dict[str, float] = {}
 
     def save(iteration: int) -> None:
-        save_checkpoint(checkpoint_path, {
-            "kind": "bbdm-train", "config": config.to_dict(), "train_config": asdict(train_config),
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(), "iteration": iteration,
-        })
-        save_checkpoint(out / "model.pt", {"kind": "bbdm", "config": config.to_dict(), "model": ema.module.state_dict(), "iteration": iteration})
-        write_rows(out / "loss.csv", LOSS_COLUMNS, loss_rows)
-        write_rows(out / "validation.csv", VALIDATION_COLUMNS, validation_rows)
+        run.save(
+            iteration,
+            {"config": config.to_dict(), "train_config": asdict(train_config), "model": model.state_dict(), "ema": ema.state_dict(),
+             "optimizer": optimizer.state_dict(), "generator": generator.get_state()},
+            "model.pt",
+            {"kind": "bbdm", "config": config.to_dict(), "model": ema.module.state_dict()},
+        )
 
     started = time.perf_counter()
-    bar = tqdm(range(start + 1, train_config.iters + 1), desc="train-bbdm", unit="it", disable=not progress, initial=start, total=train_config.iters)
+    bar = run.iterations(train_config.iters, "train-bbdm", progress)
     for iteration in bar:
         model.train()
         indices = torch.randint(len(train_set), (train_config.batch_size,), generator=generator)
@@ -257,17 +246,17 @@ def train_bbdm(
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
         optimizer.step()
         ema.update_parameters(model)
-        loss_rows.append([iteration, f"{loss.item():.6g}", train_config.lr, f"{time.perf_counter() - started:.1f}"])
+        run.log("loss", [iteration, f"{loss.item():.6g}", train_config.lr, f"{time.perf_counter() - started:.1f}"])
         bar.set_postfix(loss=f"{loss.item():.4g}")
 
         if val_indices and (iteration % train_config.val_every == 0 or iteration == train_config.iters):
             scores = evaluate(ema.module, config, val_set, val_indices, train_config.val_steps, device, seed=train_config.seed)
-            validation_rows.append([iteration, f"{scores['psnr']:.4f}", f"{scores['ssim']:.4f}", f"{scores['psnr_brain']:.4f}"])
+            run.log("validation", [iteration, f"{scores['psnr']:.4f}", f"{scores['ssim']:.4f}", f"{scores['psnr_brain']:.4f}"])
             bar.write(f"iteration {iteration}: validation PSNR {scores['psnr']:.2f} dB (brain {scores['psnr_brain']:.2f}), SSIM {scores['ssim']:.4f}")
         if iteration % train_config.checkpoint_every == 0 or iteration == train_config.iters:
             save(iteration)
-    if start >= train_config.iters:
-        save(start)
+    if run.start >= train_config.iters:
+        save(run.start)
     plot_curves(out)
     return scores
 

@@ -9,14 +9,11 @@ is checkpointed, so a resumed run continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lib.data.dataset import PreparedDataset
 from lib.models.retrieval_encoder import CHECKPOINT_KIND, RetrievalConfig, RetrievalEncoder, build_retrieval_encoder
@@ -24,8 +21,8 @@ from lib.retrieval.batches import AdjacentRunSampler, load_run_batch
 from lib.retrieval.evaluation import retrieval_accuracy
 from lib.retrieval.losses import positive_mask, retrieval_loss
 from lib.train.bbdm import resolve_device
-from lib.train.csv_log import rows_up_to, write_rows
-from lib.train.checkpoint import load_checkpoint, save_checkpoint
+from lib.train.checkpoint import load_checkpoint
+from lib.train.run_folder import TrainingRun
 
 LOSS_COLUMNS = ["iteration", "loss", "contrast", "percept", "seconds"]
 ACCURACY_COLUMNS = ["iteration", "subject_accuracy", "position_accuracy"]
@@ -80,15 +77,11 @@ def train_retrieval(
         FileExistsError: ``out`` holds a run and ``resume`` is false.
         ValueError: no checkpoint to resume, or a config that does not fit the data.
     """
-    out = Path(out)
     dataset = PreparedDataset(data)
-    checkpoint_path = out / "checkpoint.pt"
-    if checkpoint_path.exists() and not resume:
-        raise FileExistsError(f"{out}: holds a training run already (pass --resume to continue it)")
-    state = load_checkpoint(checkpoint_path, kind="retrieval-train") if resume else None
-    if state is not None:
-        config = RetrievalConfig.from_dict(state["config"])
-        train_config = RetrievalTrainConfig(**{**state["train_config"], "iters": train_config.iters, "device": train_config.device})
+    run = TrainingRun(out, "retrieval-train", resume, {"loss": LOSS_COLUMNS, "accuracy": ACCURACY_COLUMNS})
+    if run.state is not None:
+        config = RetrievalConfig.from_dict(run.state["config"])
+        train_config = RetrievalTrainConfig(**{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device})
     size = int(dataset.manifest["config"]["size"])
     if config.image_size != size:
         raise ValueError(f"{data}: slices are {size}x{size}, the encoder config expects {config.image_size}")
@@ -100,30 +93,25 @@ def train_retrieval(
     sampler = AdjacentRunSampler(
         dataset.slices, "train", train_config.min_brain_fraction, train_config.subjects_per_batch, train_config.run_length, seed=train_config.seed
     )
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        start = int(state["iteration"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"model": config.to_dict(), "training": asdict(train_config)}, indent=1))
-    loss_rows = rows_up_to(out / "loss.csv", start)
-    accuracy_rows = rows_up_to(out / "accuracy.csv", start)
+    if run.state is not None:
+        model.load_state_dict(run.state["model"])
+        optimizer.load_state_dict(run.state["optimizer"])
+        sampler.load_state_dict(run.state["sampler"])
+    run.begin({"model": config.to_dict(), "training": asdict(train_config)})
     can_evaluate = dataset.slices[dataset.slices["split"] == "val"]["subject"].nunique() >= 2
     accuracy: dict[str, float] = {}
 
     def save(iteration: int) -> None:
-        save_checkpoint(checkpoint_path, {
-            "kind": "retrieval-train", "config": config.to_dict(), "train_config": asdict(train_config),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "iteration": iteration,
-        })
-        save_checkpoint(out / "encoder.pt", {"kind": CHECKPOINT_KIND, "config": config.to_dict(), "model": model.state_dict(), "iteration": iteration})
-        write_rows(out / "loss.csv", LOSS_COLUMNS, loss_rows)
-        write_rows(out / "accuracy.csv", ACCURACY_COLUMNS, accuracy_rows)
+        run.save(
+            iteration,
+            {"config": config.to_dict(), "train_config": asdict(train_config), "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict()},
+            "encoder.pt",
+            {"kind": CHECKPOINT_KIND, "config": config.to_dict(), "model": model.state_dict()},
+        )
 
     started = time.perf_counter()
-    bar = tqdm(range(start + 1, train_config.iters + 1), desc="train-retrieval", unit="it", disable=not progress, initial=start, total=train_config.iters)
+    bar = run.iterations(train_config.iters, "train-retrieval", progress)
     for iteration in bar:
         model.train()
         batch = load_run_batch(dataset, sampler.next_batch())
@@ -133,14 +121,14 @@ def train_retrieval(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_rows.append([iteration, f"{loss.item():.6g}", f"{parts['contrast'].item():.6g}", f"{parts['percept'].item():.6g}", f"{time.perf_counter() - started:.1f}"])
+        run.log("loss", [iteration, f"{loss.item():.6g}", f"{parts['contrast'].item():.6g}", f"{parts['percept'].item():.6g}", f"{time.perf_counter() - started:.1f}"])
         bar.set_postfix(loss=f"{loss.item():.4g}")
         if can_evaluate and (iteration % train_config.eval_every == 0 or iteration == train_config.iters):
             accuracy = retrieval_accuracy(model, dataset, "val", train_config.position_tolerance, train_config.min_brain_fraction)
-            accuracy_rows.append([iteration, f"{accuracy['subject_accuracy']:.4f}", f"{accuracy['position_accuracy']:.4f}"])
+            run.log("accuracy", [iteration, f"{accuracy['subject_accuracy']:.4f}", f"{accuracy['position_accuracy']:.4f}"])
             bar.write(f"iteration {iteration}: retrieval accuracy subject {accuracy['subject_accuracy']:.3f}, subject+position {accuracy['position_accuracy']:.3f}")
         if iteration % train_config.checkpoint_every == 0 or iteration == train_config.iters:
             save(iteration)
-    if start >= train_config.iters:
-        save(start)
+    if run.start >= train_config.iters:
+        save(run.start)
     return accuracy
