@@ -106,10 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     channels = tuple(args.channels)
-    config = BBDMConfig(
-        image_size=args.image_size, channels=channels,
-        attention_levels=tuple(i == len(channels) - 1 for i in range(len(channels))), norm_num_groups=min(16, min(channels)),
-    )
+    config = BBDMConfig.for_channels(args.image_size, channels)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"BBDM denoiser benchmark: {args.image_size}x{args.image_size}, channels {channels}, attention at the last level; {label}; torch {torch.__version__}\n")
     print("| measure | value | ratio to baseline |\n|---|---|---|")

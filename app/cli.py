@@ -76,14 +76,7 @@ def _train_bbdm(args: argparse.Namespace) -> None:
 
     dataset = PreparedDataset(args.data)
     size = int(dataset.manifest["config"]["size"])
-    config = BBDMConfig(
-        image_size=size,
-        channels=tuple(args.channels),
-        attention_levels=tuple(level == len(args.channels) - 1 for level in range(len(args.channels))),
-        neighbours=args.neighbours,
-        objective=args.objective,
-        norm_num_groups=min(16, min(args.channels)),
-    )
+    config = BBDMConfig.for_channels(size, tuple(args.channels), neighbours=args.neighbours, objective=args.objective)
     train_config = TrainConfig(
         iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_every=args.val_every,
         val_slices=args.val_slices, val_steps=args.val_steps, checkpoint_every=args.checkpoint_every, device=args.device,

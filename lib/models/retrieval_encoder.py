@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lib.models.config_dict import config_from_dict
 from lib.train.checkpoint import load_checkpoint
 
 CHECKPOINT_KIND = "retrieval_encoder"
@@ -80,11 +81,7 @@ class RetrievalConfig:
     @classmethod
     def from_dict(cls, values: dict) -> RetrievalConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown retrieval config keys {sorted(unknown)}")
-        return cls(**values)
+        return config_from_dict(cls, values, "retrieval config")
 
 
 class RetrievalEncoder(nn.Module):

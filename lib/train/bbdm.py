@@ -84,6 +84,11 @@ def measure_distance_range(dataset: Dataset, neighbours: int = 0, count: int = 5
     return float(low), float(high)
 
 
+def slices_as_unit_volume(slices: torch.Tensor) -> np.ndarray:
+    """(N, 1, H, W) slices in [-1, 1] as an (H, W, N) volume in [0, 1], the metrics' form."""
+    return ((slices[:, 0].permute(1, 2, 0).float().cpu().numpy() + 1) / 2).clip(0, 1)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -99,8 +104,7 @@ def evaluate(
     batch = _batch(dataset, indices, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     prediction = translate_slices(model, config, batch["source"], steps=steps, generator=generator)
-    as_volume = lambda tensor: ((tensor[:, 0].permute(1, 2, 0).float().cpu().numpy() + 1) / 2).clip(0, 1)  # noqa: E731
-    predicted, target = as_volume(prediction), as_volume(batch["target"])
+    predicted, target = slices_as_unit_volume(prediction), slices_as_unit_volume(batch["target"])
     mask = batch["mask"][:, 0].permute(1, 2, 0).cpu().numpy() > 0.5
     return {
         "psnr": psnr(predicted, target),
