@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CRANIUM := /usr/share/doc/invesalius-examples/examples/Cranium.inv3
 
-.PHONY: venv system-deps test bench clean-venv
+.PHONY: venv system-deps test bench demo clean-venv
 
 venv: $(STAMP)
 
@@ -32,6 +32,16 @@ test: $(STAMP) system-deps
 # options, e.g. make bench BENCH_ARGS="--device cuda --budget-s 3600".
 bench: $(STAMP)
 	$(PY) -m app.bench_bbdm $(BENCH_ARGS)
+
+# The demo: inputs from installable sources (Debian's real Cranium CT, one synthetic CT/T1 pair
+# from nilearn's MNI152), each made x2 sparse and reconstructed with the shipped ct2mri preset.
+DEMO := demo_output
+demo: $(STAMP) system-deps
+	$(PY) -m lib.data.demo_inputs $(DEMO)/inputs
+	$(PY) main.py reconstruct $(DEMO)/inputs/pair_ct.nii.gz $(DEMO)/pair --preset ct2mri --simulate-sparsity 2
+	$(PY) main.py score $(DEMO)/pair/mri.nii.gz $(DEMO)/inputs/pair_t1.nii.gz
+	$(PY) main.py reconstruct $(DEMO)/inputs/cranium_ct.nii.gz $(DEMO)/cranium --preset ct2mri --simulate-sparsity 2
+	@echo "demo outputs: $(DEMO)/pair and $(DEMO)/cranium (mri.nii.gz, uncertainty.nii.gz, provenance.json, preview.png)"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -36,6 +36,7 @@ from lib.retrieval import knowledge_base
 from lib.retrieval.knowledge_base import EmbeddingIndex, HNSWParams, IndexKind
 
 SLICES_PER_SUBJECT = 155
+_DEFAULT_PARAMS = (HNSWParams.m, HNSWParams.ef_construction, HNSWParams.ef_search)
 
 
 def _median_seconds(function: Callable[[], object], repeats: int) -> float:
@@ -94,7 +95,7 @@ def measure(index: EmbeddingIndex, data: dict[str, np.ndarray], filtered: bool, 
 def run(size: int, args: argparse.Namespace) -> list[tuple[str, ...]]:
     """Measure one size; return table rows."""
     data = make_data(size, args.dim, args.queries, args.query_similarity, args.tolerance, args.seed)
-    hnsw = HNSWParams()
+    hnsw = HNSWParams(m=args.m, ef_construction=args.ef_construction)
     started = time.perf_counter()
     flat = EmbeddingIndex.build(data["vectors"], data["positions"], data["subjects"].tolist(), IndexKind.FLAT)
     flat_build = time.perf_counter() - started
@@ -111,7 +112,7 @@ def run(size: int, args: argparse.Namespace) -> list[tuple[str, ...]]:
         for ef_search in args.ef_search:
             approximate.ef_search = ef_search
             single, batch, top = measure(approximate, data, filtered, args.tolerance, args.single_queries, args.repeats)
-            default = " (default)" if ef_search == hnsw.ef_search else ""
+            default = " (default)" if (hnsw.m, hnsw.ef_construction, ef_search) == _DEFAULT_PARAMS else ""
             rows.append((f"{size:,}", "HNSW", f"M={hnsw.m} efC={hnsw.ef_construction} efS={ef_search}{default}",
                          f"{hnsw_build:.2f}", f"{hnsw_build / flat_build:.1f}", label,
                          f"{single * 1e3:.3f}", f"{single / flat_single:.3f}", f"{batch * 1e3:.3f}", f"{batch / flat_batch:.3f}",
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--query-similarity", type=float, default=0.8, help="cosine of a query to its source entry; 0: independent random queries")
     parser.add_argument("--tolerance", type=float, default=0.1, help="position filter half-width")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[64, HNSWParams.ef_search, 256])
+    parser.add_argument("--m", type=int, default=HNSWParams.m, help="HNSW graph neighbours per node")
+    parser.add_argument("--ef-construction", type=int, default=HNSWParams.ef_construction, help="HNSW build candidate list size")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="FAISS (OpenMP) threads; 0 keeps its default (all cores)")

@@ -61,11 +61,12 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _export_cranium(args: argparse.Namespace) -> None:
+    from lib.data.demo_inputs import CRANIUM_DESCRIPTION
     from lib.data.invesalius import read_inv3
     from lib.io.nifti import write_nifti
 
     volume = read_inv3(args.inv3)
-    write_nifti(args.out, volume.array.astype(np.int16), volume.voxel_affine(), description="Real head CT (InVesalius Cranium example), HU", dtype=np.int16)
+    write_nifti(args.out, volume.array.astype(np.int16), volume.voxel_affine(), description=CRANIUM_DESCRIPTION, dtype=np.int16)
     print(f"wrote {args.out}: {volume.shape} voxels, spacing {volume.pixel_spacing} x {volume.slice_steps[0]:.3g} mm, HU {volume.array.min():.0f}..{volume.array.max():.0f}")
 
 
@@ -110,6 +111,18 @@ def _train_retrieval(args: argparse.Namespace) -> None:
     print(f"trained to iteration {args.iters}: held-out retrieval accuracy {accuracy or 'not measured'} -> {args.out}/encoder.pt")
 
 
+def _train_controlnet(args: argparse.Namespace) -> None:
+    from lib.train.controlnet import ControlNetTrainConfig, train_controlnet
+
+    train_config = ControlNetTrainConfig(
+        iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_every=args.val_every, val_slices=args.val_slices,
+        val_steps=args.val_steps, checkpoint_every=args.checkpoint_every, device=args.device, slerp_fraction=args.slerp_fraction,
+        target=args.target, position_tolerance=args.position_tolerance, min_brain_fraction=args.min_brain_fraction,
+    )
+    scores = train_controlnet(args.data, args.bbdm, args.kb, args.encoder, args.out, train_config, resume=args.resume, progress=not args.quiet)
+    print(f"trained to iteration {args.iters}: {scores or 'no validation'} -> {args.out}/controlnet.pt")
+
+
 def _eval_retrieval(args: argparse.Namespace) -> None:
     from lib.data.dataset import PreparedDataset
     from lib.retrieval.evaluation import retrieval_accuracy
@@ -125,6 +138,57 @@ def _build_kb(args: argparse.Namespace) -> None:
 
     kb = build_knowledge_base(args.data, args.encoder, args.out, split=args.split, tau_percentile=args.tau_percentile, overwrite=args.overwrite)
     print(f"built {args.out}: {len(kb.entries)} entries, tau {kb.tau:.4f} (top {args.tau_percentile} % of random pairs), index {kb.manifest['index']['kind']}")
+
+
+def _reconstruct(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from lib.data.sparse import simulate_sparse_volume
+    from lib.io import read_volume
+    from lib.pipeline import ReBrainPipeline, ReconstructionOptions
+    from lib.presets import load_preset
+    from lib.report.outputs import input_geometry, write_outputs
+
+    preset = load_preset(args.preset, args.weights)
+    options = ReconstructionOptions(
+        steps=args.steps, samples=args.samples, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+        target_spacing=args.target_spacing, use_retrieval=not args.no_retrieval, use_controlnet=not args.no_controlnet,
+    )
+    volume = read_volume(args.input, modality="CT" if preset.source_modality == "ct" else "MR")
+    if args.simulate_sparsity:
+        volume = simulate_sparse_volume(volume, factor=args.simulate_sparsity)
+    pipeline = ReBrainPipeline(preset, device=args.device)
+    with tqdm(total=1, desc="reconstruct", unit="step", disable=args.quiet) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        reconstruction = pipeline.reconstruct(volume, options, progress)
+    out = write_outputs(args.out_dir, reconstruction, input_geometry(volume, args.simulate_sparsity))
+    summary = reconstruction.summary
+    print(
+        f"wrote {out}/{{mri.nii.gz, uncertainty.nii.gz, provenance.json, preview.png}}: {summary['slices']} slices "
+        f"({summary['acquired_slices']} acquired, {summary['generated_slices']} generated, {summary['fallback_count']} SLERP fallbacks), "
+        f"sampling {summary['seconds']['sampling']:.1f} s"
+    )
+
+
+def _make_preset(args: argparse.Namespace) -> None:
+    from lib.presets import assemble_preset
+
+    preset = assemble_preset(
+        args.out, args.name, args.description, args.data, args.bbdm, args.encoder, args.kb, args.controlnet,
+        steps=args.steps, position_tolerance=args.position_tolerance,
+    )
+    print(f"wrote preset {preset.name!r} in {preset.root}: {preset.source} -> {preset.target}, files {preset.fingerprint()}")
+
+
+def _score(args: argparse.Namespace) -> None:
+    from lib.evaluation.score import score_volumes
+
+    metrics = score_volumes(args.reconstruction, args.reference)
+    print(json.dumps({name: round(float(value), 4) for name, value in metrics.items()}, indent=1))
 
 
 def _compare_runs(args: argparse.Namespace) -> None:
@@ -205,6 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--quiet", action="store_true")
     retrieval.set_defaults(run=_train_retrieval)
 
+    controlnet = commands.add_parser("train-controlnet", help="train the ControlNet guidance on a frozen BBDM with retrieved references")
+    controlnet.add_argument("--data", required=True, help="prepared dataset folder")
+    controlnet.add_argument("--bbdm", required=True, help="the trained BBDM's model.pt (kept frozen)")
+    controlnet.add_argument("--kb", required=True, help="knowledge base folder (python main.py build-kb)")
+    controlnet.add_argument("--encoder", required=True, help="the encoder.pt the knowledge base was built with")
+    controlnet.add_argument("--out", required=True, help="run folder: checkpoints, controlnet.pt, logs, curves")
+    controlnet.add_argument("--iters", type=int, default=2000)
+    controlnet.add_argument("--resume", action="store_true", help="continue the run in --out")
+    controlnet.add_argument("--batch-size", type=int, default=8)
+    controlnet.add_argument("--lr", type=float, default=1e-4)
+    controlnet.add_argument("--slerp-fraction", type=float, default=0.25, help="share of each batch trained on the SLERP fallback control")
+    controlnet.add_argument("--target", choices=["reference", "own"], default="reference", help="x0 of a retrieval triplet: the reference's MRI (METHOD) or the slice's own")
+    controlnet.add_argument("--position-tolerance", type=float, default=0.1, help="retrieval position window (normalised position)")
+    controlnet.add_argument("--min-brain-fraction", type=float, default=0.05, help="skip training slices with less brain")
+    controlnet.add_argument("--val-every", type=int, default=250)
+    controlnet.add_argument("--val-slices", type=int, default=16)
+    controlnet.add_argument("--val-steps", type=int, default=10, help="sampling steps used for validation")
+    controlnet.add_argument("--checkpoint-every", type=int, default=250)
+    controlnet.add_argument("--seed", type=int, default=0)
+    controlnet.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    controlnet.add_argument("--quiet", action="store_true", help="no progress bar")
+    controlnet.set_defaults(run=_train_controlnet)
+
     evaluate = commands.add_parser("eval-retrieval", help="retrieval accuracy of an encoder on held-out subjects (METHOD.md protocol)")
     evaluate.add_argument("--data", required=True, help="prepared dataset folder")
     evaluate.add_argument("--encoder", required=True, help="encoder.pt")
@@ -220,6 +307,42 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--tau-percentile", type=float, default=5.0, help="tau = similarity at the top p %% of random pairs")
     kb.add_argument("--overwrite", action="store_true")
     kb.set_defaults(run=_build_kb)
+
+    recon = commands.add_parser("reconstruct", help="reconstruct a dense synthetic MRI from a sparse CT (NIfTI file or DICOM folder)")
+    recon.add_argument("input", help="a NIfTI file or a DICOM folder")
+    recon.add_argument("out_dir", help="output folder (written atomically)")
+    recon.add_argument("--preset", default="ct2mri", help="preset name in --weights, or a preset folder (default ct2mri)")
+    recon.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
+    recon.add_argument("--simulate-sparsity", type=int, default=None, metavar="K", help="keep every K-th input slice first (for dense inputs)")
+    recon.add_argument("--target-spacing", type=float, default=None, metavar="MM", help="output slice spacing (default: the preset's, 1 mm)")
+    recon.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
+    recon.add_argument("--samples", type=int, default=1, help="samples per slice; > 1 gives a mean and an uncertainty map")
+    recon.add_argument("--eta", type=float, default=None, help="sampler noise (default 0 for one sample, 1 for several)")
+    recon.add_argument("--seed", type=int, default=0)
+    recon.add_argument("--batch-size", type=int, default=8, help="slices per network call")
+    recon.add_argument("--no-retrieval", action="store_true", help="skip the knowledge base (every slice uses the SLERP control)")
+    recon.add_argument("--no-controlnet", action="store_true", help="BBDM alone, without the ControlNet branch")
+    recon.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    recon.add_argument("--quiet", action="store_true", help="no progress bar")
+    recon.set_defaults(run=_reconstruct)
+
+    make_preset = commands.add_parser("make-preset", help="assemble trained weights and a knowledge base into a preset folder")
+    make_preset.add_argument("--name", required=True)
+    make_preset.add_argument("--description", required=True)
+    make_preset.add_argument("--data", required=True, help="the prepared dataset the models were trained on")
+    make_preset.add_argument("--bbdm", required=True, help="BBDM model.pt")
+    make_preset.add_argument("--encoder", required=True, help="retrieval encoder.pt")
+    make_preset.add_argument("--kb", required=True, help="knowledge-base folder (build-kb)")
+    make_preset.add_argument("--controlnet", default=None, help="controlnet.pt (optional)")
+    make_preset.add_argument("--steps", type=int, default=10, help="default sampling steps")
+    make_preset.add_argument("--position-tolerance", type=float, default=0.1)
+    make_preset.add_argument("--out", required=True, help="preset folder, e.g. model_weights/ct2mri")
+    make_preset.set_defaults(run=_make_preset)
+
+    score = commands.add_parser("score", help="NRMSE, PSNR, SSIM and I-SSIM of a reconstructed MRI against a ground-truth MRI")
+    score.add_argument("reconstruction", help="mri.nii.gz written by reconstruct")
+    score.add_argument("reference", help="the ground-truth MRI on the same grid (skull-stripped: 0 outside the brain)")
+    score.set_defaults(run=_score)
 
     compare = commands.add_parser("compare-runs", help="overlay the validation curves of training runs in one PNG")
     compare.add_argument("runs", nargs="+", help="run folders (with validation.csv)")

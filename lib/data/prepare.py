@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 from tqdm import tqdm
 
+from lib.data.model_frame import resize_slices
 from lib.data.layouts import Layout, SubjectPair, SubjectRecord, discover_subjects, file_sha256
 from lib.io.atomic import atomic_directory
 from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, ct_to_unit, mri_to_unit
@@ -107,9 +107,7 @@ def _crop_pad(array: np.ndarray, box: tuple[slice, slice, int], fill: float) -> 
 
 def _resize_slices(array: np.ndarray, size: int) -> np.ndarray:
     """(X, Y, Z) -> (Z, size, size), anti-aliased bilinear."""
-    slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, 2, 0)[:, None], dtype=np.float32))
-    resized = F.interpolate(slices, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return resized[:, 0].numpy()
+    return resize_slices(np.moveaxis(array, 2, 0), (size, size))
 
 
 def prepare_subject(pair: SubjectPair, config: PrepareConfig) -> dict[str, np.ndarray]:

@@ -1,0 +1,1 @@
+"""Evaluation: scoring reconstructions against ground truth (METHOD.md section 5)."""

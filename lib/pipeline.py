@@ -1,0 +1,346 @@
+"""ReBrainPipeline: a sparse CT volume in, a dense synthetic MRI volume out (METHOD.md 3, 4, 6).
+
+For every slice of the dense target grid:
+
+1. y = the acquired CT slice, or the SLERP of its acquired neighbours at the gap fraction
+   alpha (section 4); with 2.5-D models the neighbour channels come from the same dense stack.
+2. Retrieval: y is embedded and searched in the knowledge base with the position filter;
+   success when the cosine similarity reaches tau.
+3. Control: the retrieved reference CT slice r on success; otherwise the SLERP of the
+   neighbouring acquired slices (for a gap slice that is y itself; an acquired slice is its
+   own neighbour).
+4. The controlled BBDM samples the MRI slice from y and the control, batched across slices;
+   with ``samples > 1`` (stochastic, eta > 0) the output is the mean and the per-voxel
+   standard deviation is the uncertainty.
+
+The output lies on the dense grid in the input's physical frame (same in-plane grid, slices
+along the input's slice normal) and carries a per-slice provenance record. No identifier of a
+reference patient is recorded: knowledge-base entries carry anonymised subject keys only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from lib.data.model_frame import ModelFrame, foreground_mask, normalise_source
+from lib.diffusion.sampler import translate_slices
+from lib.diffusion.slerp import slerp
+from lib.io.volume import DenseGrid, Volume, dense_grid
+from lib.models.controlnet import ControlledDenoiser, load_controlled_denoiser
+from lib.models.retrieval_encoder import embed_slices, encoder_hash
+from lib.presets import Preset
+from lib.retrieval.knowledge_base import KnowledgeBase
+from lib.train.bbdm import load_bbdm, resolve_device
+from lib.train.retrieval import load_retrieval_encoder
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ReconstructionOptions:
+    """How to run one reconstruction.
+
+    Attributes:
+        steps: sampling steps (None: the preset's default).
+        samples: samples per slice; > 1 gives a mean and a standard deviation.
+        eta: sampler stochasticity (None: 0 for one sample, 1 for several; several
+            deterministic samples would be identical).
+        seed: random seed of the stochastic sampler.
+        batch_size: slices per network call (small batches are faster on a CPU).
+        position_tolerance: retrieval position filter (None: the preset's).
+        target_spacing: dense grid spacing in mm (None: the preset's slice spacing).
+        use_retrieval: query the knowledge base (off: every slice uses the SLERP control).
+        use_controlnet: use the ControlNet branch when the preset has one (off: BBDM alone).
+    """
+
+    steps: int | None = None
+    samples: int = 1
+    eta: float | None = None
+    seed: int = 0
+    batch_size: int = 8
+    position_tolerance: float | None = None
+    target_spacing: float | None = None
+    use_retrieval: bool = True
+    use_controlnet: bool = True
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.eta is not None and self.eta < 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        if self.samples > 1 and self.eta == 0:
+            raise ValueError("several samples need eta > 0 (deterministic samples are identical)")
+
+    @property
+    def effective_eta(self) -> float:
+        """The eta actually used."""
+        return self.eta if self.eta is not None else (0.0 if self.samples == 1 else 1.0)
+
+
+@dataclass
+class SliceRecord:
+    """Provenance of one output slice.
+
+    Attributes:
+        index: slice index on the dense grid.
+        position_mm: its position along the slice normal (the input volume's ``p``, mm).
+        normalised_position: its axial position normalised to the brain extent.
+        acquired: true when an acquired CT slice lies on it.
+        source_slice: that acquired slice's index in the input, or None.
+        similarity: top-1 retrieval cosine similarity (None: retrieval off or no candidate).
+        success: similarity >= tau.
+        control: ``"reference"`` (retrieved slice), ``"slerp"`` (fallback for a gap slice),
+            ``"acquired"`` (an acquired slice guides itself) or ``"none"`` (no ControlNet).
+        fallback: a gap slice whose retrieval failed, guided by the SLERP of its neighbours.
+        reference: the reference's anonymised ``subject:slice`` key, or None.
+        uncertainty_mean: mean per-voxel standard deviation in the brain (0 for one sample).
+    """
+
+    index: int
+    position_mm: float
+    normalised_position: float
+    acquired: bool
+    source_slice: int | None
+    similarity: float | None
+    success: bool
+    control: str
+    fallback: bool
+    reference: str | None
+    uncertainty_mean: float = 0.0
+
+
+@dataclass
+class Reconstruction:
+    """The result of :meth:`ReBrainPipeline.reconstruct`.
+
+    Attributes:
+        mri: float32 (X, Y, Z) synthetic MRI on the dense grid, in [0, 1], 0 outside the brain.
+        uncertainty: float32 (X, Y, Z) per-voxel standard deviation in the same units.
+        ct: float32 (X, Y, Z) the input interpolated onto the dense grid (input units), for display.
+        mask: bool (X, Y, Z) the brain/foreground mask on the dense grid.
+        grid: the dense grid (its ``affine`` is the output's voxel-to-RAS affine).
+        slices: one :class:`SliceRecord` per output slice.
+        summary: counts, rates, timings and settings.
+    """
+
+    mri: np.ndarray
+    uncertainty: np.ndarray
+    ct: np.ndarray
+    mask: np.ndarray
+    grid: DenseGrid
+    slices: list[SliceRecord]
+    summary: dict = field(default_factory=dict)
+
+    def provenance(self) -> dict:
+        """JSON-ready provenance: summary plus the per-slice table."""
+        return {"summary": self.summary, "slices": [asdict(record) for record in self.slices]}
+
+
+def dense_slices(acquired: np.ndarray, acquired_mask: np.ndarray, grid: DenseGrid) -> tuple[np.ndarray, np.ndarray]:
+    """The BBDM input y and the brain mask of every dense-grid slice, (Z, S, S) each.
+
+    Section 4: a gap slice's y is the SLERP of its acquired neighbours at the gap fraction (an
+    acquired slice is both its neighbours with alpha 0, so it comes through unchanged); its
+    mask is the nearer neighbour's.
+    """
+    y = slerp(acquired[grid.lower], acquired[grid.upper], grid.alpha)
+    mask = np.where((grid.alpha < 0.5)[:, None, None], acquired_mask[grid.lower], acquired_mask[grid.upper])
+    return np.where(mask, y, -1.0).astype(np.float32), mask
+
+
+class ReBrainPipeline:
+    """The trained models of one preset, ready to reconstruct volumes.
+
+    Args:
+        preset: the preset (see :mod:`lib.presets`).
+        device: ``auto``, ``cpu`` or ``cuda``.
+
+    Raises:
+        ValueError: a missing weight file, or a knowledge base built with another encoder.
+    """
+
+    def __init__(self, preset: Preset, device: str = "cpu") -> None:
+        self.preset = preset
+        self.device = resolve_device(device)
+        controlnet_path = preset.path("controlnet")
+        if controlnet_path is not None:
+            self.model, self.config = load_controlled_denoiser(preset.required("bbdm"), controlnet_path, self.device)
+        else:
+            self.model, self.config = load_bbdm(preset.required("bbdm"), self.device)
+        self.encoder, _ = load_retrieval_encoder(preset.required("encoder"), self.device)
+        self.kb = KnowledgeBase.load(preset.required("kb"), expected_encoder_hash=encoder_hash(self.encoder))
+        if self.kb.manifest["slice_shape"][0] != self.config.image_size:
+            raise ValueError(f"{preset.root}: knowledge base slices are {self.kb.manifest['slice_shape']}, the BBDM works at {self.config.image_size}")
+        self.versions = preset.fingerprint()
+
+    @property
+    def has_controlnet(self) -> bool:
+        """Whether the preset has a trained ControlNet branch."""
+        return isinstance(self.model, ControlledDenoiser)
+
+    def check_modality(self, volume: Volume) -> None:
+        """Refuse an input of the wrong modality (e.g. an MR volume for a CT preset).
+
+        Raises:
+            ValueError: naming the input and both modalities.
+        """
+        expected = self.preset.source_modality
+        found = {"CT": "ct", "MR": "mri"}.get(volume.modality)
+        if found is not None and found != expected:
+            raise ValueError(f"{volume.source}: a {volume.modality} volume, but preset {self.preset.name!r} translates {self.preset.source} input")
+
+    def reconstruct(self, volume: Volume, options: ReconstructionOptions = ReconstructionOptions(), progress: ProgressFn | None = None) -> Reconstruction:
+        """Reconstruct the dense synthetic MRI of a (sparse) input volume.
+
+        Args:
+            volume: the acquired slices (CT in HU for CT presets) in any in-plane size.
+            options: see :class:`ReconstructionOptions`.
+            progress: called as ``progress(done, total)`` in sampling work units.
+
+        Raises:
+            ValueError: wrong modality, no foreground, or bad options.
+        """
+        self.check_modality(volume)
+        started = time.perf_counter()
+        grid = dense_grid(volume, options.target_spacing or self.preset.slice_spacing_mm)
+        modality = self.preset.source_modality
+        mask = foreground_mask(volume.array, modality)
+        frame = ModelFrame.fit(mask, volume.positions, volume.pixel_spacing, self.config.image_size, self.preset.margin_voxels)
+        unit = normalise_source(volume.array, mask, modality, self.preset.ct_window_hu, self.preset.mri_percentiles)
+        acquired, acquired_mask = frame.to_model(unit, mask)
+
+        y, dense_model_mask = dense_slices(acquired, acquired_mask, grid)
+        positions = frame.normalised_positions(grid.positions)
+        prepared_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        retrieval = self._retrieve(y, positions, options)
+        control, records = self._controls(y, grid, positions, retrieval)
+        retrieval_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        mean, std = self._sample(y, control, options, progress)
+        sampling_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        mean = np.where(dense_model_mask, mean, -1.0)
+        shape_xy = volume.shape[:2]
+        mask_dense = np.where((grid.alpha < 0.5)[None, None, :], mask[:, :, grid.lower], mask[:, :, grid.upper])
+        # [-1, 1] -> [0, 1]: the output is an MRI without physical units; std scales by half.
+        mri = np.where(mask_dense, np.clip(frame.from_model((mean + 1.0) / 2.0, shape_xy, 0.0), 0.0, 1.0), 0.0).astype(np.float32)
+        uncertainty = np.where(mask_dense, frame.from_model(std / 2.0, shape_xy, 0.0), 0.0).astype(np.float32)
+        for record in records:
+            brain = mask_dense[:, :, record.index]
+            record.uncertainty_mean = float(uncertainty[:, :, record.index][brain].mean()) if brain.any() else 0.0
+        alpha = grid.alpha[None, None, :]
+        ct = ((1.0 - alpha) * volume.array[:, :, grid.lower] + alpha * volume.array[:, :, grid.upper]).astype(np.float32)
+        output_s = time.perf_counter() - started
+
+        summary = self._summary(records, options, {"prepare": prepared_s, "retrieval": retrieval_s, "sampling": sampling_s, "output": output_s})
+        return Reconstruction(mri=mri, uncertainty=uncertainty, ct=ct, mask=mask_dense, grid=grid, slices=records, summary=summary)
+
+    def _retrieve(self, y: np.ndarray, positions: np.ndarray, options: ReconstructionOptions) -> list | None:
+        if not options.use_retrieval:
+            return None
+        embeddings = embed_slices(self.encoder, torch.from_numpy(y[:, None]).to(self.device))
+        tolerance = options.position_tolerance if options.position_tolerance is not None else self.preset.position_tolerance
+        return self.kb.query(embeddings, positions, k=1, position_tolerance=tolerance)
+
+    def _controls(self, y: np.ndarray, grid: DenseGrid, positions: np.ndarray, retrieval: list | None) -> tuple[np.ndarray, list[SliceRecord]]:
+        """The control image of every slice and its provenance record."""
+        # The fallback control is the SLERP of the neighbours: y itself for a gap slice, and
+        # the slice itself for an acquired one.
+        control = y.copy()
+        records = []
+        for z in range(len(y)):
+            result = retrieval[z] if retrieval is not None else None
+            success = bool(result is not None and result.success)
+            if success:
+                control[z] = self.kb.ct_slice(result.entry_id)
+            acquired = bool(grid.acquired[z])
+            kind = "reference" if success else ("acquired" if acquired else "slerp")
+            records.append(
+                SliceRecord(
+                    index=z,
+                    position_mm=float(grid.positions[z]),
+                    normalised_position=float(positions[z]),
+                    acquired=acquired,
+                    source_slice=int(grid.source_index[z]) if acquired else None,
+                    similarity=float(result.similarity) if result is not None and np.isfinite(result.similarity) else None,
+                    success=success,
+                    control=kind if self.has_controlnet else "none",
+                    fallback=not success and not acquired,
+                    reference=f"{result.subject}:{result.slice_index}" if success else None,
+                )
+            )
+        return control, records
+
+    def _condition(self, y: np.ndarray) -> np.ndarray:
+        """(Z, 1 + 2n, S, S): each slice with its n neighbours on each side (edges repeated)."""
+        n = self.config.neighbours
+        index = np.clip(np.arange(len(y))[:, None] + np.arange(-n, n + 1)[None, :], 0, len(y) - 1)
+        return y[index]
+
+    def _sample(self, y: np.ndarray, control: np.ndarray, options: ReconstructionOptions, progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation over samples of the translated slices, (Z, S, S) each."""
+        condition = torch.from_numpy(self._condition(y))
+        control_tensor = torch.from_numpy(control[:, None])
+        use_control = self.has_controlnet and options.use_controlnet
+        steps = options.steps or self.preset.steps
+        chunks = [slice(start, start + options.batch_size) for start in range(0, len(y), options.batch_size)]
+        total = options.samples * len(chunks) * steps
+        done = 0
+        mean = np.zeros(y.shape, dtype=np.float64)
+        m2 = np.zeros(y.shape, dtype=np.float64)
+        model = self.model if use_control else getattr(self.model, "denoiser", self.model)
+        for sample in range(options.samples):
+            generator = torch.Generator(device=self.device).manual_seed(options.seed + sample)
+            out = np.empty(y.shape, dtype=np.float32)
+            for chunk in chunks:
+                def step(done_steps: int, _steps: int, base: int = done) -> None:
+                    if progress is not None:
+                        progress(base + done_steps, total)
+
+                translated = translate_slices(
+                    model, self.config, condition[chunk].to(self.device), steps=steps, eta=options.effective_eta, generator=generator,
+                    progress=step, control=control_tensor[chunk].to(self.device) if use_control else None,
+                )
+                out[chunk] = translated[:, 0].float().cpu().numpy()
+                done += steps
+            # Welford's running mean and variance: one pass, no stack of all samples in memory.
+            delta = out - mean
+            mean += delta / (sample + 1)
+            m2 += delta * (out - mean)
+        std = np.sqrt(m2 / options.samples) if options.samples > 1 else np.zeros_like(mean)
+        return mean.astype(np.float32), std.astype(np.float32)
+
+    def _summary(self, records: list[SliceRecord], options: ReconstructionOptions, seconds: dict[str, float]) -> dict:
+        similarities = [r.similarity for r in records if r.similarity is not None]
+        generated = [r for r in records if not r.acquired]
+        return {
+            "synthetic": True,
+            "preset": self.preset.name,
+            "versions": self.versions,
+            "controlnet": self.has_controlnet and options.use_controlnet,
+            "slices": len(records),
+            "acquired_slices": len(records) - len(generated),
+            "generated_slices": len(generated),
+            "retrieval_success_rate": float(np.mean([r.success for r in records])) if options.use_retrieval else None,
+            "generated_retrieval_success_rate": float(np.mean([r.success for r in generated])) if options.use_retrieval and generated else None,
+            "fallback_count": sum(r.fallback for r in records),
+            "mean_similarity": float(np.mean(similarities)) if similarities else None,
+            "tau": self.kb.tau,
+            "uncertainty_mean": float(np.mean([r.uncertainty_mean for r in records])),
+            "steps": options.steps or self.preset.steps,
+            "samples": options.samples,
+            "eta": options.effective_eta,
+            "seed": options.seed,
+            "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        }

@@ -1,0 +1,67 @@
+"""Write a reconstruction's output folder: mri.nii.gz, uncertainty.nii.gz, provenance.json, preview.png.
+
+The folder is written under a staging name and renamed when complete, so a crash or a bad
+input never leaves a half-written result (and an existing result is replaced only by a
+complete one). Both NIfTI headers say the image is synthetic, and the provenance says it again
+(``"synthetic": true``). Nothing that could identify the input's patient or a reference
+patient is written: the input is described by its geometry only, references by anonymised keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lib.io.atomic import atomic_directory
+from lib.io.nifti import write_nifti
+from lib.io.volume import Volume
+from lib.pipeline import Reconstruction
+from lib.report.preview import write_preview
+
+MRI_DESCRIPTION = "SYNTHETIC MRI by ReBrain ({preset}); not an acquired image"
+UNCERTAINTY_DESCRIPTION = "SYNTHETIC: ReBrain per-voxel std over {samples} sample(s)"
+OUTPUT_FILES = ("mri.nii.gz", "uncertainty.nii.gz", "provenance.json", "preview.png")
+
+
+def input_geometry(volume: Volume, sparsity: int | None) -> dict:
+    """What the provenance records about the input: geometry only, no names or paths."""
+    return {
+        "modality": volume.modality,
+        "shape": list(volume.shape),
+        "pixel_spacing_mm": [round(v, 4) for v in volume.pixel_spacing],
+        "acquired_positions_mm": [round(float(p), 3) for p in volume.positions],
+        "gantry_tilt_deg": volume.meta.get("gantry_tilt_deg"),
+        "simulated_sparsity": sparsity,
+    }
+
+
+def slice_status(reconstruction: Reconstruction) -> list[str]:
+    """Per output slice: ``acquired``, ``retrieved`` (generated, retrieval succeeded) or ``fallback``."""
+    return ["acquired" if r.acquired else ("retrieved" if r.success else "fallback") for r in reconstruction.slices]
+
+
+def write_outputs(out_dir: str | os.PathLike[str], reconstruction: Reconstruction, input_info: dict) -> Path:
+    """Write the four output files into ``out_dir`` atomically; returns the folder."""
+    summary = reconstruction.summary
+    affine = reconstruction.grid.affine
+    with atomic_directory(out_dir) as staging:
+        write_nifti(staging / "mri.nii.gz", reconstruction.mri, affine, MRI_DESCRIPTION.format(preset=summary["preset"])[:80])
+        write_nifti(staging / "uncertainty.nii.gz", reconstruction.uncertainty, affine, UNCERTAINTY_DESCRIPTION.format(samples=summary["samples"])[:80])
+        provenance = {
+            "synthetic": True,
+            "notice": "Synthetic MRI generated from CT by ReBrain; not an acquired image; not for diagnosis.",
+            "input": input_info,
+            "output": {"shape": list(reconstruction.mri.shape), "affine": np.round(affine, 6).tolist(), "slice_spacing_mm": reconstruction.grid.spacing, "value_range": [0.0, 1.0]},
+            **reconstruction.provenance(),
+        }
+        (staging / "provenance.json").write_text(json.dumps(provenance, indent=1))
+        spacing = (*np.linalg.norm(affine[:3, :2], axis=0).tolist(), reconstruction.grid.spacing)
+        similarity = [np.nan if r.similarity is None else r.similarity for r in reconstruction.slices]
+        write_preview(
+            staging / "preview.png", reconstruction.ct, reconstruction.mri, spacing, slice_status(reconstruction), similarity,
+            summary["tau"], title=f"ReBrain {summary['preset']}: SYNTHETIC MRI",
+        )
+    return Path(out_dir)

@@ -1,0 +1,85 @@
+"""`python main.py reconstruct` end to end with a tiny preset: the four outputs, honesty, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.cli import main
+from lib.io import read_volume
+
+from tests.tiny_preset import make_tiny_preset
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    return make_tiny_preset(tmp_path_factory.mktemp("preset"))
+
+
+@pytest.fixture(scope="module")
+def flair_input(brats_case, tmp_path_factory):
+    """A real FLAIR cut to 21 slices, as a NIfTI input file."""
+    source = nib.load(brats_case / "t2f.nii.gz")
+    path = tmp_path_factory.mktemp("input") / "flair.nii.gz"
+    nib.save(source.slicer[:, :, 60:81], path)
+    return path
+
+
+def test_reconstruct_writes_the_four_outputs(preset, flair_input, tmp_path, capsys):
+    out = tmp_path / "result"
+    code = main(["reconstruct", str(flair_input), str(out), "--preset", str(preset.root), "--simulate-sparsity", "2", "--steps", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["mri.nii.gz", "preview.png", "provenance.json", "uncertainty.nii.gz"]
+    mri = nib.load(out / "mri.nii.gz")
+    source = nib.load(flair_input)
+    # Every other slice kept from 21: the dense 1 mm grid is the input's own grid.
+    assert mri.shape == source.shape
+    np.testing.assert_allclose(mri.affine, source.affine, atol=1e-4)
+    assert b"SYNTHETIC" in mri.header["descrip"].tobytes()
+    assert b"SYNTHETIC" in nib.load(out / "uncertainty.nii.gz").header["descrip"].tobytes()
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["synthetic"] is True and provenance["summary"]["synthetic"] is True
+    assert len(provenance["slices"]) == 21 and provenance["input"]["simulated_sparsity"] == 2
+    assert Image.open(out / "preview.png").size[0] > 300
+    # No name of the input's or of a reference patient in any output.
+    names = list(json.loads((preset.root.parent / "prepared" / "private_subject_map.json").read_text()).values()) + [flair_input.name, "BraTS"]
+    for path in out.iterdir():
+        content = path.read_bytes()
+        for name in names:
+            assert name.encode() not in content, (path.name, name)
+    # The output reads back as a volume in the input's frame.
+    assert read_volume(out / "mri.nii.gz").shape == read_volume(flair_input).shape
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(preset, tmp_path, capsys):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti file")
+    out = tmp_path / "result"
+    code = main(["reconstruct", str(broken), str(out), "--preset", str(preset.root), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "broken.nii.gz" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_unknown_preset_is_a_clear_error(flair_input, tmp_path, capsys):
+    code = main(["reconstruct", str(flair_input), str(tmp_path / "r"), "--preset", "no-such-preset", "--weights", str(tmp_path), "--quiet"])
+    assert code == 2
+    assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
+
+
+def test_an_existing_result_survives_a_failed_run(preset, flair_input, tmp_path, capsys):
+    out = tmp_path / "result"
+    out.mkdir()
+    (out / "mri.nii.gz").write_bytes(b"previous result")
+    # An empty image has no brain: refused before anything is written.
+    empty_path = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((20, 20, 5), dtype=np.int16), np.eye(4)), empty_path)
+    code = main(["reconstruct", str(empty_path), str(out), "--preset", str(preset.root), "--quiet"])
+    assert code == 2
+    assert "no brain" in capsys.readouterr().err
+    assert (out / "mri.nii.gz").read_bytes() == b"previous result"

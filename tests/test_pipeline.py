@@ -1,0 +1,129 @@
+"""ReBrainPipeline on a real BraTS volume with a tiny preset: geometry, SLERP, retrieval, controls."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from lib.diffusion.slerp import slerp
+from lib.io import read_volume
+from lib.io.volume import dense_grid
+from lib.data.sparse import simulate_sparse_volume
+from lib.pipeline import ReBrainPipeline, ReconstructionOptions, dense_slices
+
+from tests.tiny_preset import make_tiny_preset
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    return make_tiny_preset(tmp_path_factory.mktemp("preset"))
+
+
+@pytest.fixture(scope="module")
+def pipeline(preset):
+    return ReBrainPipeline(preset)
+
+
+@pytest.fixture(scope="module")
+def dense_volume(brats_case):
+    """41 central 1 mm slices of a real FLAIR volume (a held-out case: not in the KB)."""
+    volume = read_volume(brats_case / "t2f.nii.gz", modality="MR")
+    return volume.take_slices(np.arange(50, 91))
+
+
+@pytest.fixture(scope="module")
+def reconstruction(pipeline, dense_volume):
+    sparse = simulate_sparse_volume(dense_volume, factor=2)
+    return pipeline.reconstruct(sparse, ReconstructionOptions(steps=2))
+
+
+def test_output_lies_on_the_dense_grid_in_the_input_frame(reconstruction, dense_volume):
+    # x2 sparsity of 41 slices keeps 0, 2, ..., 40: the dense 1 mm grid is the original one.
+    assert reconstruction.mri.shape == dense_volume.shape
+    np.testing.assert_allclose(reconstruction.grid.affine, dense_volume.voxel_affine(), atol=1e-6)
+    assert reconstruction.mri.dtype == np.float32
+    assert 0.0 <= reconstruction.mri.min() and reconstruction.mri.max() <= 1.0
+    # Background stays background; the brain gets an image.
+    assert np.all(reconstruction.mri[~reconstruction.mask] == 0)
+    assert reconstruction.mri[reconstruction.mask].std() > 0
+    assert np.all(reconstruction.uncertainty == 0)  # one deterministic sample
+    # The display CT on acquired slices is the input itself.
+    np.testing.assert_array_equal(reconstruction.ct[:, :, ::2], dense_volume.array[:, :, ::2])
+
+
+def test_provenance_is_consistent(reconstruction, pipeline):
+    records = reconstruction.slices
+    assert [r.acquired for r in records] == [z % 2 == 0 for z in range(41)]
+    assert [r.source_slice for r in records] == [z // 2 if z % 2 == 0 else None for z in range(41)]
+    tau = pipeline.kb.tau
+    for record in records:
+        assert record.success == (record.similarity is not None and record.similarity >= tau)
+        assert record.control == ("reference" if record.success else ("acquired" if record.acquired else "slerp"))
+        assert record.fallback == (not record.success and not record.acquired)
+        assert (record.reference is not None) == record.success
+        if record.reference:
+            subject, slice_index = record.reference.split(":")
+            assert subject in set(pipeline.kb.entries["subject"]) and subject.startswith("sub-")
+    summary = reconstruction.summary
+    assert summary["synthetic"] is True
+    assert summary["slices"] == 41 and summary["acquired_slices"] == 21 and summary["generated_slices"] == 20
+    assert summary["fallback_count"] == sum(r.fallback for r in records)
+    assert summary["retrieval_success_rate"] == pytest.approx(np.mean([r.success for r in records]))
+    positions = [r.normalised_position for r in records]
+    assert np.all(np.diff(positions) > 0)
+    json.dumps(reconstruction.provenance())  # JSON-ready
+
+
+def test_gap_slices_get_the_slerp_of_their_neighbours(dense_volume):
+    sparse = simulate_sparse_volume(dense_volume, factor=4)
+    grid = dense_grid(sparse)
+    rng = np.random.default_rng(0)
+    acquired = rng.uniform(-1, 1, (sparse.shape[2], 8, 8)).astype(np.float32)
+    y, mask = dense_slices(acquired, np.ones_like(acquired, dtype=bool), grid)
+    assert len(y) == grid.shape[2] and mask.all()
+    np.testing.assert_array_equal(y[::4], acquired)
+    # Slice 1 lies a quarter of the way from acquired slice 0 to acquired slice 1.
+    np.testing.assert_allclose(y[1], slerp(acquired[:1], acquired[1:2], 0.25)[0], atol=1e-6)
+    np.testing.assert_allclose(y[6], slerp(acquired[1:2], acquired[2:3], 0.5)[0], atol=1e-6)
+
+
+def test_untrained_controlnet_leaves_the_bbdm_output_unchanged(pipeline, dense_volume, reconstruction):
+    # The zero-initialised ControlNet adds exactly zero, whatever the control.
+    sparse = simulate_sparse_volume(dense_volume, factor=2)
+    without = pipeline.reconstruct(sparse, ReconstructionOptions(steps=2, use_controlnet=False))
+    np.testing.assert_array_equal(without.mri, reconstruction.mri)
+    assert all(r.control != "none" for r in reconstruction.slices)
+    assert without.summary["controlnet"] is False
+
+
+def test_without_retrieval_every_gap_slice_falls_back(pipeline, dense_volume):
+    sparse = simulate_sparse_volume(dense_volume.take_slices(np.arange(0, 9)), factor=2)
+    result = pipeline.reconstruct(sparse, ReconstructionOptions(steps=2, use_retrieval=False))
+    assert [r.fallback for r in result.slices] == [z % 2 == 1 for z in range(9)]
+    assert all(r.similarity is None and not r.success for r in result.slices)
+    assert result.summary["retrieval_success_rate"] is None
+
+
+def test_several_samples_give_a_mean_and_an_uncertainty(pipeline, dense_volume):
+    volume = simulate_sparse_volume(dense_volume.take_slices(np.arange(16, 25)), factor=2)
+    options = ReconstructionOptions(steps=3, samples=3, seed=7)
+    first = pipeline.reconstruct(volume, options)
+    again = pipeline.reconstruct(volume, options)
+    np.testing.assert_array_equal(first.mri, again.mri)  # seeded
+    assert first.uncertainty[first.mask].mean() > 0
+    assert np.all(first.uncertainty[~first.mask] == 0)
+    other_seed = pipeline.reconstruct(volume, replace(options, seed=8))
+    assert not np.array_equal(other_seed.mri, first.mri)
+    assert all(r.uncertainty_mean > 0 for r in first.slices)
+
+
+def test_bad_inputs_are_refused(pipeline, dense_volume):
+    with pytest.raises(ValueError, match="MR volume|CT volume"):
+        pipeline.reconstruct(replace(dense_volume, modality="CT"))
+    with pytest.raises(ValueError, match="no brain"):
+        pipeline.reconstruct(replace(dense_volume, array=np.zeros_like(dense_volume.array)))
+    with pytest.raises(ValueError, match="eta > 0"):
+        ReconstructionOptions(samples=2, eta=0.0)
