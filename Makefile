@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CRANIUM := /usr/share/doc/invesalius-examples/examples/Cranium.inv3
 
-.PHONY: venv system-deps test bench demo clean-venv
+.PHONY: venv system-deps test bench bench-bbdm bench-retrieval demo clean-venv
 
 venv: $(STAMP)
 
@@ -28,10 +28,19 @@ system-deps:
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
 
-# Speed and memory of the default denoiser (prints a table; not a test). BENCH_ARGS passes
-# options, e.g. make bench BENCH_ARGS="--device cuda --budget-s 3600".
+# Benchmarks print tables; they are not tests. `make bench`: whole-volume reconstruction with
+# the shipped ct2mri preset (time by stage, quality by steps). BENCH_ARGS passes options, e.g.
+# make bench BENCH_ARGS="--device cuda --repeats 5".
 bench: $(STAMP)
+	$(PY) -m app.bench_reconstruct $(BENCH_ARGS)
+
+# The default-size denoiser alone (forward, FLOPs, sampling a volume, memory).
+bench-bbdm: $(STAMP)
 	$(PY) -m app.bench_bbdm $(BENCH_ARGS)
+
+# The knowledge-base index at 10k/100k/1M entries (exact against HNSW).
+bench-retrieval: $(STAMP)
+	$(PY) -m app.bench_retrieval $(BENCH_ARGS)
 
 # The demo: inputs from installable sources (Debian's real Cranium CT, one synthetic CT/T1 pair
 # from nilearn's MNI152), each made x2 sparse and reconstructed with the shipped ct2mri preset.

@@ -108,17 +108,25 @@ def translate_slices(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    control: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample MRI slices from CT slices with a trained denoiser and its config.
 
     Args:
-        model: the denoiser (in eval mode).
+        model: the denoiser (in eval mode); a ``ControlledDenoiser``
+            (:mod:`lib.models.controlnet`) when ``control`` is given.
         config: its config (objective, schedule, neighbours, distance range).
         condition: (B, 1 + 2 * neighbours, H, W) CT slices, the centre one is the bridge's y.
         steps, eta, generator, progress: as in :func:`sample_bridge`.
+        control: (B, 1, H, W) ControlNet control images (METHOD.md section 3), or None.
     """
     y = condition[:, config.neighbours : config.neighbours + 1]
+    if control is None:
+        denoise_fn = lambda x, t, c: denoise(model, x, t, c)  # noqa: E731
+    else:
+        denoise_fn = lambda x, t, c: model(torch.cat([x, c], dim=1), t, control)  # noqa: E731
     return sample_bridge(
-        lambda x, t, c: denoise(model, x, t, c), y, condition, BridgeSchedule.from_config(config), config.objective,
+        denoise_fn, y, condition, BridgeSchedule.from_config(config), config.objective,
         steps=steps, eta=eta, generator=generator, progress=progress, distance_range=config.distance_range,
     )

@@ -64,6 +64,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_context(device: torch.device) -> torch.autocast:
+    """bfloat16 mixed precision on CUDA, full precision on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def bridge_training_pair(
+    schedule: BridgeSchedule, config: BBDMConfig, condition: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network input x_t and its training target for one batch (METHOD.md section 1).
+
+    Args:
+        schedule: the bridge schedule.
+        config: the model config (neighbours, objective).
+        condition: (B, C, H, W) CT slices; the centre channel is the bridge's y.
+        x0: (B, 1, H, W) MRI slices.
+        t: (B,) step indices.
+        noise: (B, 1, H, W) standard normal noise.
+
+    Returns:
+        ``x_t`` from :func:`q_sample` and the target from :func:`training_target`.
+    """
+    y = condition[:, config.neighbours : config.neighbours + 1]
+    x_t = q_sample(schedule, x0, y, t, noise)
+    return x_t, training_target(schedule, x0, y, t, noise, config.objective, config.direction_eps)
+
+
 def _batch(dataset: Dataset, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
     items = [dataset[int(i)] for i in indices]
     return {key: torch.stack([item[key] for item in items]).to(device) for key in ("source", "target", "mask")}
@@ -98,12 +124,17 @@ def evaluate(
     steps: int,
     device: torch.device,
     seed: int = 0,
+    control: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Sample the given slices and score them against their targets (values mapped to [0, 1])."""
+    """Sample the given slices and score them against their targets (values mapped to [0, 1]).
+
+    ``control``: (N, 1, H, W) control images for a ControlNet-guided ``model``, or None.
+    """
     model.eval()
     batch = _batch(dataset, indices, device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    prediction = translate_slices(model, config, batch["source"], steps=steps, generator=generator)
+    control = control.to(device) if control is not None else None
+    prediction = translate_slices(model, config, batch["source"], steps=steps, generator=generator, control=control)
     predicted, target = slices_as_unit_volume(prediction), slices_as_unit_volume(batch["target"])
     mask = batch["mask"][:, 0].permute(1, 2, 0).cpu().numpy() > 0.5
     return {
@@ -164,6 +195,22 @@ def plot_comparison(runs: Sequence[str | os.PathLike[str]], out: str | os.PathLi
     return Path(out)
 
 
+def optimiser_state(
+    model: torch.nn.Module, train_config: TrainConfig, resumed: dict | None, weights_key: str
+) -> tuple[AveragedModel, torch.optim.Optimizer, torch.Generator]:
+    """EMA copy, AdamW optimiser and sampling generator of ``model``, restored from a resume
+    checkpoint (``resumed``, whose ``weights_key`` holds the model's weights) when given."""
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_config.ema_decay), use_buffers=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    generator = torch.Generator().manual_seed(train_config.seed)
+    if resumed is not None:
+        model.load_state_dict(resumed[weights_key])
+        ema.load_state_dict(resumed["ema"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        generator.set_state(resumed["generator"])
+    return ema, optimizer, generator
+
+
 def train_bbdm(
     train_set: Dataset,
     val_set: Dataset | None,
@@ -206,19 +253,12 @@ def train_bbdm(
     device = resolve_device(train_config.device)
     torch.manual_seed(train_config.seed)
     model = build_denoiser(config).to(device)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_config.ema_decay), use_buffers=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
-    generator = torch.Generator().manual_seed(train_config.seed)
-    if run.state is not None:
-        model.load_state_dict(run.state["model"])
-        ema.load_state_dict(run.state["ema"])
-        optimizer.load_state_dict(run.state["optimizer"])
-        generator.set_state(run.state["generator"])
+    ema, optimizer, generator = optimiser_state(model, train_config, run.state, "model")
     run.begin({"model": config.to_dict(), "training": asdict(train_config)})
 
     schedule = BridgeSchedule.from_config(config)
     val_indices = validation_indices(val_set, train_config.val_slices) if val_set is not None else []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = autocast_context(device)
     scores: dict[str, float] = {}
 
     def save(iteration: int) -> None:
@@ -238,10 +278,8 @@ def train_bbdm(
         t = torch.randint(config.timesteps, (train_config.batch_size,), generator=generator)
         batch = _batch(train_set, indices.tolist(), device)
         condition, x0 = batch["source"], batch["target"]
-        y = condition[:, config.neighbours : config.neighbours + 1]
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        x_t = q_sample(schedule, x0, y, t.to(device), noise)
-        target = training_target(schedule, x0, y, t.to(device), noise, config.objective, config.direction_eps)
+        x_t, target = bridge_training_pair(schedule, config, condition, x0, t.to(device), noise)
         with autocast:
             output = denoise(model, x_t, t.to(device), condition)
         loss = torch.nn.functional.mse_loss(output.float(), target)
