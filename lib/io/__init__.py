@@ -28,15 +28,17 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None, mod
 
     Args:
         path: a ``.nii``/``.nii.gz`` file, or a folder of DICOM files.
-        series_uid: for a DICOM folder, the series to read (default: the CT series).
-        modality: for NIfTI, what the values are (``"CT"`` for HU); DICOM says it itself.
+        series_uid: for a DICOM folder, the series to read (default: the best series of
+            ``modality``, CT when it is ``"unknown"``).
+        modality: for NIfTI, what the values are (``"CT"`` for HU); for a DICOM folder, the
+            Modality of the series to pick (``"CT"`` or ``"MR"``); DICOM says its values itself.
 
     Raises:
         VolumeReadError: for anything that is not a readable 3-D volume, naming the file.
     """
     path = Path(path)
     if path.is_dir():
-        return read_dicom_series(path, series_uid)
+        return read_dicom_series(path, series_uid, "CT" if modality == "unknown" else modality)
     if not path.exists():
         raise VolumeReadError(path, "no such file or folder")
     if is_nifti_path(path):

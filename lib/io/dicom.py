@@ -3,7 +3,7 @@
 A folder as a scanner or PACS writes it holds several series (thin and thick axial,
 reformats, a localizer), sometimes non-image objects and unreadable files, and file names
 carry no order. :func:`scan_dicom_folder` groups what is readable by SeriesInstanceUID;
-:func:`read_dicom_series` picks the CT series (or the one asked for), orders slices by
+:func:`read_dicom_series` picks the CT (or MR) series (or the one asked for), orders slices by
 ImagePositionPatient along the slice normal, converts to HU with RescaleSlope/Intercept,
 and records which series it skipped and why.
 """
@@ -123,10 +123,10 @@ def _is_axial(series: DicomSeries) -> bool:
     return abs(normal[2]) >= np.cos(np.deg2rad(AXIAL_MAX_ANGLE_DEG))
 
 
-def _why_not_ct(series: DicomSeries) -> str | None:
-    """The reason a series is not a usable CT volume, or None when it is."""
-    if series.modality != "CT":
-        return f"modality {series.modality or 'missing'}, not CT"
+def _why_unusable(series: DicomSeries, modality: str) -> str | None:
+    """The reason a series is not a usable volume of ``modality`` (CT, MR), or None when it is."""
+    if series.modality != modality:
+        return f"modality {series.modality or 'missing'}, not {modality}"
     if "LOCALIZER" in series.image_type:
         return "a localizer (scout) image"
     if len(series.files) < 2:
@@ -134,10 +134,11 @@ def _why_not_ct(series: DicomSeries) -> str | None:
     return None
 
 
-def choose_ct_series(scan: DicomFolderScan, series_uid: str | None = None) -> tuple[DicomSeries, dict[str, str]]:
+def choose_series(scan: DicomFolderScan, series_uid: str | None = None, modality: str = "CT") -> tuple[DicomSeries, dict[str, str]]:
     """Pick the series to read and say why every other one was skipped.
 
-    Without ``series_uid`` the choice is among CT series that are not localizers: original
+    Without ``series_uid`` the choice is among ``modality`` (DICOM Modality: CT, MR) series
+    that are not localizers: original
     acquisitions before derived reformats, axial before other planes, then the most images
     (the thinnest slices of the study).
 
@@ -161,14 +162,14 @@ def choose_ct_series(scan: DicomFolderScan, series_uid: str | None = None) -> tu
     skipped: dict[str, str] = {}
     candidates = []
     for uid, series in scan.series.items():
-        reason = _why_not_ct(series)
+        reason = _why_unusable(series, modality)
         if reason:
             skipped[uid] = reason
         else:
             candidates.append(series)
     if not candidates:
         details = "; ".join(f"{scan.series[uid].describe()}: {reason}" for uid, reason in skipped.items())
-        raise VolumeReadError(scan.folder, f"no CT image series in the folder ({details})")
+        raise VolumeReadError(scan.folder, f"no {modality} image series in the folder ({details})")
 
     def preference(series: DicomSeries) -> tuple[bool, bool, int]:
         return ("ORIGINAL" in series.image_type, _is_axial(series), len(series.files))
@@ -176,7 +177,7 @@ def choose_ct_series(scan: DicomFolderScan, series_uid: str | None = None) -> tu
     candidates.sort(key=preference, reverse=True)
     chosen = candidates[0]
     for other in candidates[1:]:
-        skipped[other.uid] = f"another CT series was preferred ({chosen.describe()})"
+        skipped[other.uid] = f"another {modality} series was preferred ({chosen.describe()})"
     return chosen, skipped
 
 
@@ -206,12 +207,14 @@ def _read_pixels(path: Path) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
+def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = None, modality: str = "CT") -> Volume:
     """Read one series of a DICOM folder into a canonical :class:`Volume`.
 
     Args:
         folder: a folder with the series' files (any names, any depth, other series allowed).
-        series_uid: SeriesInstanceUID to read; by default the CT series (see :func:`choose_ct_series`).
+        series_uid: SeriesInstanceUID to read; by default the best series of ``modality``
+            (CT or MR; see :func:`choose_series`).
+        modality: the DICOM Modality to look for when no ``series_uid`` is given.
 
     Returns:
         The volume in HU (for CT); ``meta`` holds ``series_uid``, ``skipped_series``
@@ -223,7 +226,7 @@ def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = N
             two slices at one position, undecodable pixels, NaN values.
     """
     scan = scan_dicom_folder(folder)
-    series, skipped_series = choose_ct_series(scan, series_uid)
+    series, skipped_series = choose_series(scan, series_uid, modality)
     for uid, reason in skipped_series.items():
         logger.info("skipped %s: %s", scan.series[uid].describe(), reason)
     if len(series.files) < 2:

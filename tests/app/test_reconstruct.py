@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from app.cli import main
-from lib.io import read_volume
+from lib.io import read_nifti, read_volume
+from lib.io.dicom_writer import SeriesDescription, write_dicom_series
 
+from tests.conftest import HEAD_CT_STUDY, require
 from tests.tiny_preset import make_tiny_preset
 
 
@@ -82,3 +84,33 @@ def test_an_existing_result_survives_a_failed_run(preset, flair_input, tmp_path,
     assert code == 2
     assert "no brain" in capsys.readouterr().err
     assert (out / "mri.nii.gz").read_bytes() == b"previous result"
+
+
+def test_reconstruct_reads_a_dicom_folder_and_keeps_its_frame(preset, brats_case, tmp_path, capsys):
+    """A DICOM MR series (a FLAIR for the FLAIR preset) with a patient name: the output lies on
+    the series' own grid and carries none of its identifiers."""
+    flair = read_nifti(brats_case / "t2f.nii.gz", modality="MR").take_slices(list(range(60, 75)))
+    patient = {"PatientName": "Doe^Jane", "PatientID": "PID-4711"}
+    series = SeriesDescription(modality="MR", series_description="FLAIR", image_type=("ORIGINAL", "PRIMARY"), rescale_intercept=0.0, patient=patient)
+    write_dicom_series(flair, tmp_path / "dicom", series)
+    out = tmp_path / "result"
+    code = main(["reconstruct", str(tmp_path / "dicom"), str(out), "--preset", str(preset.root), "--simulate-sparsity", "2", "--steps", "2", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    source = read_volume(tmp_path / "dicom", modality="MR")
+    mri = nib.load(out / "mri.nii.gz")
+    assert mri.shape == source.shape
+    np.testing.assert_allclose(mri.affine, source.voxel_affine(), atol=1e-3)
+    for path in out.iterdir():
+        content = path.read_bytes()
+        for identifier in ("Doe^Jane", "Doe", "PID-4711", series.study_uid, series.series_uid):
+            assert identifier.encode() not in content, (path.name, identifier)
+
+
+def test_a_ct_series_for_an_mri_preset_is_refused(preset, tmp_path, capsys):
+    """The real head CT study against the FLAIR preset: a clear modality error, nothing written."""
+    out = tmp_path / "result"
+    code = main(["reconstruct", str(require(HEAD_CT_STUDY)), str(out), "--preset", str(preset.root), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no MR image series" in err and "modality CT, not MR" in err and "Traceback" not in err
+    assert not out.exists()
