@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 
 from app.bench_bbdm import baseline_seconds, peak_memory_mb
 from lib.data.demo_inputs import make_demo_inputs

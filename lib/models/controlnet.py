@@ -16,7 +16,6 @@ the BBDM weights it was trained on; loading it on any other BBDM is refused.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from monai.networks.nets import ControlNet, DiffusionModelUNet
 from torch import nn
 
 from lib.models.denoiser import BBDMConfig
+from lib.models.weights_hash import state_dict_hash
 from lib.train.bbdm import load_bbdm
 from lib.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -121,20 +121,6 @@ class ControlledDenoiser(nn.Module):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The ControlNet's parameters (the only ones to optimise)."""
         return self.controlnet.parameters()
-
-
-def state_dict_hash(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over a state dict's names (sorted), dtypes, shapes and tensor bytes.
-
-    Independent of device, memory layout and how the dict was saved and loaded.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        # Raw bytes through a uint8 view: exact for every dtype, bfloat16 included.
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def controlnet_checkpoint(controlnet: ControlNet, config: BBDMConfig, bbdm_hash: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -10,7 +10,6 @@ built with one encoder refuses to be queried with another.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from lib.models.config_dict import config_from_dict
+from lib.models.weights_hash import state_dict_hash
 from lib.train.checkpoint import load_checkpoint
 
 CHECKPOINT_KIND = "retrieval_encoder"
@@ -211,13 +211,7 @@ def encoder_hash(model_or_state_dict: RetrievalEncoder | Mapping[str, torch.Tens
         state = model_or_state_dict
     if config is None:
         raise ValueError("encoder_hash of a state dict needs the encoder's config")
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        # Raw bytes through a uint8 view: exact for every dtype, bfloat16 included.
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return state_dict_hash(state, prefix=json.dumps(config.to_dict(), sort_keys=True).encode())
 
 
 @torch.inference_mode()
