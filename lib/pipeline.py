@@ -327,6 +327,8 @@ class ReBrainPipeline:
         return {
             "synthetic": True,
             "preset": self.preset.name,
+            "source": self.preset.source,
+            "target": self.preset.target,
             "versions": self.versions,
             "controlnet": self.has_controlnet and options.use_controlnet,
             "slices": len(records),

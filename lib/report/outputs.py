@@ -43,16 +43,26 @@ def slice_status(reconstruction: Reconstruction) -> list[str]:
     return ["acquired" if r.acquired else ("retrieved" if r.success else "fallback") for r in reconstruction.slices]
 
 
+# Display names of the prepared datasets' contrast names (BraTS 2023 suffixes, CT).
+CONTRAST_LABELS = {"ct": "CT", "t2f": "FLAIR", "t1n": "T1", "t1": "T1", "t1c": "T1 post-contrast", "t2w": "T2"}
+
+
+def contrast_label(name: str) -> str:
+    """``"t2f"`` -> ``"FLAIR"``; unknown names are shown as they are."""
+    return CONTRAST_LABELS.get(name.lower(), name)
+
+
 def write_outputs(out_dir: str | os.PathLike[str], reconstruction: Reconstruction, input_info: dict) -> Path:
     """Write the four output files into ``out_dir`` atomically; returns the folder."""
     summary = reconstruction.summary
+    source = contrast_label(summary["source"])
     affine = reconstruction.grid.affine
     with atomic_directory(out_dir) as staging:
         write_nifti(staging / "mri.nii.gz", reconstruction.mri, affine, MRI_DESCRIPTION.format(preset=summary["preset"])[:80])
         write_nifti(staging / "uncertainty.nii.gz", reconstruction.uncertainty, affine, UNCERTAINTY_DESCRIPTION.format(samples=summary["samples"])[:80])
         provenance = {
             "synthetic": True,
-            "notice": "Synthetic MRI generated from CT by ReBrain; not an acquired image; not for diagnosis.",
+            "notice": f"Synthetic MRI generated from {source} by ReBrain; not an acquired image; not for diagnosis.",
             "input": input_info,
             "output": {"shape": list(reconstruction.mri.shape), "affine": np.round(affine, 6).tolist(), "slice_spacing_mm": reconstruction.grid.spacing, "value_range": [0.0, 1.0]},
             **reconstruction.provenance(),
@@ -62,6 +72,6 @@ def write_outputs(out_dir: str | os.PathLike[str], reconstruction: Reconstructio
         similarity = [np.nan if r.similarity is None else r.similarity for r in reconstruction.slices]
         write_preview(
             staging / "preview.png", reconstruction.ct, reconstruction.mri, spacing, slice_status(reconstruction), similarity,
-            summary["tau"], title=f"ReBrain {summary['preset']}: SYNTHETIC MRI",
+            summary["tau"], title=f"ReBrain {summary['preset']}: SYNTHETIC {contrast_label(summary['target'])}", source_label=source,
         )
     return Path(out_dir)

@@ -148,6 +148,7 @@ def write_preview(
     similarity: Sequence[float],
     tau: float,
     title: str = "",
+    source_label: str = "CT",
 ) -> Path:
     """Write the preview PNG of a reconstruction atomically (see the module docstring).
 
@@ -160,6 +161,7 @@ def write_preview(
         slice_status: per slice, ``"acquired"``, ``"retrieved"`` or ``"fallback"``.
         similarity: per slice retrieval similarity (NaN where there is none).
         tau: the retrieval success threshold, drawn as a horizontal line.
+        source_label: what the input is (``"CT"``, ``"FLAIR"``), for the row and heading.
         title: appended to the figure title, which always says the MRI is SYNTHETIC.
 
     Returns:
@@ -189,7 +191,7 @@ def write_preview(
         (f"sagittal x={cx}", lambda v: v[cx, :, :], sz / sy, ("P", "A", "S", "I")),
     ]
     rows = [
-        ("CT", ct, {"cmap": "gray", "vmin": ct_range[0], "vmax": ct_range[1]}),
+        (source_label, ct, {"cmap": "gray", "vmin": ct_range[0], "vmax": ct_range[1]}),
         ("MRI (SYNTHETIC)", np.clip(mri, 0.0, 1.0), {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}),
     ]
 
@@ -231,7 +233,7 @@ def write_preview(
     curve.set_ylabel("similarity")
     curve.legend(loc="lower right", fontsize=8)
 
-    heading = "ReBrain preview: MRI is SYNTHETIC (generated from CT), not an acquired scan"
+    heading = f"ReBrain preview: MRI is SYNTHETIC (generated from {source_label}), not an acquired scan"
     figure.suptitle(f"{heading}\n{title}" if title else heading, fontsize=12)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png")

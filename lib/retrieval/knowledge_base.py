@@ -77,22 +77,23 @@ class IndexKind(str, enum.Enum):
 class HNSWParams:
     """Parameters of the approximate index (faiss ``IndexHNSWFlat``).
 
-    Chosen by measurement on random unit vectors of dimension 128 with queries at cosine 0.8
-    to an entry (2 CPU cores, shared): at 300k entries M=32, efConstruction=80, efSearch=128
-    gave recall@1 0.98 against the exact index at about 0.5 ms per query, with or without the
-    position filter; efConstruction=40 gave only 0.92 at the same efSearch, and an IVF-Flat
-    index needed about 5 % of its lists probed for 0.95, a cost that grows with sqrt(N)
-    where HNSW's grows with log(N). ``app/bench_retrieval.py`` measures it at 1M.
+    Chosen by measurement at 1M random unit vectors of dimension 128 with queries at cosine 0.8
+    to an entry (``app/bench_retrieval.py``, 2 CPU cores; numbers in NOTES.md): M=32 with
+    efConstruction=80 needed efSearch=256 for recall@1 0.95 (1.1 ms per query, over the 1 ms
+    target); a better graph, M=48 with efConstruction=200, reaches 0.97 at efSearch=64 and
+    0.99 at efSearch=96 in about 0.5 ms per query. The price is build time (about 10 minutes
+    at 1M on 2 cores) and memory (about 2 * m * 4 bytes per entry for the graph). Below
+    ``DEFAULT_INDEX_THRESHOLD`` entries the exact index is used anyway.
 
     Attributes:
-        m: graph neighbours per node (memory: about 2 * m * 4 bytes per entry).
+        m: graph neighbours per node.
         ef_construction: candidate list size while building (build time, graph quality).
         ef_search: candidate list size while searching (latency against recall).
     """
 
-    m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 128
+    m: int = 48
+    ef_construction: int = 200
+    ef_search: int = 96
 
 
 @dataclass(frozen=True, eq=False)

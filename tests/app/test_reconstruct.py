@@ -46,6 +46,8 @@ def test_reconstruct_writes_the_four_outputs(preset, flair_input, tmp_path, caps
     assert b"SYNTHETIC" in nib.load(out / "uncertainty.nii.gz").header["descrip"].tobytes()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["synthetic"] is True and provenance["summary"]["synthetic"] is True
+    # The tiny preset translates FLAIR: the notice names the real input, not "CT".
+    assert "generated from FLAIR" in provenance["notice"]
     assert len(provenance["slices"]) == 21 and provenance["input"]["simulated_sparsity"] == 2
     assert Image.open(out / "preview.png").size[0] > 300
     # No name of the input's or of a reference patient in any output.

@@ -214,9 +214,9 @@ def test_approximate_index_agrees_with_exact_and_honours_filters(hnsw_kb, flat_k
     # IndexHNSWFlat are what is tested.
     monkeypatch.setattr(knowledge_base, "EXACT_SEARCH_LIMIT", 0)
     assert hnsw_kb.index.kind is IndexKind.HNSW and isinstance(hnsw_kb.index.index, faiss.IndexHNSWFlat)
-    assert hnsw_kb.manifest["index"] == {"kind": "hnsw", "metric": "inner_product", "params": {"m": 32, "ef_construction": 80, "ef_search": 128}}
+    assert hnsw_kb.manifest["index"] == {"kind": "hnsw", "metric": "inner_product", "params": {"m": HNSWParams.m, "ef_construction": HNSWParams.ef_construction, "ef_search": HNSWParams.ef_search}}
     loaded = KnowledgeBase.load(hnsw_kb.root, ENCODER)
-    assert loaded.index.kind is IndexKind.HNSW and loaded.index.ef_search == 128
+    assert loaded.index.kind is IndexKind.HNSW and loaded.index.ef_search == HNSWParams.ef_search
     queries, rows = noisy_queries(data[0], 40, 0.3)
     positions = data[1]["position"].to_numpy()[rows] + 0.02
     excluded = [None if i % 2 else data[1]["subject"][row] for i, row in enumerate(rows)]
