@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lib.io.errors import VolumeReadError
+from lib.reconstruction_methods import METHODS
 
 # Errors a user can fix: printed as one line, no traceback.
 USER_ERRORS = (VolumeReadError, ValueError, FileExistsError, FileNotFoundError)
@@ -152,7 +153,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
     preset = load_preset(args.preset, args.weights)
     options = ReconstructionOptions(
         steps=args.steps, samples=args.samples, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-        target_spacing=args.target_spacing, use_retrieval=not args.no_retrieval, use_controlnet=not args.no_controlnet,
+        target_spacing=args.target_spacing, use_retrieval=not args.no_retrieval, use_controlnet=not args.no_controlnet, method=args.method,
     )
     volume = read_volume(args.input, modality="CT" if preset.source_modality == "ct" else "MR")
     if args.simulate_sparsity:
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--batch-size", type=int, default=8, help="slices per network call")
     recon.add_argument("--no-retrieval", action="store_true", help="skip the knowledge base (every slice uses the SLERP control)")
     recon.add_argument("--no-controlnet", action="store_true", help="BBDM alone, without the ControlNet branch")
+    recon.add_argument("--method", default="rebrain", choices=METHODS, help="how gap slices are made: the method (default) or an evaluation baseline (see lib/pipeline.py)")
     recon.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     recon.add_argument("--quiet", action="store_true", help="no progress bar")
     recon.set_defaults(run=_reconstruct)

@@ -30,6 +30,7 @@ import torch
 from lib.data.model_frame import ModelFrame, foreground_mask, normalise_source
 from lib.diffusion.sampler import translate_slices
 from lib.diffusion.slerp import slerp
+from lib.reconstruction_methods import METHODS
 from lib.io.volume import DenseGrid, Volume, dense_grid
 from lib.models.controlnet import ControlledDenoiser, load_controlled_denoiser
 from lib.models.retrieval_encoder import embed_slices, encoder_hash
@@ -39,6 +40,7 @@ from lib.train.bbdm import load_bbdm, resolve_device
 from lib.train.retrieval import load_retrieval_encoder
 
 ProgressFn = Callable[[int, int], None]
+
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class ReconstructionOptions:
         target_spacing: dense grid spacing in mm (None: the preset's slice spacing).
         use_retrieval: query the knowledge base (off: every slice uses the SLERP control).
         use_controlnet: use the ControlNet branch when the preset has one (off: BBDM alone).
+        method: how gap slices are made (see :data:`lib.reconstruction_methods.METHODS`); ``"rebrain"`` is the method,
+            the others are the baselines and ablations of the evaluation (METHOD.md section 6).
     """
 
     steps: int | None = None
@@ -67,8 +71,11 @@ class ReconstructionOptions:
     target_spacing: float | None = None
     use_retrieval: bool = True
     use_controlnet: bool = True
+    method: str = "rebrain"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.samples < 1:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.batch_size < 1:
@@ -220,13 +227,19 @@ class ReBrainPipeline:
         positions = frame.normalised_positions(grid.positions)
         prepared_s = time.perf_counter() - started
 
+        method = options.method
         started = time.perf_counter()
-        retrieval = self._retrieve(y, positions, options)
-        control, records = self._controls(y, grid, positions, retrieval)
+        retrieval = self._retrieve(y, positions, options) if method not in ("bbdm", "interp") else None
+        control, records = self._controls(y, grid, positions, retrieval, options)
         retrieval_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        mean, std = self._sample(y, control, options, progress)
+        if method == "interp":
+            translated, translated_std = self._sample(acquired, acquired, options, progress, control_on=False)
+            mean = ((1.0 - grid.alpha)[:, None, None] * translated[grid.lower] + grid.alpha[:, None, None] * translated[grid.upper]).astype(np.float32)
+            std = ((1.0 - grid.alpha)[:, None, None] * translated_std[grid.lower] + grid.alpha[:, None, None] * translated_std[grid.upper]).astype(np.float32)
+        else:
+            mean, std = self._sample_methods(y, control, grid, retrieval, records, options, progress)
         sampling_s = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -253,19 +266,34 @@ class ReBrainPipeline:
         tolerance = options.position_tolerance if options.position_tolerance is not None else self.preset.position_tolerance
         return self.kb.query(embeddings, positions, k=1, position_tolerance=tolerance)
 
-    def _controls(self, y: np.ndarray, grid: DenseGrid, positions: np.ndarray, retrieval: list | None) -> tuple[np.ndarray, list[SliceRecord]]:
-        """The control image of every slice and its provenance record."""
+    def _controls(self, y: np.ndarray, grid: DenseGrid, positions: np.ndarray, retrieval: list | None, options: ReconstructionOptions) -> tuple[np.ndarray, list[SliceRecord]]:
+        """The control image of every slice and its provenance record (see :data:`lib.reconstruction_methods.METHODS`)."""
         # The fallback control is the SLERP of the neighbours: y itself for a gap slice, and
         # the slice itself for an acquired one.
         control = y.copy()
         records = []
+        method = options.method
+        controlled = self.has_controlnet and options.use_controlnet and method in ("rebrain", "rebrain-noslerp")
         for z in range(len(y)):
             result = retrieval[z] if retrieval is not None else None
             success = bool(result is not None and result.success)
-            if success:
-                control[z] = self.kb.ct_slice(result.entry_id)
+            candidate = result is not None and result.entry_id is not None
             acquired = bool(grid.acquired[z])
-            kind = "reference" if success else ("acquired" if acquired else "slerp")
+            # What guides (or replaces) the slice: the reference when retrieval succeeded, or,
+            # for the ablations that ignore tau, whenever there is a candidate at all.
+            use_reference = success or (candidate and method in ("rebrain-noslerp", "substitute"))
+            if use_reference and method in ("rebrain", "rebrain-noslerp"):
+                control[z] = self.kb.ct_slice(result.entry_id)
+            if method == "interp":
+                kind = "none" if acquired else "interpolated"
+            elif method == "substitute":
+                kind = "substituted" if use_reference and not acquired else "none"
+            elif method == "r-as-input":
+                kind = "reference-as-input" if success and not acquired else "none"
+            elif controlled:
+                kind = "reference" if use_reference else ("acquired" if acquired else "slerp")
+            else:
+                kind = "none"
             records.append(
                 SliceRecord(
                     index=z,
@@ -275,12 +303,33 @@ class ReBrainPipeline:
                     source_slice=int(grid.source_index[z]) if acquired else None,
                     similarity=float(result.similarity) if result is not None and np.isfinite(result.similarity) else None,
                     success=success,
-                    control=kind if self.has_controlnet else "none",
-                    fallback=not success and not acquired,
-                    reference=f"{result.subject}:{result.slice_index}" if success else None,
+                    control=kind,
+                    fallback=not use_reference and not acquired and method not in ("bbdm", "interp"),
+                    reference=f"{result.subject}:{result.slice_index}" if use_reference and method != "bbdm" else None,
                 )
             )
         return control, records
+
+    def _sample_methods(
+        self, y: np.ndarray, control: np.ndarray, grid: DenseGrid, retrieval: list | None, records: list[SliceRecord], options: ReconstructionOptions, progress: ProgressFn | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation of every dense slice for the diffusion-based methods."""
+        method = options.method
+        condition = y.copy()
+        if method == "r-as-input":
+            for record in records:
+                if record.control == "reference-as-input":
+                    condition[record.index] = self.kb.ct_slice(retrieval[record.index].entry_id)
+        pasted = [r.index for r in records if r.control == "substituted"]
+        sampled = np.setdiff1d(np.arange(len(y)), pasted)
+        mean = np.empty(y.shape, dtype=np.float32)
+        std = np.zeros(y.shape, dtype=np.float32)
+        for z in pasted:
+            mean[z] = self.kb.mri_slice(retrieval[z].entry_id)
+        if len(sampled):
+            control_on = method in ("rebrain", "rebrain-noslerp")
+            mean[sampled], std[sampled] = self._sample(condition[sampled], control[sampled], options, progress, control_on)
+        return mean, std
 
     def _condition(self, y: np.ndarray) -> np.ndarray:
         """(Z, 1 + 2n, S, S): each slice with its n neighbours on each side (edges repeated)."""
@@ -288,11 +337,15 @@ class ReBrainPipeline:
         index = np.clip(np.arange(len(y))[:, None] + np.arange(-n, n + 1)[None, :], 0, len(y) - 1)
         return y[index]
 
-    def _sample(self, y: np.ndarray, control: np.ndarray, options: ReconstructionOptions, progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation over samples of the translated slices, (Z, S, S) each."""
+    def _sample(self, y: np.ndarray, control: np.ndarray, options: ReconstructionOptions, progress: ProgressFn | None, control_on: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and standard deviation over samples of the translated slices, (Z, S, S) each.
+
+        ``y`` is a run of adjacent slices (its neighbours feed a 2.5-D model); ``control_on``
+        false samples the BBDM alone whatever the preset has.
+        """
         condition = torch.from_numpy(self._condition(y))
         control_tensor = torch.from_numpy(control[:, None])
-        use_control = self.has_controlnet and options.use_controlnet
+        use_control = self.has_controlnet and options.use_controlnet and control_on
         steps = options.steps or self.preset.steps
         chunks = [slice(start, start + options.batch_size) for start in range(0, len(y), options.batch_size)]
         total = options.samples * len(chunks) * steps
@@ -324,18 +377,20 @@ class ReBrainPipeline:
     def _summary(self, records: list[SliceRecord], options: ReconstructionOptions, seconds: dict[str, float]) -> dict:
         similarities = [r.similarity for r in records if r.similarity is not None]
         generated = [r for r in records if not r.acquired]
+        retrieved = options.use_retrieval and options.method not in ("bbdm", "interp")
         return {
             "synthetic": True,
             "preset": self.preset.name,
             "source": self.preset.source,
             "target": self.preset.target,
             "versions": self.versions,
-            "controlnet": self.has_controlnet and options.use_controlnet,
+            "method": options.method,
+            "controlnet": self.has_controlnet and options.use_controlnet and options.method in ("rebrain", "rebrain-noslerp"),
             "slices": len(records),
             "acquired_slices": len(records) - len(generated),
             "generated_slices": len(generated),
-            "retrieval_success_rate": float(np.mean([r.success for r in records])) if options.use_retrieval else None,
-            "generated_retrieval_success_rate": float(np.mean([r.success for r in generated])) if options.use_retrieval and generated else None,
+            "retrieval_success_rate": float(np.mean([r.success for r in records])) if retrieved else None,
+            "generated_retrieval_success_rate": float(np.mean([r.success for r in generated])) if retrieved and generated else None,
             "fallback_count": sum(r.fallback for r in records),
             "mean_similarity": float(np.mean(similarities)) if similarities else None,
             "tau": self.kb.tau,

@@ -1,0 +1,91 @@
+"""The evaluation's baselines as pipeline methods (interp, bbdm, substitute, r-as-input, noslerp)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_erosion
+
+from lib.data.sparse import simulate_sparse_volume
+from lib.io import read_volume
+from lib.pipeline import ReBrainPipeline, ReconstructionOptions
+
+from tests.tiny_preset import make_tiny_preset
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return ReBrainPipeline(make_tiny_preset(tmp_path_factory.mktemp("preset")))
+
+
+@pytest.fixture(scope="module")
+def sparse(brats_case):
+    """15 central slices of a real FLAIR made x2 sparse: acquired at even z, gaps at odd z."""
+    volume = read_volume(brats_case / "t2f.nii.gz", modality="MR").take_slices(np.arange(63, 78))
+    return simulate_sparse_volume(volume, factor=2)
+
+
+@pytest.fixture(scope="module")
+def results(pipeline, sparse):
+    return {method: pipeline.reconstruct(sparse, ReconstructionOptions(steps=2, method=method)) for method in ("bbdm", "interp", "substitute", "r-as-input", "rebrain-noslerp", "rebrain")}
+
+
+def inside(result, z: int) -> np.ndarray:
+    """Voxels of slice z well inside the output mask (the model-frame masks of neighbouring
+    slices differ at the edge) whose values are not clipped at 0 or 1."""
+    values = result.mri[:, :, z]
+    return binary_erosion(result.mask[:, :, z], iterations=8) & (values > 1e-4) & (values < 1 - 1e-4)
+
+
+def test_interp_gaps_are_the_linear_interpolation_of_translated_neighbours(results):
+    interp = results["interp"]
+    for z in range(1, 15, 2):
+        keep = inside(interp, z) & inside(interp, z - 1) & inside(interp, z + 1)
+        assert keep.sum() > 100
+        expected = 0.5 * (interp.mri[:, :, z - 1] + interp.mri[:, :, z + 1])
+        np.testing.assert_allclose(interp.mri[:, :, z][keep], expected[keep], atol=2e-3)
+    # Its acquired slices are the BBDM's translation of them (deterministic sampling, per slice).
+    np.testing.assert_allclose(interp.mri[:, :, ::2], results["bbdm"].mri[:, :, ::2], atol=1e-4)
+    assert {r.control for r in interp.slices if not r.acquired} == {"interpolated"}
+    assert interp.summary["retrieval_success_rate"] is None and interp.summary["method"] == "interp"
+
+
+def test_bbdm_uses_no_retrieval_and_no_controlnet(results):
+    bbdm = results["bbdm"]
+    assert all(r.similarity is None and r.reference is None and r.control == "none" for r in bbdm.slices)
+    assert bbdm.summary["controlnet"] is False and bbdm.summary["fallback_count"] == 0
+
+
+def test_substitute_pastes_the_references_mri_into_gaps(results, pipeline):
+    substitute, bbdm = results["substitute"], results["bbdm"]
+    gaps = [r for r in substitute.slices if not r.acquired]
+    pasted = [r for r in gaps if r.control == "substituted"]
+    # Every gap slice has a candidate in the tiny knowledge base (no subject exclusion here).
+    assert len(pasted) == len(gaps) and all(r.reference for r in pasted)
+    np.testing.assert_allclose(substitute.mri[:, :, ::2], bbdm.mri[:, :, ::2], atol=1e-4)
+    # A pasted slice is a knowledge-base MRI slice, not the BBDM's output for that gap.
+    assert not np.allclose(substitute.mri[:, :, 1::2], bbdm.mri[:, :, 1::2], atol=1e-2)
+    assert np.all(substitute.uncertainty == 0)
+
+
+def test_r_as_input_changes_only_slices_whose_retrieval_succeeded(results):
+    r_input, bbdm = results["r-as-input"], results["bbdm"]
+    replaced = [r.index for r in r_input.slices if r.control == "reference-as-input"]
+    assert replaced == [r.index for r in r_input.slices if r.success and not r.acquired]
+    unchanged = [z for z in range(15) if z not in replaced]
+    np.testing.assert_allclose(r_input.mri[:, :, unchanged], bbdm.mri[:, :, unchanged], atol=1e-4)
+    if replaced:
+        assert not np.allclose(r_input.mri[:, :, replaced], bbdm.mri[:, :, replaced], atol=1e-2)
+
+
+def test_noslerp_guides_every_gap_by_its_reference(results):
+    noslerp, rebrain = results["rebrain-noslerp"], results["rebrain"]
+    gaps = [r for r in noslerp.slices if not r.acquired]
+    assert all(r.control == "reference" and r.reference and not r.fallback for r in gaps)
+    # The full method uses the SLERP fallback exactly where retrieval failed.
+    assert [r.fallback for r in rebrain.slices if not r.acquired] == [not r.success for r in gaps]
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        ReconstructionOptions(method="magic")
