@@ -192,6 +192,35 @@ def _score(args: argparse.Namespace) -> None:
     print(json.dumps({name: round(float(value), 4) for name, value in metrics.items()}, indent=1))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    import shlex
+
+    from lib.evaluation.harness import EvaluationConfig, EvaluationSubject, evaluate_subjects, held_out_subjects
+    from lib.evaluation.report import write_report
+    from lib.io import read_volume
+    from lib.pipeline import ReBrainPipeline
+    from lib.presets import load_preset
+
+    config = EvaluationConfig(
+        methods=tuple(args.methods), sparsities=tuple(args.sparsity), seeds=tuple(args.seeds), steps=args.steps, eta=args.eta,
+        batch_size=args.batch_size, uncertainty_samples=args.uncertainty_samples,
+    )
+    pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
+    if args.input:
+        source = read_volume(args.input, modality="CT" if pipeline.preset.source_modality == "ct" else "MR")
+        subjects = [EvaluationSubject(key="input", split="no ground truth", source=source)]
+    else:
+        subjects = held_out_subjects(pipeline, args.layout, args.src, args.max_subjects, args.open_count)
+    result = evaluate_subjects(pipeline, subjects, config, progress=print)
+    header = {
+        "command": "python main.py " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else "evaluate",
+        "preset": f"{pipeline.preset.name} ({pipeline.preset.description}); weights {pipeline.versions}",
+        "data": f"input scan (no ground truth): {len(subjects)}" if args.input else f"layout {args.layout}, {len(subjects)} held-out subject(s)",
+    }
+    out = write_report(args.out, result, header)
+    print(f"wrote {out}/{{metrics.csv, report.md, figures/}}: {len(result.rows)} runs")
+
+
 def _compare_runs(args: argparse.Namespace) -> None:
     from lib.train.bbdm import plot_comparison
 
@@ -345,6 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("reconstruction", help="mri.nii.gz written by reconstruct")
     score.add_argument("reference", help="the ground-truth MRI on the same grid (skull-stripped: 0 outside the brain)")
     score.set_defaults(run=_score)
+
+    evaluate = commands.add_parser("evaluate", help="the evaluation protocol: methods x sparsity x seeds on held-out subjects, with a report")
+    where = evaluate.add_mutually_exclusive_group(required=True)
+    where.add_argument("--layout", choices=["brats", "synthrad", "open"], help="dataset layout with ground truth (see prepare)")
+    where.add_argument("--input", help="one real scan without ground truth (NIfTI or DICOM folder): continuity and retrieval only")
+    evaluate.add_argument("--src", help="dataset folder (brats, synthrad; optional for open)")
+    evaluate.add_argument("--preset", default="ct2mri", help="preset name in --weights, or a preset folder")
+    evaluate.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
+    evaluate.add_argument("--sparsity", type=int, nargs="+", default=[2], help="keep every k-th slice (default 2); 1 keeps all (a real sparse scan)")
+    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    evaluate.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
+    evaluate.add_argument("--max-subjects", type=int, default=None, help="evaluate at most this many held-out subjects")
+    evaluate.add_argument("--open-count", type=int, default=16, help="open: pseudo-subjects to generate; those beyond the 12 of prepare are unseen")
+    evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
+    evaluate.add_argument("--eta", type=float, default=0.0, help="sampler noise (default 0: deterministic)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--uncertainty-samples", type=int, default=0, help="> 1: one extra rebrain run with that many samples for the uncertainty figure")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--out", required=True, help="report folder (written atomically)")
+    evaluate.set_defaults(run=_evaluate)
 
     compare = commands.add_parser("compare-runs", help="overlay the validation curves of training runs in one PNG")
     compare.add_argument("runs", nargs="+", help="run folders (with validation.csv)")

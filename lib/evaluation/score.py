@@ -35,8 +35,21 @@ def score_volumes(reconstruction: str | os.PathLike[str], reference: str | os.Pa
     depth = pred.shape[2]
     if pred.shape[:2] != gt.shape[:2] or depth > gt.shape[2] or not np.allclose(pred_affine, gt_affine, atol=1e-3):
         raise ValueError(f"{reconstruction}: grid {pred.shape} does not match the reference {reference} {gt.shape} (affines must agree)")
-    truth = gt.array[:, :, :depth]
-    mask = truth > 0
-    truth_unit = (mri_to_unit(truth, mask) + 1.0) / 2.0
-    metrics = volume_metrics(np.clip(pred.array, 0.0, 1.0), truth_unit, mask)
-    return {**metrics, "issim_reference": issim(truth_unit, mask), "slices": depth}
+    return score_arrays(pred.array, gt.array[:, :, :depth])
+
+
+def reference_to_unit(truth: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A ground-truth MRI on [0, 1] by its brain percentiles, and the brain mask used
+    (``truth > 0`` of a skull-stripped volume unless given)."""
+    mask = truth > 0 if mask is None else mask
+    return (mri_to_unit(truth, mask) + 1.0) / 2.0, mask
+
+
+def score_arrays(prediction: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """The metrics of :func:`score_volumes` for arrays on one grid: ``prediction`` in [0, 1]
+    (clipped), ``truth`` in scanner units (normalised here), ``mask`` the brain (default truth > 0)."""
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction {prediction.shape} and reference {truth.shape} differ in shape")
+    truth_unit, mask = reference_to_unit(truth, mask)
+    metrics = volume_metrics(np.clip(prediction, 0.0, 1.0), truth_unit, mask)
+    return {**metrics, "issim_reference": issim(truth_unit, mask), "slices": truth.shape[2]}

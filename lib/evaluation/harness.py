@@ -1,0 +1,198 @@
+"""The evaluation protocol: methods x sparsity x seeds on held-out subjects, scored per volume.
+
+For every subject (one the preset's knowledge base was not built from), sparsity k and seed s:
+the dense source is made k-sparse keeping every k-th slice from slice ``s mod k`` (the seed
+moves the sampling phase, so seeds see different acquired slices), each method reconstructs it
+(sampler seed s; with ``eta`` > 0 the sampling itself varies too), and the output is scored
+against the ground truth on the reconstructed slices (lib/evaluation/score.py: NRMSE, PSNR,
+SSIM, 3-D SSIM, I-SSIM inside the brain). A real scan without ground truth is evaluated for
+continuity (I-SSIM) and retrieval success and fallback rates only.
+
+Results: one row per subject x method x sparsity x seed (:data:`METRIC_COLUMNS`), per-slice
+PSNR along z, and the reconstructions of the first subject, first sparsity, seed 0 (figures).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from lib.data.layouts import discover_subjects
+from lib.data.prepare import anonymised_key, split_subjects
+from lib.data.sparse import simulate_sparse_volume
+from lib.evaluation.score import reference_to_unit, score_arrays
+from lib.io.volume import Volume
+from lib.metrics import issim, psnr
+from lib.pipeline import ReBrainPipeline, Reconstruction, ReconstructionOptions
+from lib.reconstruction_methods import METHODS
+
+METRIC_COLUMNS = (
+    "subject", "split", "method", "sparsity", "seed", "nrmse", "psnr", "ssim", "ssim3d", "issim", "issim_reference",
+    "retrieval_success_rate", "fallback_rate", "slices", "generated_slices", "seconds",
+)
+ProgressFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What to run.
+
+    Attributes:
+        methods: method names (lib/reconstruction_methods.py), in report order.
+        sparsities: keep every k-th slice, for each k.
+        seeds: sparsity phase (seed mod k) and sampler seed.
+        steps: sampling steps (None: the preset's).
+        eta: sampler noise (0: deterministic; then only the phase varies with the seed).
+        batch_size: slices per network call.
+        uncertainty_samples: > 1 adds one ``rebrain`` run with that many samples (eta 1) on
+            the first subject, for the uncertainty-against-error figure.
+    """
+
+    methods: tuple[str, ...] = METHODS
+    sparsities: tuple[int, ...] = (2,)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int | None = None
+    eta: float = 0.0
+    batch_size: int = 8
+    uncertainty_samples: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown or no methods {unknown}; choose from {', '.join(METHODS)}")
+        if not self.sparsities or min(self.sparsities) < 1:
+            raise ValueError(f"sparsities must be >= 1, got {list(self.sparsities)}")
+        if not self.seeds or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be >= 0, got {list(self.seeds)}")
+
+
+@dataclass
+class EvaluationSubject:
+    """A subject to evaluate: its anonymised key, where it comes from, its volumes.
+
+    ``target`` and ``mask`` are None for a real scan without ground truth.
+    """
+
+    key: str
+    split: str
+    source: Volume
+    target: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+
+@dataclass
+class EvaluationResult:
+    """Everything the report needs."""
+
+    rows: list[dict] = field(default_factory=list)
+    slice_psnr: dict[str, np.ndarray] = field(default_factory=dict)  # method -> PSNR per slice (first subject)
+    example: dict[str, Reconstruction] = field(default_factory=dict)  # method -> reconstruction (first subject)
+    example_truth: np.ndarray | None = None  # [0, 1] ground truth on the example's slices
+    example_mask: np.ndarray | None = None
+    uncertainty: Reconstruction | None = None  # the several-sample rebrain run, when asked for
+
+
+def held_out_subjects(
+    pipeline: ReBrainPipeline, layout: str, src: str | None, max_subjects: int | None = None, open_count: int = 16,
+    val_fraction: float = 0.2, test_fraction: float = 0.2, split_seed: int = 0,
+) -> list[EvaluationSubject]:
+    """The subjects of a dataset that the preset's knowledge base does not hold.
+
+    Their split (``test``/``val``) is recomputed as ``prepare`` assigns it (same fractions and
+    seed, all the layout's subjects); a subject prepare never saw (e.g. an extra ``open``
+    pseudo-subject) is ``unseen``. Subjects of the knowledge base are skipped: the models
+    trained on them.
+
+    Raises:
+        ValueError: no held-out subject, or a source of the wrong modality for the preset.
+    """
+    records = discover_subjects(layout, src, open_count=open_count)
+    keys = [anonymised_key(layout, record.name) for record in records]
+    training_count = 12 if layout == "open" else len(records)  # `prepare --layout open` default
+    splits = split_subjects(keys[:training_count], val_fraction, test_fraction, split_seed)
+    in_kb = set(pipeline.kb.entries["subject"])
+    subjects = []
+    for record, key in zip(records, keys):
+        if key in in_kb:
+            continue
+        pair = record.load()
+        subjects.append(EvaluationSubject(key=key, split=splits.get(key, "unseen"), source=pair.source, target=pair.target.array, mask=pair.mask))
+        if max_subjects is not None and len(subjects) >= max_subjects:
+            break
+    if not subjects:
+        raise ValueError(f"{src or layout}: every subject is in the knowledge base of preset {pipeline.preset.name!r}; nothing held out to evaluate")
+    return subjects
+
+
+def per_slice_psnr(prediction: np.ndarray, truth_unit: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """PSNR of each slice inside the brain; NaN for slices without brain."""
+    # lib.metrics works on volumes: each slice is passed as a one-slice volume.
+    return np.array([psnr(prediction[:, :, z : z + 1], truth_unit[:, :, z : z + 1], mask[:, :, z : z + 1]) if mask[:, :, z].any() else np.nan for z in range(prediction.shape[2])])
+
+
+def reference_slices(source: Volume, reconstruction: Reconstruction) -> np.ndarray:
+    """Indices of the dense source's slices that the reconstruction's grid lies on.
+
+    Raises:
+        ValueError: a grid slice between the source's slices (another target spacing).
+    """
+    positions = source.positions
+    index = np.searchsorted(positions, reconstruction.grid.positions)
+    index = np.clip(index, 0, len(positions) - 1)
+    if not np.allclose(positions[index], reconstruction.grid.positions, atol=1e-3):
+        raise ValueError("the reconstruction's grid does not lie on the source's slices; evaluate at the source's own slice spacing")
+    return index
+
+
+def evaluate_subjects(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubject], config: EvaluationConfig, progress: ProgressFn | None = None) -> EvaluationResult:
+    """Run every method x sparsity x seed on every subject; see the module docstring."""
+    result = EvaluationResult()
+    spacing = float(np.median(np.diff(subjects[0].source.positions))) if subjects[0].source.shape[2] > 1 else 1.0
+    for number, subject in enumerate(subjects):
+        for sparsity in config.sparsities:
+            for seed in config.seeds:
+                sparse = simulate_sparse_volume(subject.source, factor=sparsity, offset=seed % sparsity)
+                for method in config.methods:
+                    options = ReconstructionOptions(
+                        steps=config.steps, seed=seed, eta=config.eta, batch_size=config.batch_size, method=method, target_spacing=spacing,
+                    )
+                    started = time.perf_counter()
+                    reconstruction = pipeline.reconstruct(sparse, options)
+                    seconds = time.perf_counter() - started
+                    row = _row(subject, method, sparsity, seed, reconstruction, seconds)
+                    example = number == 0 and sparsity == config.sparsities[0] and seed == config.seeds[0]
+                    if subject.target is not None:
+                        index = reference_slices(subject.source, reconstruction)
+                        truth, mask = subject.target[:, :, index], subject.mask[:, :, index]
+                        row.update(score_arrays(reconstruction.mri, truth, mask))
+                        if example:
+                            truth_unit, _ = reference_to_unit(truth, mask)
+                            result.slice_psnr[method] = per_slice_psnr(reconstruction.mri, truth_unit, mask)
+                            result.example_truth, result.example_mask = truth_unit, mask
+                    else:
+                        row["issim"] = issim(reconstruction.mri, reconstruction.mask)
+                    if example:
+                        result.example[method] = reconstruction
+                    result.rows.append(row)
+                    if progress is not None:
+                        progress(f"{subject.key} x{sparsity} seed {seed} {method}: " + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}") + f" ({seconds:.1f} s)")
+    if config.uncertainty_samples > 1:
+        first = subjects[0]
+        sparse = simulate_sparse_volume(first.source, factor=config.sparsities[0], offset=config.seeds[0] % config.sparsities[0])
+        options = ReconstructionOptions(steps=config.steps, seed=config.seeds[0], samples=config.uncertainty_samples, eta=max(config.eta, 1.0) if config.eta == 0 else config.eta, batch_size=config.batch_size, target_spacing=spacing)
+        result.uncertainty = pipeline.reconstruct(sparse, replace(options, method="rebrain"))
+    return result
+
+
+def _row(subject: EvaluationSubject, method: str, sparsity: int, seed: int, reconstruction: Reconstruction, seconds: float) -> dict:
+    summary = reconstruction.summary
+    generated = summary["generated_slices"]
+    return {
+        "subject": subject.key, "split": subject.split, "method": method, "sparsity": sparsity, "seed": seed,
+        "retrieval_success_rate": summary["generated_retrieval_success_rate"],
+        "fallback_rate": summary["fallback_count"] / generated if generated and summary["generated_retrieval_success_rate"] is not None else None,
+        "slices": summary["slices"], "generated_slices": generated, "seconds": round(seconds, 2),
+    }

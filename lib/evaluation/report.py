@@ -1,0 +1,104 @@
+"""The evaluation report folder: metrics.csv, report.md (Table-1 style) and figures.
+
+Written atomically: the folder appears complete or not at all, and an earlier report under
+the same name is replaced only by a complete new one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lib.evaluation.figures import plot_montage, plot_similarity_histogram, plot_slice_psnr, plot_uncertainty_and_error
+from lib.evaluation.harness import METRIC_COLUMNS, EvaluationResult
+from lib.io.atomic import atomic_directory
+
+TABLE_METRICS = (("nrmse", "NRMSE", 4), ("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("issim", "I-SSIM", 3))
+DEFINITIONS = """Definitions (lib/metrics.py, lib/evaluation/score.py): the ground truth is brought to [0, 1]
+by its 0.5/99.5 brain percentiles, the reconstruction is already there; every metric is taken
+inside the ground truth's brain mask on the reconstructed slices. NRMSE = RMSE / range of the
+ground truth; PSNR = 10 log10(1 / MSE); SSIM = mean 2-D SSIM over slices (Gaussian window,
+sigma 1.5); I-SSIM = mean SSIM between adjacent slices of the reconstruction (continuity; the
+ground truth's own is given for scale). Each cell is the mean +- standard deviation over seeds
+of the mean over subjects; seeds move the sparsity phase (slice seed mod k is the first one
+kept) and the sampler seed."""
+
+
+def summary_table(metrics: pd.DataFrame, columns=TABLE_METRICS) -> pd.DataFrame:
+    """Mean +- std over seeds of the per-seed subject means, per sparsity and method (strings)."""
+    available = [(name, label, digits) for name, label, digits in columns if name in metrics and metrics[name].notna().any()]
+    per_seed = metrics.groupby(["sparsity", "method", "seed"], sort=False)[[name for name, _, _ in available]].mean()
+    grouped = per_seed.groupby(level=["sparsity", "method"], sort=False)
+    means, stds = grouped.mean(), grouped.std(ddof=0)
+    table = pd.DataFrame(index=means.index)
+    for name, label, digits in available:
+        table[label] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(means[name], stds[name])]
+    return table.reset_index()
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    header = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
+    return header + "".join("| " + " | ".join(str(value) for value in row) + " |\n" for row in table.itertuples(index=False))
+
+
+def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, header: dict[str, str]) -> Path:
+    """Write ``metrics.csv``, ``report.md`` and ``figures/*.png`` into ``out_dir`` atomically.
+
+    Args:
+        out_dir: the report folder.
+        result: from :func:`lib.evaluation.harness.evaluate_subjects`.
+        header: lines for the report's heading (preset, command, data), in order.
+    """
+    metrics = pd.DataFrame(result.rows).reindex(columns=METRIC_COLUMNS)
+    with atomic_directory(out_dir) as staging:
+        metrics.to_csv(staging / "metrics.csv", index=False, float_format="%.6g")
+        figures = staging / "figures"
+        figures.mkdir()
+        lines = ["# ReBrain evaluation", ""] + [f"- {key}: {value}" for key, value in header.items()] + [""]
+        lines += [f"{len(metrics)} runs: {metrics['subject'].nunique()} subject(s) ({', '.join(sorted(metrics['split'].unique()))}), "
+                  f"methods {', '.join(metrics['method'].unique())}, sparsity {sorted(metrics['sparsity'].unique())}, seeds {sorted(metrics['seed'].unique())}.", ""]
+        lines += ["## Results", "", _markdown(summary_table(metrics)), DEFINITIONS, ""]
+        if metrics["issim_reference"].notna().any():
+            lines += [f"Ground truth I-SSIM (mean over runs): {metrics['issim_reference'].mean():.3f}.", ""]
+        rates = metrics.groupby(["sparsity", "method"], sort=False)[["retrieval_success_rate", "fallback_rate", "seconds"]].mean().reset_index()
+        rates = rates.map(lambda v: "-" if isinstance(v, float) and np.isnan(v) else (f"{v:.3f}" if isinstance(v, float) else v))
+        lines += ["## Retrieval and time", "", "Mean over runs: share of generated slices whose retrieval passed tau, share that fell back to the SLERP control, seconds per volume.", "", _markdown(rates)]
+        lines += ["## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in _figures(figures, result)] + [""]
+        (staging / "report.md").write_text("\n".join(lines))
+    return Path(out_dir)
+
+
+def _figures(folder: Path, result: EvaluationResult) -> list[str]:
+    """The figures of the first subject; returns their names."""
+    names = []
+    if not result.example:
+        return names
+    first = next(iter(result.example.values()))
+    spacing = (*np.linalg.norm(first.grid.affine[:3, :2], axis=0).tolist(), first.grid.spacing)
+    acquired = np.asarray(first.grid.acquired, dtype=bool)
+    if result.slice_psnr:
+        plot_slice_psnr(folder / "slice_psnr.png", result.slice_psnr, acquired, title="PSNR per slice (first subject)")
+        names.append("slice_psnr")
+    retrieval = next((r for method, r in result.example.items() if method == "rebrain"), None) or first
+    similarities = np.array([np.nan if s.similarity is None else s.similarity for s in retrieval.slices], dtype=float)
+    plot_similarity_histogram(folder / "similarity.png", similarities, float(retrieval.summary["tau"]), title="retrieval similarity (first subject)")
+    names.append("similarity")
+    volumes = ({"ground truth": result.example_truth * result.example_mask} if result.example_truth is not None else {"input (SLERP-filled)": _unit(first.ct)})
+    volumes.update({method: reconstruction.mri for method, reconstruction in result.example.items()})
+    plot_montage(folder / "montage.png", volumes, spacing, title="SYNTHETIC reconstructions (first subject)")
+    names.append("montage")
+    if result.uncertainty is not None and result.example_truth is not None:
+        error = np.abs(result.uncertainty.mri - result.example_truth) * result.example_mask
+        plot_uncertainty_and_error(folder / "uncertainty.png", result.uncertainty.uncertainty, error, result.example_mask, spacing,
+                                   title=f"rebrain, {result.uncertainty.summary['samples']} samples")
+        names.append("uncertainty")
+    return names
+
+
+def _unit(volume: np.ndarray) -> np.ndarray:
+    """A display scaling of an input without ground truth: its 1st-99th percentiles to [0, 1]."""
+    low, high = np.percentile(volume, [1, 99])
+    return np.clip((volume - low) / max(high - low, 1e-6), 0.0, 1.0)

@@ -1,0 +1,119 @@
+"""The evaluation harness on real BraTS subjects with a tiny preset: rows, scoring, report, CLI."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from app.cli import main
+from lib.data.prepare import anonymised_key
+from lib.evaluation.harness import METRIC_COLUMNS, EvaluationConfig, EvaluationSubject, evaluate_subjects, held_out_subjects, reference_slices
+from lib.evaluation.report import write_report
+from lib.evaluation.score import reference_to_unit
+from lib.pipeline import ReBrainPipeline
+
+from tests.conftest import SHARED_DATA, require
+from tests.tiny_preset import make_tiny_preset
+
+BRATS = SHARED_DATA / "brats_dev"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return ReBrainPipeline(make_tiny_preset(tmp_path_factory.mktemp("preset")))
+
+
+@pytest.fixture(scope="module")
+def subject(pipeline):
+    """One held-out real subject, cut to 20 slices to keep the test fast."""
+    full = held_out_subjects(pipeline, "brats", str(require(BRATS)), max_subjects=1)[0]
+    keep = np.arange(60, 80)
+    return replace(full, source=full.source.take_slices(keep), target=full.target[:, :, keep], mask=full.mask[:, :, keep])
+
+
+class NoisyOracle:
+    """A "method" with a known error: the ground truth (on the [0, 1] scale the score uses)
+    plus Gaussian noise of standard deviation ``sigma`` inside the brain. It takes the real
+    pipeline's grid and geometry, so the harness's slice alignment is what is tested."""
+
+    def __init__(self, pipeline: ReBrainPipeline, subject: EvaluationSubject, sigma: float) -> None:
+        self.pipeline, self.subject, self.sigma = pipeline, subject, sigma
+        self.rng = np.random.default_rng(0)
+
+    def reconstruct(self, volume, options):
+        result = self.pipeline.reconstruct(volume, replace(options, method="interp", steps=2))
+        index = reference_slices(self.subject.source, result)
+        truth, mask = reference_to_unit(self.subject.target[:, :, index], self.subject.mask[:, :, index])
+        noisy = np.where(mask, truth + self.rng.normal(0.0, self.sigma, truth.shape), 0.0)
+        return replace(result, mri=noisy.astype(np.float32))
+
+
+def test_held_out_subjects_are_not_in_the_knowledge_base(pipeline):
+    subjects = held_out_subjects(pipeline, "brats", str(require(BRATS)), max_subjects=3)
+    in_kb = set(pipeline.kb.entries["subject"])
+    assert len(subjects) == 3 and not {s.key for s in subjects} & in_kb
+    # The tiny preset's knowledge base holds the training split of 3 prepared subjects.
+    names = sorted(p.name for p in BRATS.iterdir() if p.is_dir())
+    assert {anonymised_key("brats", name) for name in names} & in_kb
+    assert all(s.split in {"train", "val", "test", "unseen"} for s in subjects)
+
+
+def test_every_subject_method_sparsity_seed_gets_a_row(pipeline, subject):
+    config = EvaluationConfig(methods=("interp", "bbdm", "rebrain"), sparsities=(2, 3), seeds=(0, 1), steps=2)
+    result = evaluate_subjects(pipeline, [subject], config)
+    table = pd.DataFrame(result.rows)
+    assert len(table) == 3 * 2 * 2
+    assert set(map(tuple, table[["method", "sparsity", "seed"]].values.tolist())) == {(m, k, s) for m in config.methods for k in (2, 3) for s in (0, 1)}
+    assert table["psnr"].notna().all() and table["issim"].between(0, 1).all()
+    # The seed moves the sparsity phase: x2 with seed 1 starts one slice later.
+    slices = table.set_index(["method", "sparsity", "seed"])["slices"]
+    assert slices[("bbdm", 2, 0)] == 19 and slices[("bbdm", 2, 1)] == 19 and slices[("bbdm", 3, 0)] == 19
+    assert set(result.slice_psnr) == set(config.methods)
+    assert all(len(values) == 19 for values in result.slice_psnr.values())
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.05])
+def test_a_method_with_known_error_gets_the_psnr_it_must(pipeline, subject, sigma):
+    oracle = NoisyOracle(pipeline, subject, sigma)
+    result = evaluate_subjects(oracle, [subject], EvaluationConfig(methods=("interp",), sparsities=(2,), seeds=(0, 1)))
+    expected = -10 * np.log10(sigma**2)  # PSNR of noise of variance sigma^2 on a unit range
+    for row in result.rows:
+        # Clipping to [0, 1] removes a little of the noise at the range's ends: never below.
+        assert expected - 0.05 < row["psnr"] < expected + 0.6, (sigma, row["psnr"])
+
+
+def test_report_folder_holds_metrics_report_and_figures(pipeline, subject, tmp_path):
+    config = EvaluationConfig(methods=("interp", "rebrain"), sparsities=(2,), seeds=(0, 1), steps=2, uncertainty_samples=2)
+    result = evaluate_subjects(pipeline, [subject], config)
+    out = write_report(tmp_path / "report", result, {"preset": "tiny"})
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics.columns) == list(METRIC_COLUMNS) and len(metrics) == 4
+    report = (out / "report.md").read_text()
+    for method in ("interp", "rebrain"):
+        assert f"| 2 | {method} |" in report
+    assert "±" in report and "Definitions" in report
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["montage.png", "similarity.png", "slice_psnr.png", "uncertainty.png"]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_scan_without_ground_truth_reports_continuity_and_retrieval(pipeline, subject, tmp_path):
+    scan = EvaluationSubject(key="input", split="no ground truth", source=subject.source)
+    result = evaluate_subjects(pipeline, [scan], EvaluationConfig(methods=("rebrain",), sparsities=(2,), seeds=(0,), steps=2))
+    row = result.rows[0]
+    assert "psnr" not in row and 0 < row["issim"] <= 1 and row["retrieval_success_rate"] is not None
+    out = write_report(tmp_path / "report", result, {"preset": "tiny"})
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["montage.png", "similarity.png"]
+
+
+def test_evaluate_command_end_to_end(pipeline, tmp_path, capsys):
+    code = main([
+        "evaluate", "--layout", "brats", "--src", str(require(BRATS)), "--preset", str(pipeline.preset.root), "--methods", "interp", "rebrain",
+        "--sparsity", "4", "--seeds", "0", "--max-subjects", "1", "--steps", "2", "--out", str(tmp_path / "report"),
+    ])
+    assert code == 0, capsys.readouterr().err
+    assert len(pd.read_csv(tmp_path / "report" / "metrics.csv")) == 2
+    code = main(["evaluate", "--layout", "brats", "--src", str(tmp_path / "missing"), "--preset", str(pipeline.preset.root), "--out", str(tmp_path / "r2")])
+    assert code == 2 and "no such folder" in capsys.readouterr().err
