@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.io.atomic import atomic_path
-from lib.report.preview import _orientation_labels
+from lib.report.preview import draw_orientation_labels
 
 __all__ = [
     "plot_montage",
@@ -111,7 +111,7 @@ def _draw_view(axis, image: np.ndarray, aspect: float, labels: tuple[str, str, s
     """Show a 2-D (horizontal, vertical) cut with its orientation labels; return the image artist."""
     # Transposed with origin "lower": the first array axis runs right, the second up.
     artist = axis.imshow(image.T, origin="lower", aspect=aspect, interpolation="nearest", **display)
-    _orientation_labels(axis, *labels)
+    draw_orientation_labels(axis, *labels)
     axis.set_xticks([])
     axis.set_yticks([])
     return artist

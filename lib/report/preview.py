@@ -124,7 +124,7 @@ def _ct_display_range(ct: np.ndarray) -> tuple[float, float]:
     return (low, high) if high > low else (low, low + 1.0)
 
 
-def _orientation_labels(axis, left: str, right: str, top: str, bottom: str) -> None:
+def draw_orientation_labels(axis, left: str, right: str, top: str, bottom: str) -> None:
     """Write the anatomical direction at each edge of an image axis."""
     style = {
         "transform": axis.transAxes,
@@ -203,7 +203,7 @@ def write_preview(
             axis = figure.add_subplot(grid[row, column])
             # Transposed with origin "lower": the first array axis runs right, the second up.
             axis.imshow(cut(volume).T, origin="lower", aspect=aspect, interpolation="nearest", **display)
-            _orientation_labels(axis, *labels)
+            draw_orientation_labels(axis, *labels)
             axis.set_xticks([])
             axis.set_yticks([])
             axis.set_title(f"{row_name}: {view_name}" + (f" ({statuses[cz].value})" if column == 0 else ""), fontsize=10)
