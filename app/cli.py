@@ -203,7 +203,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     config = EvaluationConfig(
         methods=tuple(args.methods), sparsities=tuple(args.sparsity), seeds=tuple(args.seeds), steps=args.steps, eta=args.eta,
-        batch_size=args.batch_size, uncertainty_samples=args.uncertainty_samples,
+        batch_size=args.batch_size, uncertainty_samples=args.uncertainty_samples, kb_fractions=tuple(args.kb_fractions),
     )
     pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
     if args.input:
@@ -391,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eta", type=float, default=0.0, help="sampler noise (default 0: deterministic)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--uncertainty-samples", type=int, default=0, help="> 1: one extra rebrain run with that many samples for the uncertainty figure")
+    evaluate.add_argument("--kb-fractions", type=float, nargs="+", default=[1.0], help="ablation: shares of the knowledge base's subjects kept, e.g. 1 0.7 0.5 0.3 (Table 5)")
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--out", required=True, help="report folder (written atomically)")
     evaluate.set_defaults(run=_evaluate)

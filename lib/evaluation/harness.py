@@ -28,9 +28,10 @@ from lib.io.volume import Volume
 from lib.metrics import issim, psnr
 from lib.pipeline import ReBrainPipeline, Reconstruction, ReconstructionOptions
 from lib.reconstruction_methods import METHODS
+from lib.retrieval.knowledge_base import KnowledgeBase
 
 METRIC_COLUMNS = (
-    "subject", "split", "method", "sparsity", "seed", "nrmse", "psnr", "ssim", "ssim3d", "issim", "issim_reference",
+    "subject", "split", "method", "sparsity", "seed", "kb_fraction", "nrmse", "psnr", "ssim", "ssim3d", "issim", "issim_reference",
     "retrieval_success_rate", "fallback_rate", "slices", "generated_slices", "seconds",
 )
 ProgressFn = Callable[[str], None]
@@ -49,6 +50,8 @@ class EvaluationConfig:
         batch_size: slices per network call.
         uncertainty_samples: > 1 adds one ``rebrain`` run with that many samples (eta 1) on
             the first subject, for the uncertainty-against-error figure.
+        kb_fractions: share of the knowledge base's subjects kept (METHOD.md Table 5); below
+            1 only the methods that retrieve are run again, on a random subset of subjects.
     """
 
     methods: tuple[str, ...] = METHODS
@@ -58,8 +61,11 @@ class EvaluationConfig:
     eta: float = 0.0
     batch_size: int = 8
     uncertainty_samples: int = 0
+    kb_fractions: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
+        if not self.kb_fractions or not all(0 < f <= 1 for f in self.kb_fractions):
+            raise ValueError(f"kb_fractions must be in (0, 1], got {list(self.kb_fractions)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown or no methods {unknown}; choose from {', '.join(METHODS)}")
@@ -150,7 +156,38 @@ def reference_slices(source: Volume, reconstruction: Reconstruction) -> np.ndarr
 def evaluate_subjects(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubject], config: EvaluationConfig, progress: ProgressFn | None = None) -> EvaluationResult:
     """Run every method x sparsity x seed on every subject; see the module docstring."""
     result = EvaluationResult()
-    spacing = float(np.median(np.diff(subjects[0].source.positions))) if subjects[0].source.shape[2] > 1 else 1.0
+    full_kb = pipeline.kb
+    try:
+        for fraction in config.kb_fractions:
+            pipeline.kb = full_kb if fraction == 1 else full_kb.restricted_to(kb_subset(full_kb, fraction))
+            methods = config.methods if fraction == 1 else tuple(m for m in config.methods if m not in NO_RETRIEVAL)
+            if not methods:
+                continue
+            _evaluate_all(pipeline, subjects, replace(config, methods=methods), fraction, result, progress)
+    finally:
+        pipeline.kb = full_kb
+    if config.uncertainty_samples > 1:
+        first = subjects[0]
+        spacing = source_spacing(first.source)
+        sparse = simulate_sparse_volume(first.source, factor=config.sparsities[0], offset=config.seeds[0] % config.sparsities[0])
+        options = ReconstructionOptions(steps=config.steps, seed=config.seeds[0], samples=config.uncertainty_samples, eta=max(config.eta, 1.0) if config.eta == 0 else config.eta, batch_size=config.batch_size, target_spacing=spacing)
+        result.uncertainty = pipeline.reconstruct(sparse, replace(options, method="rebrain"))
+    return result
+
+
+NO_RETRIEVAL = ("bbdm", "interp")  # methods whose output does not depend on the knowledge base
+
+
+def kb_subset(kb: KnowledgeBase, fraction: float, seed: int = 0) -> list[str]:
+    """A random ``fraction`` of the knowledge base's subjects (at least one), seeded."""
+    subjects = sorted(set(kb.entries["subject"]))
+    keep = max(1, round(fraction * len(subjects)))
+    return sorted(np.random.default_rng(seed).permutation(subjects)[:keep].tolist())
+
+
+def _evaluate_all(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubject], config: EvaluationConfig, fraction: float, result: EvaluationResult, progress: ProgressFn | None) -> None:
+    """One pass over subjects x sparsities x seeds x methods with the pipeline's current knowledge base."""
+    spacing = source_spacing(subjects[0].source)
     for number, subject in enumerate(subjects):
         for sparsity in config.sparsities:
             for seed in config.seeds:
@@ -163,7 +200,8 @@ def evaluate_subjects(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSu
                     reconstruction = pipeline.reconstruct(sparse, options)
                     seconds = time.perf_counter() - started
                     row = _row(subject, method, sparsity, seed, reconstruction, seconds)
-                    example = number == 0 and sparsity == config.sparsities[0] and seed == config.seeds[0]
+                    row["kb_fraction"] = fraction
+                    example = number == 0 and sparsity == config.sparsities[0] and seed == config.seeds[0] and fraction == 1
                     if subject.target is not None:
                         index = reference_slices(subject.source, reconstruction)
                         truth, mask = subject.target[:, :, index], subject.mask[:, :, index]
@@ -178,13 +216,12 @@ def evaluate_subjects(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSu
                         result.example[method] = reconstruction
                     result.rows.append(row)
                     if progress is not None:
-                        progress(f"{subject.key} x{sparsity} seed {seed} {method}: " + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}") + f" ({seconds:.1f} s)")
-    if config.uncertainty_samples > 1:
-        first = subjects[0]
-        sparse = simulate_sparse_volume(first.source, factor=config.sparsities[0], offset=config.seeds[0] % config.sparsities[0])
-        options = ReconstructionOptions(steps=config.steps, seed=config.seeds[0], samples=config.uncertainty_samples, eta=max(config.eta, 1.0) if config.eta == 0 else config.eta, batch_size=config.batch_size, target_spacing=spacing)
-        result.uncertainty = pipeline.reconstruct(sparse, replace(options, method="rebrain"))
-    return result
+                        progress(f"{subject.key} x{sparsity} seed {seed} kb {fraction:g} {method}: " + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}") + f" ({seconds:.1f} s)")
+
+
+def source_spacing(volume: Volume) -> float:
+    """The dense source's slice spacing (mm): reconstructions are made on its own slices."""
+    return float(np.median(np.diff(volume.positions))) if volume.shape[2] > 1 else 1.0
 
 
 def _row(subject: EvaluationSubject, method: str, sparsity: int, seed: int, reconstruction: Reconstruction, seconds: float) -> dict:

@@ -27,11 +27,17 @@ of the mean over subjects; seeds move the sparsity phase (slice seed mod k is th
 kept) and the sampler seed."""
 
 
+def group_columns(metrics: pd.DataFrame) -> list[str]:
+    """What a table row is: sparsity and method, and the knowledge-base fraction when it varies."""
+    return (["kb_fraction"] if metrics["kb_fraction"].nunique() > 1 else []) + ["sparsity", "method"]
+
+
 def summary_table(metrics: pd.DataFrame, columns=TABLE_METRICS) -> pd.DataFrame:
     """Mean +- std over seeds of the per-seed subject means, per sparsity and method (strings)."""
     available = [(name, label, digits) for name, label, digits in columns if name in metrics and metrics[name].notna().any()]
-    per_seed = metrics.groupby(["sparsity", "method", "seed"], sort=False)[[name for name, _, _ in available]].mean()
-    grouped = per_seed.groupby(level=["sparsity", "method"], sort=False)
+    groups = group_columns(metrics)
+    per_seed = metrics.groupby([*groups, "seed"], sort=False)[[name for name, _, _ in available]].mean()
+    grouped = per_seed.groupby(level=groups, sort=False)
     means, stds = grouped.mean(), grouped.std(ddof=0)
     table = pd.DataFrame(index=means.index)
     for name, label, digits in available:
@@ -63,9 +69,11 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
         lines += ["## Results", "", _markdown(summary_table(metrics)), DEFINITIONS, ""]
         if metrics["issim_reference"].notna().any():
             lines += [f"Ground truth I-SSIM (mean over runs): {metrics['issim_reference'].mean():.3f}.", ""]
-        rates = metrics.groupby(["sparsity", "method"], sort=False)[["retrieval_success_rate", "fallback_rate", "seconds"]].mean().reset_index()
+        rates = metrics.groupby(group_columns(metrics), sort=False)[["retrieval_success_rate", "fallback_rate", "seconds"]].mean().reset_index()
         rates = rates.map(lambda v: "-" if isinstance(v, float) and np.isnan(v) else (f"{v:.3f}" if isinstance(v, float) else v))
-        lines += ["## Retrieval and time", "", "Mean over runs: share of generated slices whose retrieval passed tau, share that fell back to the SLERP control, seconds per volume.", "", _markdown(rates)]
+        kb_note = " kb_fraction: share of the knowledge base's subjects kept (METHOD.md Table 5)." if "kb_fraction" in rates else ""
+        lines += ["## Retrieval and time", "", "Mean over runs: share of generated slices whose retrieval passed tau, share that fell back to the SLERP "
+                  "control, seconds per volume." + kb_note, "", _markdown(rates)]
         lines += ["## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in _figures(figures, result)] + [""]
         (staging / "report.md").write_text("\n".join(lines))
     return Path(out_dir)

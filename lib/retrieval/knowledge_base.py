@@ -32,7 +32,7 @@ import json
 import os
 import platform
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -623,6 +623,25 @@ class KnowledgeBase:
         if index.kind.value != manifest["index"]["kind"]:
             raise KnowledgeBaseError(root, f"index.faiss is a {index.kind.value} index, the manifest says {manifest['index']['kind']}")
         return cls(root, manifest, entries, index, ct, mri)
+
+    def restricted_to(self, subjects: Collection[str]) -> KnowledgeBase:
+        """The same knowledge base holding only the entries of ``subjects`` (in memory).
+
+        For the knowledge-base-size ablation (METHOD.md Table 5): the entries keep their
+        order, embeddings and slices, tau stays the full knowledge base's (the threshold is a
+        property of the encoder, not of the base's size), and the index is exact.
+
+        Raises:
+            ValueError: none of ``subjects`` is in the knowledge base.
+        """
+        ids = np.flatnonzero(np.isin(self._subjects, list(subjects)))
+        if not len(ids):
+            raise ValueError(f"{self.root}: none of the {len(subjects)} subject(s) is in the knowledge base")
+        vectors = self.index.index.reconstruct_n(0, len(self)) if len(self) else np.empty((0, self.dim), np.float32)
+        entries = self.entries.iloc[ids].reset_index(drop=True)
+        index = EmbeddingIndex.build(vectors[ids], entries["position"].to_numpy(), entries["subject"].tolist(), IndexKind.FLAT)
+        manifest = {**self.manifest, "count": len(ids), "index": {"kind": IndexKind.FLAT.value, "metric": "inner_product"}, "restricted_to_subjects": len(set(entries["subject"]))}
+        return KnowledgeBase(self.root, manifest, entries, index, np.asarray(self._ct[ids]), np.asarray(self._mri[ids]))
 
     def query(
         self,

@@ -10,7 +10,7 @@ import pytest
 
 from app.cli import main
 from lib.data.prepare import anonymised_key
-from lib.evaluation.harness import METRIC_COLUMNS, EvaluationConfig, EvaluationSubject, evaluate_subjects, held_out_subjects, reference_slices
+from lib.evaluation.harness import METRIC_COLUMNS, EvaluationConfig, EvaluationSubject, evaluate_subjects, held_out_subjects, kb_subset, reference_slices
 from lib.evaluation.report import write_report
 from lib.evaluation.score import reference_to_unit
 from lib.pipeline import ReBrainPipeline
@@ -42,6 +42,7 @@ class NoisyOracle:
     def __init__(self, pipeline: ReBrainPipeline, subject: EvaluationSubject, sigma: float) -> None:
         self.pipeline, self.subject, self.sigma = pipeline, subject, sigma
         self.rng = np.random.default_rng(0)
+        self.kb = pipeline.kb  # the harness swaps knowledge bases for the size ablation
 
     def reconstruct(self, volume, options):
         result = self.pipeline.reconstruct(volume, replace(options, method="interp", steps=2))
@@ -117,3 +118,13 @@ def test_evaluate_command_end_to_end(pipeline, tmp_path, capsys):
     assert len(pd.read_csv(tmp_path / "report" / "metrics.csv")) == 2
     code = main(["evaluate", "--layout", "brats", "--src", str(tmp_path / "missing"), "--preset", str(pipeline.preset.root), "--out", str(tmp_path / "r2")])
     assert code == 2 and "no such folder" in capsys.readouterr().err
+
+
+def test_knowledge_base_fractions_rerun_only_the_retrieving_methods(pipeline, subject):
+    full = pipeline.kb
+    config = EvaluationConfig(methods=("interp", "rebrain"), sparsities=(2,), seeds=(0,), steps=2, kb_fractions=(1.0, 0.5))
+    rows = pd.DataFrame(evaluate_subjects(pipeline, [subject], config).rows)
+    assert sorted(map(tuple, rows[["kb_fraction", "method"]].values.tolist())) == [(0.5, "rebrain"), (1.0, "interp"), (1.0, "rebrain")]
+    assert pipeline.kb is full  # restored
+    # The tiny knowledge base has a single training subject: any fraction keeps at least one.
+    assert kb_subset(full, 0.5) == sorted(set(full.entries["subject"]))[:1]

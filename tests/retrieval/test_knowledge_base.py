@@ -393,3 +393,22 @@ def test_real_slices(tmp_path):
     others = kb.query(embeddings[rows], table["position"].to_numpy()[rows], exclude_subject=table["subject"].to_numpy()[rows].tolist())
     for row, result in zip(rows, others):
         assert result.subject != table["subject"][row] and abs(result.position - table["position"][row]) <= 0.1
+
+
+def test_restricted_knowledge_base_holds_only_the_chosen_subjects(flat_kb, hnsw_kb, data):
+    subjects = sorted(set(data[1]["subject"]))
+    kept = subjects[: max(1, len(subjects) // 2)]
+    for kb in (flat_kb, hnsw_kb):
+        small = kb.restricted_to(kept)
+        assert set(small.entries["subject"]) == set(kept) and small.tau == kb.tau
+        full_ids = np.flatnonzero(kb.entries["subject"].isin(kept))
+        assert len(small) == len(full_ids)
+        # Same slices in the same order, and queries find what an exact search of those entries finds.
+        np.testing.assert_array_equal(small.ct_slice(0), kb.ct_slice(int(full_ids[0])))
+        queries, _ = noisy_queries(data[0], 10, 0.3)
+        best = [r.entry_id for r in small.query(queries)]
+        stored = kb.index.index.reconstruct_n(0, len(kb))  # in the knowledge base's id order
+        expected = full_ids[np.argmax(queries @ stored[full_ids].T, axis=1)]
+        np.testing.assert_array_equal(full_ids[best], expected)
+    with pytest.raises(ValueError, match="none of the 1 subject"):
+        flat_kb.restricted_to(["sub-nobody"])
