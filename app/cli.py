@@ -195,7 +195,9 @@ def _score(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     import shlex
 
-    from lib.evaluation.harness import EvaluationConfig, EvaluationSubject, evaluate_subjects, held_out_subjects
+    from pathlib import Path
+
+    from lib.evaluation.harness import EvaluationConfig, EvaluationSubject, Variant, evaluate_subjects, held_out_subjects
     from lib.evaluation.report import write_report
     from lib.io import read_volume
     from lib.pipeline import ReBrainPipeline
@@ -203,7 +205,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     config = EvaluationConfig(
         methods=tuple(args.methods), sparsities=tuple(args.sparsity), seeds=tuple(args.seeds), steps=args.steps, eta=args.eta,
-        batch_size=args.batch_size, uncertainty_samples=args.uncertainty_samples, kb_fractions=tuple(args.kb_fractions),
+        batch_size=args.batch_size, uncertainty_samples=args.uncertainty_samples,
+        variants=(
+            Variant(),
+            *(Variant(name=f"kb={fraction:g}", kb_fraction=fraction) for fraction in args.kb_fractions if fraction != 1),
+            *(Variant(name=f"bbdm={Path(path).resolve().parent.name}", bbdm=path) for path in args.bbdm_variants),
+            *(Variant(name=f"encoder={Path(path).resolve().parent.name}", encoder=path, data=args.data) for path in args.encoder_variants),
+        ),
     )
     pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
     if args.input:
@@ -391,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eta", type=float, default=0.0, help="sampler noise (default 0: deterministic)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--uncertainty-samples", type=int, default=0, help="> 1: one extra rebrain run with that many samples for the uncertainty figure")
-    evaluate.add_argument("--kb-fractions", type=float, nargs="+", default=[1.0], help="ablation: shares of the knowledge base's subjects kept, e.g. 1 0.7 0.5 0.3 (Table 5)")
+    evaluate.add_argument("--kb-fractions", type=float, nargs="+", default=[], help="ablation: shares of the knowledge base's subjects kept, e.g. 0.7 0.5 0.3 (Table 5)")
+    evaluate.add_argument("--bbdm-variants", nargs="+", default=[], help="ablation: other BBDM model.pt files, e.g. the other objective's (Table 2); named by their folder")
+    evaluate.add_argument("--encoder-variants", nargs="+", default=[], help="ablation: other retrieval encoder.pt files (Table 3); needs --data; named by their folder")
+    evaluate.add_argument("--data", default=None, help="the prepared dataset the preset was trained on (for --encoder-variants)")
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--out", required=True, help="report folder (written atomically)")
     evaluate.set_defaults(run=_evaluate)

@@ -25,11 +25,11 @@ TINY_BBDM = BBDMConfig(image_size=32, channels=(16, 32), attention_levels=(False
 TINY_ENCODER = RetrievalConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1))
 
 
-def make_tiny_preset(folder: Path, name: str = "tiny", controlnet: bool = True, max_subjects: int = 3) -> Preset:
-    """Prepare BraTS FLAIR -> T1 at 32 x 32 and assemble a preset from seeded random networks."""
+def make_tiny_preset(folder: Path, name: str = "tiny", controlnet: bool = True, max_subjects: int = 3, seed: int = 0) -> Preset:
+    """Prepare BraTS FLAIR -> T1 at 32 x 32 and assemble a preset from random networks seeded with ``seed``."""
     prepared = folder / "prepared"
     prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), prepared, config=PrepareConfig(size=32), max_subjects=max_subjects, progress=False)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     denoiser = build_denoiser(TINY_BBDM)
     bbdm_path = save_checkpoint(folder / "bbdm.pt", {"kind": "bbdm", "config": TINY_BBDM.to_dict(), "model": denoiser.state_dict()})
     encoder = build_retrieval_encoder(TINY_ENCODER)

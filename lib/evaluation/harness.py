@@ -14,9 +14,12 @@ PSNR along z, and the reconstructions of the first subject, first sparsity, seed
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -28,13 +31,52 @@ from lib.io.volume import Volume
 from lib.metrics import issim, psnr
 from lib.pipeline import ReBrainPipeline, Reconstruction, ReconstructionOptions
 from lib.reconstruction_methods import METHODS
+from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.knowledge_base import KnowledgeBase
+from lib.train.bbdm import load_bbdm
+from lib.train.retrieval import load_retrieval_encoder
 
 METRIC_COLUMNS = (
-    "subject", "split", "method", "sparsity", "seed", "kb_fraction", "nrmse", "psnr", "ssim", "ssim3d", "issim", "issim_reference",
+    "subject", "split", "variant", "method", "sparsity", "seed", "kb_fraction", "nrmse", "psnr", "ssim", "ssim3d", "issim", "issim_reference",
     "retrieval_success_rate", "fallback_rate", "slices", "generated_slices", "seconds",
 )
 ProgressFn = Callable[[str], None]
+NO_RETRIEVAL = ("bbdm", "interp")  # methods whose output does not depend on the knowledge base
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model setting the protocol runs with: the preset, or an ablation of it.
+
+    Attributes:
+        name: its label in the report (``preset``, ``kb=0.5``, ``bbdm=directional``, ...).
+        kb_fraction: share of the knowledge base's subjects kept (METHOD.md Table 5).
+        bbdm: another BBDM ``model.pt`` (Table 2: e.g. the other objective's checkpoint); the
+            preset's ControlNet belongs to its own BBDM, so only methods without it run.
+        encoder: another retrieval ``encoder.pt`` (Table 3); its knowledge base is built from
+            ``data`` (the prepared dataset the preset was trained on).
+        data: the prepared dataset for ``encoder``.
+    """
+
+    name: str = "preset"
+    kb_fraction: float = 1.0
+    bbdm: str | None = None
+    encoder: str | None = None
+    data: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.kb_fraction <= 1:
+            raise ValueError(f"{self.name}: kb_fraction must be in (0, 1], got {self.kb_fraction}")
+        if self.encoder is not None and self.data is None:
+            raise ValueError(f"{self.name}: an encoder variant needs the prepared dataset to build its knowledge base")
+
+    def methods(self, methods: Sequence[str]) -> tuple[str, ...]:
+        """The methods whose output this variant can change."""
+        if self.bbdm is not None:
+            return tuple(m for m in methods if m not in ("rebrain", "rebrain-noslerp"))
+        if self.kb_fraction < 1 or self.encoder is not None:
+            return tuple(m for m in methods if m not in NO_RETRIEVAL)
+        return tuple(methods)
 
 
 @dataclass(frozen=True)
@@ -50,8 +92,8 @@ class EvaluationConfig:
         batch_size: slices per network call.
         uncertainty_samples: > 1 adds one ``rebrain`` run with that many samples (eta 1) on
             the first subject, for the uncertainty-against-error figure.
-        kb_fractions: share of the knowledge base's subjects kept (METHOD.md Table 5); below
-            1 only the methods that retrieve are run again, on a random subset of subjects.
+        variants: the model settings to run (:class:`Variant`): the preset itself and the
+            ablations (knowledge-base size, another BBDM, another retrieval encoder).
     """
 
     methods: tuple[str, ...] = METHODS
@@ -61,11 +103,11 @@ class EvaluationConfig:
     eta: float = 0.0
     batch_size: int = 8
     uncertainty_samples: int = 0
-    kb_fractions: tuple[float, ...] = (1.0,)
+    variants: tuple[Variant, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.kb_fractions or not all(0 < f <= 1 for f in self.kb_fractions):
-            raise ValueError(f"kb_fractions must be in (0, 1], got {list(self.kb_fractions)}")
+        if not self.variants:
+            object.__setattr__(self, "variants", (Variant(),))
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown or no methods {unknown}; choose from {', '.join(METHODS)}")
@@ -156,16 +198,12 @@ def reference_slices(source: Volume, reconstruction: Reconstruction) -> np.ndarr
 def evaluate_subjects(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubject], config: EvaluationConfig, progress: ProgressFn | None = None) -> EvaluationResult:
     """Run every method x sparsity x seed on every subject; see the module docstring."""
     result = EvaluationResult()
-    full_kb = pipeline.kb
-    try:
-        for fraction in config.kb_fractions:
-            pipeline.kb = full_kb if fraction == 1 else full_kb.restricted_to(kb_subset(full_kb, fraction))
-            methods = config.methods if fraction == 1 else tuple(m for m in config.methods if m not in NO_RETRIEVAL)
-            if not methods:
-                continue
-            _evaluate_all(pipeline, subjects, replace(config, methods=methods), fraction, result, progress)
-    finally:
-        pipeline.kb = full_kb
+    for variant in config.variants:
+        methods = variant.methods(config.methods)
+        if not methods:
+            continue
+        with applied(pipeline, variant):
+            _evaluate_all(pipeline, subjects, replace(config, methods=methods), variant, result, progress)
     if config.uncertainty_samples > 1:
         first = subjects[0]
         spacing = source_spacing(first.source)
@@ -175,7 +213,25 @@ def evaluate_subjects(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSu
     return result
 
 
-NO_RETRIEVAL = ("bbdm", "interp")  # methods whose output does not depend on the knowledge base
+@contextmanager
+def applied(pipeline: ReBrainPipeline, variant: Variant) -> Iterator[None]:
+    """The pipeline with the variant's models and knowledge base; restored afterwards."""
+    if variant.bbdm is None and variant.encoder is None and variant.kb_fraction == 1:
+        yield  # the preset as it is
+        return
+    saved = (pipeline.model, pipeline.config, pipeline.encoder, pipeline.kb)
+    try:
+        with tempfile.TemporaryDirectory(prefix="rebrain-variant-") as work:
+            if variant.bbdm is not None:
+                pipeline.model, pipeline.config = load_bbdm(variant.bbdm, pipeline.device)
+            if variant.encoder is not None:
+                pipeline.encoder, _ = load_retrieval_encoder(variant.encoder, pipeline.device)
+                pipeline.kb = build_knowledge_base(variant.data, variant.encoder, Path(work) / "kb")
+            if variant.kb_fraction < 1:
+                pipeline.kb = pipeline.kb.restricted_to(kb_subset(pipeline.kb, variant.kb_fraction))
+            yield
+    finally:
+        pipeline.model, pipeline.config, pipeline.encoder, pipeline.kb = saved
 
 
 def kb_subset(kb: KnowledgeBase, fraction: float, seed: int = 0) -> list[str]:
@@ -185,8 +241,8 @@ def kb_subset(kb: KnowledgeBase, fraction: float, seed: int = 0) -> list[str]:
     return sorted(np.random.default_rng(seed).permutation(subjects)[:keep].tolist())
 
 
-def _evaluate_all(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubject], config: EvaluationConfig, fraction: float, result: EvaluationResult, progress: ProgressFn | None) -> None:
-    """One pass over subjects x sparsities x seeds x methods with the pipeline's current knowledge base."""
+def _evaluate_all(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubject], config: EvaluationConfig, variant: Variant, result: EvaluationResult, progress: ProgressFn | None) -> None:
+    """One pass over subjects x sparsities x seeds x methods with the pipeline as the variant set it."""
     spacing = source_spacing(subjects[0].source)
     for number, subject in enumerate(subjects):
         for sparsity in config.sparsities:
@@ -200,8 +256,8 @@ def _evaluate_all(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubjec
                     reconstruction = pipeline.reconstruct(sparse, options)
                     seconds = time.perf_counter() - started
                     row = _row(subject, method, sparsity, seed, reconstruction, seconds)
-                    row["kb_fraction"] = fraction
-                    example = number == 0 and sparsity == config.sparsities[0] and seed == config.seeds[0] and fraction == 1
+                    row.update(variant=variant.name, kb_fraction=variant.kb_fraction)
+                    example = number == 0 and sparsity == config.sparsities[0] and seed == config.seeds[0] and variant == config.variants[0]
                     if subject.target is not None:
                         index = reference_slices(subject.source, reconstruction)
                         truth, mask = subject.target[:, :, index], subject.mask[:, :, index]
@@ -216,7 +272,7 @@ def _evaluate_all(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubjec
                         result.example[method] = reconstruction
                     result.rows.append(row)
                     if progress is not None:
-                        progress(f"{subject.key} x{sparsity} seed {seed} kb {fraction:g} {method}: " + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}") + f" ({seconds:.1f} s)")
+                        progress(f"{subject.key} x{sparsity} seed {seed} {variant.name} {method}: " + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}") + f" ({seconds:.1f} s)")
 
 
 def source_spacing(volume: Volume) -> float:

@@ -28,8 +28,8 @@ kept) and the sampler seed."""
 
 
 def group_columns(metrics: pd.DataFrame) -> list[str]:
-    """What a table row is: sparsity and method, and the knowledge-base fraction when it varies."""
-    return (["kb_fraction"] if metrics["kb_fraction"].nunique() > 1 else []) + ["sparsity", "method"]
+    """What a table row is: sparsity and method, and the variant (ablation) when there are several."""
+    return (["variant"] if metrics["variant"].nunique() > 1 else []) + ["sparsity", "method"]
 
 
 def summary_table(metrics: pd.DataFrame, columns=TABLE_METRICS) -> pd.DataFrame:
@@ -71,7 +71,8 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
             lines += [f"Ground truth I-SSIM (mean over runs): {metrics['issim_reference'].mean():.3f}.", ""]
         rates = metrics.groupby(group_columns(metrics), sort=False)[["retrieval_success_rate", "fallback_rate", "seconds"]].mean().reset_index()
         rates = rates.map(lambda v: "-" if isinstance(v, float) and np.isnan(v) else (f"{v:.3f}" if isinstance(v, float) else v))
-        kb_note = " kb_fraction: share of the knowledge base's subjects kept (METHOD.md Table 5)." if "kb_fraction" in rates else ""
+        kb_note = (" Variants: `preset` is the shipped setting; `kb=F` keeps a share F of the knowledge base's subjects (METHOD.md Table 5), "
+                   "`bbdm=NAME` uses another BBDM without ControlNet (Table 2), `encoder=NAME` another retrieval encoder (Table 3).") if "variant" in rates else ""
         lines += ["## Retrieval and time", "", "Mean over runs: share of generated slices whose retrieval passed tau, share that fell back to the SLERP "
                   "control, seconds per volume." + kb_note, "", _markdown(rates)]
         lines += ["## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in _figures(figures, result)] + [""]

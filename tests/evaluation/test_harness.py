@@ -7,16 +7,19 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from app.cli import main
 from lib.data.prepare import anonymised_key
-from lib.evaluation.harness import METRIC_COLUMNS, EvaluationConfig, EvaluationSubject, evaluate_subjects, held_out_subjects, kb_subset, reference_slices
+from lib.evaluation.harness import METRIC_COLUMNS, EvaluationConfig, EvaluationSubject, evaluate_subjects, held_out_subjects, kb_subset, reference_slices, Variant
 from lib.evaluation.report import write_report
 from lib.evaluation.score import reference_to_unit
+from lib.models.denoiser import build_denoiser
 from lib.pipeline import ReBrainPipeline
+from lib.train.checkpoint import save_checkpoint
 
 from tests.conftest import SHARED_DATA, require
-from tests.tiny_preset import make_tiny_preset
+from tests.tiny_preset import TINY_BBDM, make_tiny_preset
 
 BRATS = SHARED_DATA / "brats_dev"
 
@@ -120,11 +123,31 @@ def test_evaluate_command_end_to_end(pipeline, tmp_path, capsys):
     assert code == 2 and "no such folder" in capsys.readouterr().err
 
 
-def test_knowledge_base_fractions_rerun_only_the_retrieving_methods(pipeline, subject):
-    full = pipeline.kb
-    config = EvaluationConfig(methods=("interp", "rebrain"), sparsities=(2,), seeds=(0,), steps=2, kb_fractions=(1.0, 0.5))
+def test_ablation_variants_rerun_only_the_methods_they_change(pipeline, subject, tmp_path):
+    full, model, encoder = pipeline.kb, pipeline.model, pipeline.encoder
+    # Another BBDM (Table 2): the tiny one with every weight perturbed (MONAI zero-initialises
+    # the UNet's output layer, so untrained networks of any seed would all predict the same).
+    torch.manual_seed(1)
+    denoiser = build_denoiser(TINY_BBDM)
+    with torch.no_grad():
+        for parameter in denoiser.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    other_bbdm = save_checkpoint(tmp_path / "other_bbdm.pt", {"kind": "bbdm", "config": TINY_BBDM.to_dict(), "model": denoiser.state_dict()})
+    # Another encoder (Table 3): its knowledge base is built from the preset's prepared data.
+    other = make_tiny_preset(tmp_path / "other", seed=1)
+    prepared = pipeline.preset.root.parent / "prepared"
+    variants = (
+        Variant(), Variant(name="kb=0.5", kb_fraction=0.5), Variant(name="bbdm=other", bbdm=str(other_bbdm)),
+        Variant(name="encoder=other", encoder=str(other.required("encoder")), data=str(prepared)),
+    )
+    config = EvaluationConfig(methods=("interp", "rebrain"), sparsities=(2,), seeds=(0,), steps=2, variants=variants)
     rows = pd.DataFrame(evaluate_subjects(pipeline, [subject], config).rows)
-    assert sorted(map(tuple, rows[["kb_fraction", "method"]].values.tolist())) == [(0.5, "rebrain"), (1.0, "interp"), (1.0, "rebrain")]
-    assert pipeline.kb is full  # restored
+    assert sorted(map(tuple, rows[["variant", "method"]].values.tolist())) == [
+        ("bbdm=other", "interp"), ("encoder=other", "rebrain"), ("kb=0.5", "rebrain"), ("preset", "interp"), ("preset", "rebrain"),
+    ]
+    by_variant = rows.set_index(["variant", "method"])
+    # Another BBDM changes the translation.
+    assert by_variant.loc[("bbdm=other", "interp"), "psnr"] != by_variant.loc[("preset", "interp"), "psnr"]
+    assert pipeline.kb is full and pipeline.model is model and pipeline.encoder is encoder  # restored
     # The tiny knowledge base has a single training subject: any fraction keeps at least one.
     assert kb_subset(full, 0.5) == sorted(set(full.entries["subject"]))[:1]
