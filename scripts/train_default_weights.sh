@@ -24,7 +24,7 @@ run_or_resume() {
 }
 
 train_preset() {
-  local name=$1 data=$2 iters_bbdm=$3 description=$4
+  local name=$1 data=$2 iters_bbdm=$3 target=$4 description=$5
   local bbdm=$WORK/${name}_bbdm enc=$WORK/${name}_encoder kb=$WORK/${name}_kb cn=$WORK/${name}_controlnet
   run_or_resume "$bbdm" $PY main.py train-bbdm --data "$data" --out "$bbdm" \
     --objective plain --channels 32 64 128 --iters "$iters_bbdm" --lr 2e-4 --batch-size 8 \
@@ -35,7 +35,7 @@ train_preset() {
   [ -d "$kb" ] || $PY main.py build-kb --data "$data" --encoder "$enc/encoder.pt" --out "$kb"
   run_or_resume "$cn" $PY main.py train-controlnet --data "$data" \
     --bbdm "$bbdm/model.pt" --kb "$kb" --encoder "$enc/encoder.pt" --out "$cn" --iters 600 \
-    --batch-size 8 --lr 1e-4 --target reference --slerp-fraction 0.25 --val-every 200 \
+    --batch-size 8 --lr 1e-4 --target "$target" --slerp-fraction 0.25 --val-every 200 \
     --val-slices 16 --val-steps 10 --checkpoint-every 100 --seed 0 --quiet
   rm -rf "model_weights/$name"
   $PY main.py make-preset --name "$name" --description "$description" --data "$data" \
@@ -45,11 +45,12 @@ train_preset() {
 
 if [ "$WHICH" = all ] || [ "$WHICH" = ct2mri ]; then
   [ -d "$WORK/prep_open64" ] || $PY main.py prepare --layout open --src "$SHARED" --out "$WORK/prep_open64" --size 64 --quiet
-  train_preset ct2mri "$WORK/prep_open64" 1500 \
+  # ControlNet target: the one with the better validation (MODEL_CARD.md compares both).
+  train_preset ct2mri "$WORK/prep_open64" 1500 own \
     "CT (HU) -> T1 MRI, 64x64 slices, trained on synthetic CT/T1 pairs (open layout: MNI152 + BraTS T1 bases)"
 fi
 if [ "$WHICH" = all ] || [ "$WHICH" = flair2t1 ]; then
   [ -d "$WORK/prep_brats64" ] || $PY main.py prepare --layout brats --src "$SHARED" --out "$WORK/prep_brats64" --size 64 --quiet
-  train_preset flair2t1 "$WORK/prep_brats64" 1250 \
+  train_preset flair2t1 "$WORK/prep_brats64" 1250 reference \
     "FLAIR -> T1 MRI (the method's BraTS setting), 64x64 slices, trained on the real BraTS pairs in shared/data"
 fi
