@@ -219,7 +219,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         subjects = [EvaluationSubject(key="input", split="no ground truth", source=source)]
     else:
         subjects = held_out_subjects(pipeline, args.layout, args.src, args.max_subjects, args.open_count)
-    result = evaluate_subjects(pipeline, subjects, config, progress=print)
+    result = evaluate_subjects(pipeline, subjects, config, progress=lambda line: print(line, flush=True))
     header = {
         "command": "python main.py " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else "evaluate",
         "preset": f"{pipeline.preset.name} ({pipeline.preset.description}); weights {pipeline.versions}",
