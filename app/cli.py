@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lib.data.layouts import DEFAULT_OPEN_COUNT
 from lib.io.errors import VolumeReadError
 from lib.reconstruction_methods import METHODS
 
@@ -155,7 +156,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
         steps=args.steps, samples=args.samples, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
         target_spacing=args.target_spacing, use_retrieval=not args.no_retrieval, use_controlnet=not args.no_controlnet, method=args.method,
     )
-    volume = read_volume(args.input, modality="CT" if preset.source_modality == "ct" else "MR")
+    volume = read_volume(args.input, modality=preset.input_modality)
     if args.simulate_sparsity:
         volume = simulate_sparse_volume(volume, factor=args.simulate_sparsity)
     pipeline = ReBrainPipeline(preset, device=args.device)
@@ -194,7 +195,6 @@ def _score(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     import shlex
-
     from pathlib import Path
 
     from lib.evaluation.harness import EvaluationConfig, EvaluationSubject, Variant, evaluate_subjects, held_out_subjects
@@ -215,7 +215,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
     pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
     if args.input:
-        source = read_volume(args.input, modality="CT" if pipeline.preset.source_modality == "ct" else "MR")
+        source = read_volume(args.input, modality=pipeline.preset.input_modality)
         subjects = [EvaluationSubject(key="input", split="no ground truth", source=source)]
     else:
         subjects = held_out_subjects(pipeline, args.layout, args.src, args.max_subjects, args.open_count)
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--source", default="t2f", help="brats: source contrast (default t2f)")
     prepare.add_argument("--target", default="t1n", help="brats: target contrast (default t1n)")
     prepare.add_argument("--size", type=int, default=128, help="in-plane size in pixels (default 128)")
-    prepare.add_argument("--subjects", type=int, default=12, help="open: number of pseudo-subjects (default 12)")
+    prepare.add_argument("--subjects", type=int, default=DEFAULT_OPEN_COUNT, help=f"open: number of pseudo-subjects (default {DEFAULT_OPEN_COUNT})")
     prepare.add_argument("--max-subjects", type=int, help="use at most this many subjects")
     prepare.add_argument("--val-fraction", type=float, default=0.2)
     prepare.add_argument("--test-fraction", type=float, default=0.2)
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     evaluate.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
     evaluate.add_argument("--max-subjects", type=int, default=None, help="evaluate at most this many held-out subjects")
-    evaluate.add_argument("--open-count", type=int, default=16, help="open: pseudo-subjects to generate; those beyond the 12 of prepare are unseen")
+    evaluate.add_argument("--open-count", type=int, default=16, help=f"open: pseudo-subjects to generate; those beyond the {DEFAULT_OPEN_COUNT} of prepare are unseen")
     evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
     evaluate.add_argument("--eta", type=float, default=0.0, help="sampler noise (default 0: deterministic)")
     evaluate.add_argument("--batch-size", type=int, default=8)

@@ -30,17 +30,16 @@ import torch
 from lib.data.model_frame import ModelFrame, foreground_mask, normalise_source
 from lib.diffusion.sampler import translate_slices
 from lib.diffusion.slerp import slerp
-from lib.reconstruction_methods import METHODS
 from lib.io.volume import DenseGrid, Volume, dense_grid
 from lib.models.controlnet import ControlledDenoiser, load_controlled_denoiser
 from lib.models.retrieval_encoder import embed_slices, encoder_hash
 from lib.presets import Preset
+from lib.reconstruction_methods import IGNORING_TAU, METHODS, WITH_CONTROLNET, WITHOUT_RETRIEVAL
 from lib.retrieval.knowledge_base import KnowledgeBase
 from lib.train.bbdm import load_bbdm, resolve_device
 from lib.train.retrieval import load_retrieval_encoder
 
 ProgressFn = Callable[[int, int], None]
-
 
 
 @dataclass(frozen=True)
@@ -58,8 +57,9 @@ class ReconstructionOptions:
         target_spacing: dense grid spacing in mm (None: the preset's slice spacing).
         use_retrieval: query the knowledge base (off: every slice uses the SLERP control).
         use_controlnet: use the ControlNet branch when the preset has one (off: BBDM alone).
-        method: how gap slices are made (see :data:`lib.reconstruction_methods.METHODS`); ``"rebrain"`` is the method,
-            the others are the baselines and ablations of the evaluation (METHOD.md section 6).
+        method: how gap slices are made (see :data:`lib.reconstruction_methods.METHODS`);
+            ``"rebrain"`` is the method, the others are the evaluation's baselines and
+            ablations (METHOD.md section 6).
     """
 
     steps: int | None = None
@@ -145,6 +145,11 @@ class Reconstruction:
     slices: list[SliceRecord]
     summary: dict = field(default_factory=dict)
 
+    @property
+    def similarities(self) -> np.ndarray:
+        """Per output slice, the top-1 retrieval similarity (NaN where there is none)."""
+        return np.array([np.nan if r.similarity is None else r.similarity for r in self.slices], dtype=float)
+
     def provenance(self) -> dict:
         """JSON-ready provenance: summary plus the per-slice table."""
         return {"summary": self.summary, "slices": [asdict(record) for record in self.slices]}
@@ -198,9 +203,7 @@ class ReBrainPipeline:
         Raises:
             ValueError: naming the input and both modalities.
         """
-        expected = self.preset.source_modality
-        found = {"CT": "ct", "MR": "mri"}.get(volume.modality)
-        if found is not None and found != expected:
+        if volume.modality in ("CT", "MR") and volume.modality != self.preset.input_modality:
             raise ValueError(f"{volume.source}: a {volume.modality} volume, but preset {self.preset.name!r} translates {self.preset.source} input")
 
     def reconstruct(self, volume: Volume, options: ReconstructionOptions = ReconstructionOptions(), progress: ProgressFn | None = None) -> Reconstruction:
@@ -229,15 +232,14 @@ class ReBrainPipeline:
 
         method = options.method
         started = time.perf_counter()
-        retrieval = self._retrieve(y, positions, options) if method not in ("bbdm", "interp") else None
+        retrieval = self._retrieve(y, positions, options) if method not in WITHOUT_RETRIEVAL else None
         control, records = self._controls(y, grid, positions, retrieval, options)
         retrieval_s = time.perf_counter() - started
 
         started = time.perf_counter()
         if method == "interp":
-            translated, translated_std = self._sample(acquired, acquired, options, progress, control_on=False)
-            mean = ((1.0 - grid.alpha)[:, None, None] * translated[grid.lower] + grid.alpha[:, None, None] * translated[grid.upper]).astype(np.float32)
-            std = ((1.0 - grid.alpha)[:, None, None] * translated_std[grid.lower] + grid.alpha[:, None, None] * translated_std[grid.upper]).astype(np.float32)
+            translated, translated_std = self._sample(acquired, acquired, options, progress, use_control=False)
+            mean, std = grid.interpolate(translated), grid.interpolate(translated_std)
         else:
             mean, std = self._sample_methods(y, control, grid, retrieval, records, options, progress)
         sampling_s = time.perf_counter() - started
@@ -252,8 +254,7 @@ class ReBrainPipeline:
         for record in records:
             brain = mask_dense[:, :, record.index]
             record.uncertainty_mean = float(uncertainty[:, :, record.index][brain].mean()) if brain.any() else 0.0
-        alpha = grid.alpha[None, None, :]
-        ct = ((1.0 - alpha) * volume.array[:, :, grid.lower] + alpha * volume.array[:, :, grid.upper]).astype(np.float32)
+        ct = grid.interpolate(volume.array, axis=2)
         output_s = time.perf_counter() - started
 
         summary = self._summary(records, options, {"prepare": prepared_s, "retrieval": retrieval_s, "sampling": sampling_s, "output": output_s})
@@ -273,7 +274,7 @@ class ReBrainPipeline:
         control = y.copy()
         records = []
         method = options.method
-        controlled = self.has_controlnet and options.use_controlnet and method in ("rebrain", "rebrain-noslerp")
+        controlled = self._uses_controlnet(options)
         for z in range(len(y)):
             result = retrieval[z] if retrieval is not None else None
             success = bool(result is not None and result.success)
@@ -281,8 +282,8 @@ class ReBrainPipeline:
             acquired = bool(grid.acquired[z])
             # What guides (or replaces) the slice: the reference when retrieval succeeded, or,
             # for the ablations that ignore tau, whenever there is a candidate at all.
-            use_reference = success or (candidate and method in ("rebrain-noslerp", "substitute"))
-            if use_reference and method in ("rebrain", "rebrain-noslerp"):
+            use_reference = success or (candidate and method in IGNORING_TAU)
+            if use_reference and method in WITH_CONTROLNET:
                 control[z] = self.kb.ct_slice(result.entry_id)
             if method == "interp":
                 kind = "none" if acquired else "interpolated"
@@ -304,8 +305,8 @@ class ReBrainPipeline:
                     similarity=float(result.similarity) if result is not None and np.isfinite(result.similarity) else None,
                     success=success,
                     control=kind,
-                    fallback=not use_reference and not acquired and method not in ("bbdm", "interp"),
-                    reference=f"{result.subject}:{result.slice_index}" if use_reference and method != "bbdm" else None,
+                    fallback=not use_reference and not acquired and method not in WITHOUT_RETRIEVAL,
+                    reference=f"{result.subject}:{result.slice_index}" if use_reference else None,
                 )
             )
         return control, records
@@ -327,8 +328,7 @@ class ReBrainPipeline:
         for z in pasted:
             mean[z] = self.kb.mri_slice(retrieval[z].entry_id)
         if len(sampled):
-            control_on = method in ("rebrain", "rebrain-noslerp")
-            mean[sampled], std[sampled] = self._sample(condition[sampled], control[sampled], options, progress, control_on)
+            mean[sampled], std[sampled] = self._sample(condition[sampled], control[sampled], options, progress, self._uses_controlnet(options))
         return mean, std
 
     def _condition(self, y: np.ndarray) -> np.ndarray:
@@ -337,15 +337,18 @@ class ReBrainPipeline:
         index = np.clip(np.arange(len(y))[:, None] + np.arange(-n, n + 1)[None, :], 0, len(y) - 1)
         return y[index]
 
-    def _sample(self, y: np.ndarray, control: np.ndarray, options: ReconstructionOptions, progress: ProgressFn | None, control_on: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def _uses_controlnet(self, options: ReconstructionOptions) -> bool:
+        """Whether this reconstruction is guided by the ControlNet branch."""
+        return self.has_controlnet and options.use_controlnet and options.method in WITH_CONTROLNET
+
+    def _sample(self, y: np.ndarray, control: np.ndarray, options: ReconstructionOptions, progress: ProgressFn | None, use_control: bool) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation over samples of the translated slices, (Z, S, S) each.
 
-        ``y`` is a run of adjacent slices (its neighbours feed a 2.5-D model); ``control_on``
+        ``y`` is a run of adjacent slices (its neighbours feed a 2.5-D model); ``use_control``
         false samples the BBDM alone whatever the preset has.
         """
         condition = torch.from_numpy(self._condition(y))
         control_tensor = torch.from_numpy(control[:, None])
-        use_control = self.has_controlnet and options.use_controlnet and control_on
         steps = options.steps or self.preset.steps
         chunks = [slice(start, start + options.batch_size) for start in range(0, len(y), options.batch_size)]
         total = options.samples * len(chunks) * steps
@@ -377,7 +380,7 @@ class ReBrainPipeline:
     def _summary(self, records: list[SliceRecord], options: ReconstructionOptions, seconds: dict[str, float]) -> dict:
         similarities = [r.similarity for r in records if r.similarity is not None]
         generated = [r for r in records if not r.acquired]
-        retrieved = options.use_retrieval and options.method not in ("bbdm", "interp")
+        retrieved = options.use_retrieval and options.method not in WITHOUT_RETRIEVAL
         return {
             "synthetic": True,
             "preset": self.preset.name,
@@ -385,7 +388,7 @@ class ReBrainPipeline:
             "target": self.preset.target,
             "versions": self.versions,
             "method": options.method,
-            "controlnet": self.has_controlnet and options.use_controlnet and options.method in ("rebrain", "rebrain-noslerp"),
+            "controlnet": self._uses_controlnet(options),
             "slices": len(records),
             "acquired_slices": len(records) - len(generated),
             "generated_slices": len(generated),

@@ -63,6 +63,11 @@ class Preset:
         """``"ct"`` or ``"mri"``: how inputs are normalised."""
         return "ct" if self.source == "ct" else "mri"
 
+    @property
+    def input_modality(self) -> str:
+        """The input's Modality as DICOM names it (``"CT"`` or ``"MR"``): which series to read."""
+        return "CT" if self.source_modality == "ct" else "MR"
+
     def path(self, role: str) -> Path | None:
         """The file for ``role``, or None when the preset has none (e.g. no ControlNet)."""
         name = self.files.get(role)

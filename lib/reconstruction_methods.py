@@ -14,3 +14,8 @@ Kept free of heavy imports so that the command line can list them without loadin
 #   interp           only the acquired slices are translated (BBDM alone); gaps are the linear
 #                    interpolation of their translated neighbours (a sparsity-unaware translator)
 METHODS = ("rebrain", "rebrain-noslerp", "bbdm", "r-as-input", "substitute", "interp")
+
+# Groups the pipeline and the evaluation branch on, named once.
+WITH_CONTROLNET = ("rebrain", "rebrain-noslerp")  # guided by the ControlNet (when the preset has one)
+WITHOUT_RETRIEVAL = ("bbdm", "interp")  # never query the knowledge base
+IGNORING_TAU = ("rebrain-noslerp", "substitute")  # use the top candidate even below tau

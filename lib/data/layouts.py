@@ -161,12 +161,16 @@ def open_subjects(src: Path | None, count: int) -> list[SubjectRecord]:
     return records
 
 
+# How many pseudo-subjects the `open` layout makes unless told otherwise (prepare --subjects).
+DEFAULT_OPEN_COUNT = 12
+
+
 def discover_subjects(
     layout: Layout | str,
     src: str | os.PathLike[str] | None,
     source: str = "t2f",
     target: str = "t1n",
-    open_count: int = 12,
+    open_count: int = DEFAULT_OPEN_COUNT,
 ) -> list[SubjectRecord]:
     """The subjects of a dataset in the given layout.
 

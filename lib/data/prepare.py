@@ -32,7 +32,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from lib.data.model_frame import resize_slices
-from lib.data.layouts import Layout, SubjectPair, SubjectRecord, discover_subjects, file_sha256
+from lib.data.layouts import DEFAULT_OPEN_COUNT, Layout, SubjectPair, SubjectRecord, discover_subjects, file_sha256
 from lib.io.atomic import atomic_directory
 from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, ct_to_unit, mri_to_unit
 
@@ -162,7 +162,7 @@ def prepare_dataset(
     source: str = "t2f",
     target: str = "t1n",
     config: PrepareConfig = PrepareConfig(),
-    open_count: int = 12,
+    open_count: int = DEFAULT_OPEN_COUNT,
     max_subjects: int | None = None,
     overwrite: bool = False,
     progress: bool = True,

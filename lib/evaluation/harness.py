@@ -23,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.data.layouts import discover_subjects
+from lib.data.layouts import DEFAULT_OPEN_COUNT, discover_subjects
 from lib.data.prepare import anonymised_key, split_subjects
 from lib.data.sparse import simulate_sparse_volume
 from lib.evaluation.score import reference_to_unit, score_arrays
 from lib.io.volume import Volume
 from lib.metrics import issim, psnr
 from lib.pipeline import ReBrainPipeline, Reconstruction, ReconstructionOptions
-from lib.reconstruction_methods import METHODS
+from lib.reconstruction_methods import METHODS, WITH_CONTROLNET, WITHOUT_RETRIEVAL
 from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.knowledge_base import KnowledgeBase
 from lib.train.bbdm import load_bbdm
@@ -41,7 +41,6 @@ METRIC_COLUMNS = (
     "retrieval_success_rate", "fallback_rate", "slices", "generated_slices", "seconds",
 )
 ProgressFn = Callable[[str], None]
-NO_RETRIEVAL = ("bbdm", "interp")  # methods whose output does not depend on the knowledge base
 
 
 @dataclass(frozen=True)
@@ -73,9 +72,9 @@ class Variant:
     def methods(self, methods: Sequence[str]) -> tuple[str, ...]:
         """The methods whose output this variant can change."""
         if self.bbdm is not None:
-            return tuple(m for m in methods if m not in ("rebrain", "rebrain-noslerp"))
+            return tuple(m for m in methods if m not in WITH_CONTROLNET)
         if self.kb_fraction < 1 or self.encoder is not None:
-            return tuple(m for m in methods if m not in NO_RETRIEVAL)
+            return tuple(m for m in methods if m not in WITHOUT_RETRIEVAL)
         return tuple(methods)
 
 
@@ -103,11 +102,11 @@ class EvaluationConfig:
     eta: float = 0.0
     batch_size: int = 8
     uncertainty_samples: int = 0
-    variants: tuple[Variant, ...] = ()
+    variants: tuple[Variant, ...] = (Variant(),)
 
     def __post_init__(self) -> None:
         if not self.variants:
-            object.__setattr__(self, "variants", (Variant(),))
+            raise ValueError("variants: at least one (Variant() is the preset itself)")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown or no methods {unknown}; choose from {', '.join(METHODS)}")
@@ -159,14 +158,15 @@ def held_out_subjects(
     """
     records = discover_subjects(layout, src, open_count=open_count)
     keys = [anonymised_key(layout, record.name) for record in records]
-    training_count = 12 if layout == "open" else len(records)  # `prepare --layout open` default
-    splits = split_subjects(keys[:training_count], val_fraction, test_fraction, split_seed)
+    prepared_count = DEFAULT_OPEN_COUNT if layout == "open" else len(records)  # what `prepare` split
+    splits = split_subjects(keys[:prepared_count], val_fraction, test_fraction, split_seed)
     in_kb = set(pipeline.kb.entries["subject"])
     subjects = []
     for record, key in zip(records, keys):
         if key in in_kb:
             continue
         pair = record.load()
+        pipeline.check_modality(pair.source)  # before any work, not at the first reconstruction
         subjects.append(EvaluationSubject(key=key, split=splits.get(key, "unseen"), source=pair.source, target=pair.target.array, mask=pair.mask))
         if max_subjects is not None and len(subjects) >= max_subjects:
             break
@@ -208,8 +208,9 @@ def evaluate_subjects(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSu
         first = subjects[0]
         spacing = source_spacing(first.source)
         sparse = simulate_sparse_volume(first.source, factor=config.sparsities[0], offset=config.seeds[0] % config.sparsities[0])
-        options = ReconstructionOptions(steps=config.steps, seed=config.seeds[0], samples=config.uncertainty_samples, eta=max(config.eta, 1.0) if config.eta == 0 else config.eta, batch_size=config.batch_size, target_spacing=spacing)
-        result.uncertainty = pipeline.reconstruct(sparse, replace(options, method="rebrain"))
+        # Several samples need noise: eta 1 unless the evaluation already samples with some.
+        options = ReconstructionOptions(steps=config.steps, seed=config.seeds[0], samples=config.uncertainty_samples, eta=config.eta or 1.0, batch_size=config.batch_size, target_spacing=spacing)
+        result.uncertainty = pipeline.reconstruct(sparse, options)
     return result
 
 

@@ -86,14 +86,13 @@ def _figures(folder: Path, result: EvaluationResult) -> list[str]:
     if not result.example:
         return names
     first = next(iter(result.example.values()))
-    spacing = (*np.linalg.norm(first.grid.affine[:3, :2], axis=0).tolist(), first.grid.spacing)
+    spacing = first.grid.voxel_spacing
     acquired = np.asarray(first.grid.acquired, dtype=bool)
     if result.slice_psnr:
         plot_slice_psnr(folder / "slice_psnr.png", result.slice_psnr, acquired, title="PSNR per slice (first subject)")
         names.append("slice_psnr")
     retrieval = next((r for method, r in result.example.items() if method == "rebrain"), None) or first
-    similarities = np.array([np.nan if s.similarity is None else s.similarity for s in retrieval.slices], dtype=float)
-    plot_similarity_histogram(folder / "similarity.png", similarities, float(retrieval.summary["tau"]), title="retrieval similarity (first subject)")
+    plot_similarity_histogram(folder / "similarity.png", retrieval.similarities, float(retrieval.summary["tau"]), title="retrieval similarity (first subject)")
     names.append("similarity")
     volumes = ({"ground truth": result.example_truth * result.example_mask} if result.example_truth is not None else {"input (SLERP-filled)": _unit(first.ct)})
     volumes.update({method: reconstruction.mri for method, reconstruction in result.example.items()})

@@ -138,9 +138,8 @@ def choose_series(scan: DicomFolderScan, series_uid: str | None = None, modality
     """Pick the series to read and say why every other one was skipped.
 
     Without ``series_uid`` the choice is among ``modality`` (DICOM Modality: CT, MR) series
-    that are not localizers: original
-    acquisitions before derived reformats, axial before other planes, then the most images
-    (the thinnest slices of the study).
+    that are not localizers: original acquisitions before derived reformats, axial before
+    other planes, then the most images (the thinnest slices of the study).
 
     Returns:
         The chosen series and ``{uid: reason}`` for the others.

@@ -243,6 +243,18 @@ class DenseGrid:
         """How many grid slices have no acquired slice."""
         return int((~self.acquired).sum())
 
+    @property
+    def voxel_spacing(self) -> tuple[float, float, float]:
+        """``(sx, sy, sz)`` in mm: the in-plane pixel size from the affine, then the slice spacing."""
+        return (*np.linalg.norm(self.affine[:3, :2], axis=0).tolist(), self.spacing)
+
+    def interpolate(self, values: np.ndarray, axis: int = 0) -> np.ndarray:
+        """Per-acquired-slice ``values`` (stacked along ``axis``) linearly interpolated onto the
+        grid with ``lower``/``upper``/``alpha``; acquired slices come through unchanged. float32."""
+        stack = np.moveaxis(values, axis, 0)
+        alpha = self.alpha.reshape(-1, *([1] * (stack.ndim - 1)))
+        return np.moveaxis((1.0 - alpha) * stack[self.lower] + alpha * stack[self.upper], 0, axis).astype(np.float32)
+
 
 def dense_grid(volume: Volume, spacing: float = 1.0, tolerance: float | None = None) -> DenseGrid:
     """Build the dense target grid (``spacing`` mm along z) spanning the acquired slices.

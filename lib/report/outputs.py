@@ -68,10 +68,9 @@ def write_outputs(out_dir: str | os.PathLike[str], reconstruction: Reconstructio
             **reconstruction.provenance(),
         }
         (staging / "provenance.json").write_text(json.dumps(provenance, indent=1))
-        spacing = (*np.linalg.norm(affine[:3, :2], axis=0).tolist(), reconstruction.grid.spacing)
-        similarity = [np.nan if r.similarity is None else r.similarity for r in reconstruction.slices]
         write_preview(
-            staging / "preview.png", reconstruction.ct, reconstruction.mri, spacing, slice_status(reconstruction), similarity,
+            staging / "preview.png", reconstruction.ct, reconstruction.mri, reconstruction.grid.voxel_spacing, slice_status(reconstruction),
+            reconstruction.similarities,
             summary["tau"], title=f"ReBrain {summary['preset']}: SYNTHETIC {contrast_label(summary['target'])}", source_label=source,
         )
     return Path(out_dir)
