@@ -41,6 +41,9 @@ from lib.train.retrieval import load_retrieval_encoder
 
 ProgressFn = Callable[[int, int], None]
 
+# A CT input must have a voxel below this (air is about -1000 HU; fat, the lowest tissue, -100).
+AIR_CHECK_HU = -200.0
+
 
 @dataclass(frozen=True)
 class ReconstructionOptions:
@@ -201,10 +204,17 @@ class ReBrainPipeline:
         """Refuse an input of the wrong modality (e.g. an MR volume for a CT preset).
 
         Raises:
-            ValueError: naming the input and both modalities.
+            ValueError: naming the input and both modalities, or a "CT" without any air.
         """
         if volume.modality in ("CT", "MR") and volume.modality != self.preset.input_modality:
             raise ValueError(f"{volume.source}: a {volume.modality} volume, but preset {self.preset.name!r} translates {self.preset.source} input")
+        # A NIfTI file does not say what it holds: a CT in HU has air (about -1000 HU) around the
+        # head, an MR image has no values below zero.
+        if self.preset.input_modality == "CT" and float(volume.array.min()) > AIR_CHECK_HU:
+            raise ValueError(
+                f"{volume.source}: values {float(volume.array.min()):.4g} to {float(volume.array.max()):.4g} do not look like a CT in Hounsfield units "
+                f"(no air below {AIR_CHECK_HU:.0f} HU); preset {self.preset.name!r} needs a head CT"
+            )
 
     def reconstruct(self, volume: Volume, options: ReconstructionOptions = ReconstructionOptions(), progress: ProgressFn | None = None) -> Reconstruction:
         """Reconstruct the dense synthetic MRI of a (sparse) input volume.

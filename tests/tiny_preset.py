@@ -25,10 +25,18 @@ TINY_BBDM = BBDMConfig(image_size=32, channels=(16, 32), attention_levels=(False
 TINY_ENCODER = RetrievalConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1))
 
 
-def make_tiny_preset(folder: Path, name: str = "tiny", controlnet: bool = True, max_subjects: int = 3, seed: int = 0) -> Preset:
-    """Prepare BraTS FLAIR -> T1 at 32 x 32 and assemble a preset from random networks seeded with ``seed``."""
+def make_tiny_preset(folder: Path, name: str = "tiny", controlnet: bool = True, max_subjects: int = 3, seed: int = 0, layout: str = "brats") -> Preset:
+    """Prepare ``layout`` at 32 x 32 and assemble a preset from random networks seeded with ``seed``.
+
+    ``brats``: real BraTS FLAIR -> T1 (an MR-input preset); ``open``: synthetic CT -> T1
+    pseudo-subjects (a CT-input preset, like the shipped ct2mri).
+    """
     prepared = folder / "prepared"
-    prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), prepared, config=PrepareConfig(size=32), max_subjects=max_subjects, progress=False)
+    brats = require(SHARED_DATA / "brats_dev")
+    if layout == "open":
+        prepare_dataset("open", brats, prepared, config=PrepareConfig(size=32), open_count=max_subjects, progress=False)
+    else:
+        prepare_dataset("brats", brats, prepared, config=PrepareConfig(size=32), max_subjects=max_subjects, progress=False)
     torch.manual_seed(seed)
     denoiser = build_denoiser(TINY_BBDM)
     bbdm_path = save_checkpoint(folder / "bbdm.pt", {"kind": "bbdm", "config": TINY_BBDM.to_dict(), "model": denoiser.state_dict()})
@@ -40,5 +48,5 @@ def make_tiny_preset(folder: Path, name: str = "tiny", controlnet: bool = True, 
         controlnet_path = folder / "controlnet.pt"
         save_controlnet(controlnet_path, controlnet_from_denoiser(denoiser, TINY_BBDM), TINY_BBDM, state_dict_hash(denoiser.state_dict()), {})
     return assemble_preset(
-        folder / name, name, "tiny untrained test preset (BraTS FLAIR -> T1, 32 x 32)", prepared, bbdm_path, encoder_path, folder / "kb", controlnet_path, steps=3,
+        folder / name, name, f"tiny untrained test preset ({'synthetic CT' if layout == 'open' else 'BraTS FLAIR'} -> T1, 32 x 32)", prepared, bbdm_path, encoder_path, folder / "kb", controlnet_path, steps=3,
     )

@@ -1,0 +1,100 @@
+"""Server settings from ``monailabel start_server --conf NAME VALUE`` pairs."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib.presets import DEFAULT_WEIGHTS_DIR, PRESET_FILE
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def parse_bool(name: str, value: str | bool) -> bool:
+    """``"true"``/``"false"`` (and 1/0, yes/no, on/off) -> bool; anything else names the option."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"--conf {name} {value!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What an admin sets with ``--conf``.
+
+    Attributes:
+        preset: the default preset for requests that name none.
+        weights: the folder of presets (default: the shipped ``model_weights/``).
+        kb: a knowledge-base folder that replaces the default preset's own (None: the preset's).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        preload: load the default preset's models at start-up instead of on the first request.
+        steps: default sampling steps (None: the preset's).
+        results: where finished results are kept for the extra outputs (uncertainty, ...).
+        keep_results: how many finished results are kept; the oldest are deleted first.
+    """
+
+    preset: str = "ct2mri"
+    weights: Path = DEFAULT_WEIGHTS_DIR
+    kb: Path | None = None
+    device: str = "auto"
+    preload: bool = False
+    steps: int | None = None
+    results: Path = Path(tempfile.gettempdir()) / "rebrain-results"
+    keep_results: int = 32
+
+    OPTIONS = ("preset", "weights", "kb", "device", "preload", "steps", "results", "keep_results")
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str]) -> ServerConfig:
+        """Parse MONAI Label's ``conf`` dict; MONAI Label's own keys (e.g. ``server_mode``) pass.
+
+        Raises:
+            ValueError: a bad value, naming the option.
+        """
+        values: dict = {}
+        if "preset" in conf:
+            values["preset"] = str(conf["preset"])
+        if "weights" in conf:
+            values["weights"] = Path(conf["weights"]).expanduser()
+        if "kb" in conf:
+            values["kb"] = Path(conf["kb"]).expanduser()
+        if "device" in conf:
+            if conf["device"] not in ("auto", "cpu", "cuda") and not str(conf["device"]).startswith("cuda:"):
+                raise ValueError(f"--conf device {conf['device']!r}: expected auto, cpu, cuda or cuda:N")
+            values["device"] = str(conf["device"])
+        if "preload" in conf:
+            values["preload"] = parse_bool("preload", conf["preload"])
+        for name in ("steps", "keep_results"):
+            if name in conf:
+                try:
+                    number = int(conf[name])
+                except ValueError:
+                    raise ValueError(f"--conf {name} {conf[name]!r}: expected a whole number") from None
+                if number < 1:
+                    raise ValueError(f"--conf {name} {number}: must be at least 1")
+                values[name] = number
+        if "results" in conf:
+            values["results"] = Path(conf["results"]).expanduser()
+        config = cls(**values)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuse settings that cannot work before the server starts serving."""
+        if not self.weights.is_dir():
+            raise ValueError(f"--conf weights {self.weights}: no such folder")
+        if self.preset not in self.available_presets():
+            raise ValueError(f"--conf preset {self.preset!r}: not in {self.weights} (available: {', '.join(self.available_presets()) or 'none'})")
+        if self.kb is not None and not (self.kb / "manifest.json").is_file():
+            raise ValueError(f"--conf kb {self.kb}: not a knowledge-base folder (no manifest.json)")
+
+    def available_presets(self) -> list[str]:
+        """The preset names in the weights folder."""
+        return sorted(path.parent.name for path in self.weights.glob(f"*/{PRESET_FILE}"))
+

@@ -1,0 +1,81 @@
+"""Start and stop a real ``monailabel start_server`` process for tests (loopback only)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def server_command(studies: str, conf: dict[str, str], port: int) -> list[str]:
+    """The documented start command, with this interpreter (``monailabel`` runs ``python`` from PATH)."""
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO), "--studies", studies, "--host", "127.0.0.1", "--port", str(port)]
+    for name, value in conf.items():
+        command += ["--conf", name, str(value)]
+    return command
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End a process and wait for it (SIGTERM, then SIGKILL)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=20)
+
+
+@contextmanager
+def running_server(studies: str, conf: dict[str, str], log: Path, prefix: list[str] | None = None, wait: bool = True) -> Iterator[tuple[subprocess.Popen, str]]:
+    """Run the server until the block ends; yields the process and its base URL.
+
+    Args:
+        studies: studies folder or DICOMweb URL.
+        conf: ``--conf`` options.
+        log: file for the server's output (shown when it fails to start).
+        prefix: command prefix, e.g. ``["ip", "netns", "exec", NS]``.
+        wait: wait until /info/ answers (impossible from outside a network namespace).
+    """
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    with open(log, "w") as out:
+        process = subprocess.Popen((prefix or []) + server_command(studies, conf, port), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if wait:
+            wait_for(url + "/info/", process, log)
+        yield process, url
+    finally:
+        stop(process)
+
+
+def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    """Poll ``url`` until it answers 200; fail with the server log if the process dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server did not answer {url} in {timeout} s:\n{log.read_text()[-3000:]}")

@@ -1,0 +1,191 @@
+"""The real MONAI Label server (``monailabel start_server``) on 127.0.0.1 with tiny presets.
+
+One server for the module: a CT preset (default) and a FLAIR preset, a studies folder with a
+real head CT cut, a second CT cut and a T1 (an MR image the CT preset must refuse).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import threading
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+from requests_toolbelt.multipart.decoder import MultipartDecoder
+
+from app.server.results import STATUS_CODES
+from lib.io import dense_grid, read_volume, write_nifti
+
+from tests.app.server_process import running_server
+from tests.tiny_preset import make_tiny_preset
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    make_tiny_preset(folder / "ct_build", "tinyct", layout="open", max_subjects=3).root.rename(folder / "tinyct")
+    make_tiny_preset(folder / "flair_build", "tinyflair").root.rename(folder / "tinyflair")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def studies(real_ct_volume, brats_case, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("studies")
+    middle = real_ct_volume.shape[2] // 2
+    for name, start in (("head_ct", middle - 8), ("head_ct_upper", middle)):
+        cut = real_ct_volume.take_slices(list(range(start, start + 8)))
+        write_nifti(folder / f"{name}.nii.gz", cut.array, cut.voxel_affine(), "real head CT cut for tests", dtype=np.int16)
+    t1 = nib.load(brats_case / "t1n.nii.gz").slicer[:, :, 70:80]
+    nib.save(t1, folder / "brain_t1.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(weights, studies, tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    conf = {"weights": weights, "preset": "tinyct", "device": "cpu", "preload": "true", "steps": STEPS, "results": results, "keep_results": 4}
+    with running_server(str(studies), conf, tmp_path_factory.mktemp("log") / "server.log") as (_, url):
+        yield url
+
+
+def infer(url: str, image: str = "", params: dict | None = None, file: tuple | None = None) -> requests.Response:
+    files = {"params": (None, json.dumps(params or {}))}
+    if file is not None:
+        files["file"] = file
+    return requests.post(f"{url}/infer/rebrain", params={"image": image or "upload"}, files=files, timeout=300)
+
+
+def parts(response: requests.Response) -> tuple[dict, nib.Nifti1Image]:
+    """The multipart answer: the JSON params and the NIfTI image."""
+    assert response.status_code == 200, response.text
+    decoded = {}
+    for part in MultipartDecoder.from_response(response).parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        decoded["params" if 'name="params"' in disposition else "image"] = part.content
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(decoded["image"]))
+    return json.loads(decoded["params"]), image
+
+
+def test_info_describes_the_task_and_its_params(server):
+    info = requests.get(f"{server}/info/", timeout=30).json()
+    assert info["name"] == "ReBrain" and info["version"]
+    model = info["models"]["rebrain"]
+    assert model["type"] == "others" and model["dimension"] == 3 and model["synthetic"] is True
+    assert set(model["presets"]) == {"tinyct", "tinyflair"}
+    assert model["presets"]["tinyct"]["input"] == "CT" and model["presets"]["tinyflair"]["input"] == "MR"
+    assert set(model["presets"]["tinyct"]["versions"]) == {"bbdm", "controlnet", "encoder", "kb"}
+    for param in ("preset", "steps", "samples", "seed", "target_spacing", "simulate_sparsity", "output", "result_id"):
+        assert param in model["params"]
+    assert model["config"]["preset"] == "tinyct" and model["config"]["steps"] == STEPS
+
+
+def test_infer_by_study_id_returns_the_mri_in_the_input_geometry(server, studies):
+    params, mri = parts(infer(server, "head_ct", {"simulate_sparsity": 2}))
+    source = read_volume(studies / "head_ct.nii.gz", modality="CT")
+    sparse_positions = source.positions[::2]
+    grid = dense_grid(source.take_slices(list(range(0, source.shape[2], 2))), 1.0)
+    assert mri.shape == grid.shape
+    np.testing.assert_allclose(mri.affine, grid.affine, atol=1e-4)
+    assert b"SYNTHETIC" in mri.header["descrip"].tobytes()
+    assert params["synthetic"] is True and "not for diagnosis" in params["notice"]
+    summary = params["summary"]
+    for key in ("retrieval_success_rate", "fallback_count", "mean_similarity", "uncertainty_mean", "versions"):
+        assert key in summary
+    assert summary["steps"] == STEPS and summary["preset"] == "tinyct"
+    assert len(params["slices"]) == mri.shape[2]
+    assert params["input"]["acquired_positions_mm"] == pytest.approx(list(sparse_positions), abs=1e-3)
+    data = np.asarray(mri.dataobj)
+    assert 0.0 <= data.min() and data.max() <= 1.0 and data.max() > 0
+
+
+def test_extra_outputs_are_fetched_by_result_id_without_recomputing(server):
+    params, mri = parts(infer(server, "head_ct", {"simulate_sparsity": 2, "samples": 2}))
+    result_id = params["result_id"]
+    fetched = {}
+    for output in ("uncertainty", "similarity", "status", "mri"):
+        again, volume = parts(infer(server, result_id, {"result_id": result_id, "output": output}))
+        assert again["result_id"] == result_id and again["output"] == output
+        assert "infer" not in again.get("latencies", {}) or again["latencies"]["infer"] < 5.0
+        assert volume.shape == mri.shape
+        np.testing.assert_allclose(volume.affine, mri.affine, atol=1e-5)
+        fetched[output] = np.asarray(volume.dataobj)
+    np.testing.assert_array_equal(fetched["mri"], np.asarray(mri.dataobj))
+    # Two samples: a real spread inside the brain, none outside it.
+    assert fetched["uncertainty"].max() > 0 and fetched["uncertainty"][np.asarray(mri.dataobj) == 0].max() == 0
+    for index, record in enumerate(params["slices"]):
+        status = "acquired" if record["acquired"] else ("retrieved" if record["success"] else "fallback")
+        assert np.all(fetched["status"][:, :, index] == STATUS_CODES[status])
+        expected = 0.0 if record["similarity"] is None else record["similarity"]
+        assert fetched["similarity"][:, :, index] == pytest.approx(expected, abs=1e-5)
+
+
+def test_uploaded_file_with_another_preset(server, brats_case):
+    flair = nib.load(brats_case / "t2f.nii.gz").slicer[:, :, 70:78]
+    buffer = io.BytesIO(gzip.compress(flair.to_bytes()))
+    params, mri = parts(infer(server, params={"preset": "tinyflair", "simulate_sparsity": 2}, file=("flair.nii.gz", buffer, "application/gzip")))
+    assert params["summary"]["preset"] == "tinyflair" and "generated from FLAIR" in params["notice"]
+    assert mri.shape[:2] == flair.shape[:2]
+
+
+@pytest.mark.parametrize(
+    ("image", "params", "file", "status", "message"),
+    [
+        ("brain_t1", {}, None, 422, "do not look like a CT in Hounsfield units"),
+        ("", {}, ("scan.nii.gz", b"this is not a NIfTI file", "application/gzip"), 422, "not a readable NIfTI image"),
+        ("head_ct", {"steps": "many"}, None, 422, "parameter 'steps'"),
+        ("head_ct", {"preset": "nope"}, None, 422, "parameter 'preset': 'nope' is not available"),
+        ("head_ct", {"output": "segmentation"}, None, 422, "parameter 'output'"),
+        ("no_such_study", {}, None, 404, "'no_such_study' is not in the studies datastore"),
+        ("x", {"result_id": "0" * 32}, None, 422, "is not kept on this server"),
+    ],
+)
+def test_bad_requests_get_a_clear_http_error_and_the_server_keeps_serving(server, image, params, file, status, message):
+    response = infer(server, image, params, file)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+    assert requests.get(f"{server}/info/", timeout=30).status_code == 200
+
+
+def test_two_concurrent_requests_both_complete_correctly(server):
+    answers: dict[int, requests.Response] = {}
+
+    def run(seed: int) -> None:
+        answers[seed] = infer(server, "head_ct", {"simulate_sparsity": 2, "seed": seed, "samples": 2})
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    results = {seed: parts(answers[seed]) for seed in (1, 2)}
+    assert results[1][0]["result_id"] != results[2][0]["result_id"]
+    # Each answer is its own request's: rerunning seed 1 alone gives the same volume.
+    alone_params, alone = parts(infer(server, "head_ct", {"simulate_sparsity": 2, "seed": 1, "samples": 2}))
+    np.testing.assert_allclose(np.asarray(results[1][1].dataobj), np.asarray(alone.dataobj), atol=1e-5)
+    assert alone_params["summary"]["seed"] == 1 and results[2][0]["summary"]["seed"] == 2
+    assert not np.allclose(np.asarray(results[1][1].dataobj), np.asarray(results[2][1].dataobj))
+
+
+def test_batch_infer_records_provenance_per_image_and_survives_a_bad_one(server, studies):
+    response = requests.post(
+        f"{server}/batch/infer/rebrain", params={"images": "all", "run_sync": "true"},
+        json={"multi_gpu": False, "device": "cpu", "simulate_sparsity": 2, "label_tag": "original"}, timeout=600,
+    )
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert set(result) == {"head_ct", "head_ct_upper", "brain_t1"}
+    assert "do not look like a CT" in result["brain_t1"]["error"]
+    for image in ("head_ct", "head_ct_upper"):
+        assert result[image]["params"]["summary"]["preset"] == "tinyct"
+        saved = nib.load(studies / "labels" / "original" / f"{image}.nii.gz")
+        assert b"SYNTHETIC" in saved.header["descrip"].tobytes()
+    datastore = requests.get(f"{server}/datastore/", params={"output": "all"}, timeout=30).json()
+    for image in ("head_ct", "head_ct_upper"):
+        info = datastore["objects"][image]["labels"]["original"]["info"]
+        assert info["params"]["synthetic"] is True and len(info["params"]["slices"]) > 0
