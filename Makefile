@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CRANIUM := /usr/share/doc/invesalius-examples/examples/Cranium.inv3
 
-.PHONY: venv system-deps test bench bench-bbdm bench-retrieval demo clean-venv
+.PHONY: venv system-deps test bench bench-bbdm bench-retrieval demo serve clean-venv
 
 venv: $(STAMP)
 
@@ -15,14 +15,16 @@ $(STAMP): requirements.txt requirements-nodeps.txt constraints.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $(STAMP)
 
-# Debian packages: the real head CT (invesalius-examples). Installed when apt-get can run as
-# root; otherwise the tests that need it skip and say why.
+# Debian packages: the real head CT (invesalius-examples) and Orthanc with its DICOMweb plugin
+# (the server's DICOMweb tests). Installed when apt-get can run as root; otherwise the tests
+# that need them skip and say why.
+APT_PACKAGES := invesalius-examples orthanc orthanc-dicomweb
 system-deps:
-	@if [ ! -f $(CRANIUM) ]; then \
+	@if [ ! -f $(CRANIUM) ] || ! command -v Orthanc >/dev/null || [ ! -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && apt-get install -y -qq invesalius-examples) >/dev/null \
-	      || echo "note: could not install invesalius-examples; Cranium tests will skip"; \
-	  else echo "note: invesalius-examples not installed (needs root apt-get); Cranium tests will skip"; fi; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES)) >/dev/null 2>&1 \
+	      || echo "note: could not install $(APT_PACKAGES); the tests that need them will skip"; \
+	  else echo "note: $(APT_PACKAGES) not installed (needs root apt-get); the tests that need them will skip"; fi; \
 	fi
 
 test: $(STAMP) system-deps
@@ -51,6 +53,17 @@ demo: $(STAMP) system-deps
 	$(PY) main.py score $(DEMO)/pair/mri.nii.gz $(DEMO)/inputs/pair_t1.nii.gz
 	$(PY) main.py reconstruct $(DEMO)/inputs/cranium_ct.nii.gz $(DEMO)/cranium --preset ct2mri --simulate-sparsity 2
 	@echo "demo outputs: $(DEMO)/pair and $(DEMO)/cranium (mri.nii.gz, uncertainty.nii.gz, provenance.json, preview.png)"
+
+# The MONAI Label server on 127.0.0.1 with the shipped weights and the demo's two CT studies
+# (README, "Server"). SERVE_PORT and SERVE_CONF (more --conf pairs, e.g. "--conf device cuda")
+# change it.
+SERVE_PORT ?= 8000
+STUDIES := $(DEMO)/studies
+serve: $(STAMP) system-deps
+	$(PY) -m lib.data.demo_inputs $(DEMO)/inputs
+	mkdir -p $(STUDIES)
+	cp $(DEMO)/inputs/pair_ct.nii.gz $(DEMO)/inputs/cranium_ct.nii.gz $(STUDIES)/
+	$(PY) -m monailabel.main start_server --app . --studies $(STUDIES) --host 127.0.0.1 --port $(SERVE_PORT) --conf preset ct2mri $(SERVE_CONF)
 
 clean-venv:
 	rm -rf $(VENV)

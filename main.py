@@ -66,8 +66,13 @@ class ReBrainApp(MONAILabelApp):
         image = request.get("image")
         if isinstance(image, str) and image and not os.path.exists(image):
             store = datastore or self.datastore()
-            if not store.get_image_uri(image):
-                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the studies datastore ({self.studies})")
+            try:
+                found = store.get_image_uri(image)
+                reason = ""
+            except Exception as error:  # a DICOMweb datastore raises when the series is not on the server
+                found, reason = "", f": {type(error).__name__}: {error}"
+            if not found:
+                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the studies datastore ({self.studies}){reason}")
         return super().infer(request, datastore)
 
     def batch_infer(self, request: dict, datastore: Any = None) -> dict:

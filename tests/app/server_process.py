@@ -43,7 +43,9 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def running_server(studies: str, conf: dict[str, str], log: Path, prefix: list[str] | None = None, wait: bool = True) -> Iterator[tuple[subprocess.Popen, str]]:
+def running_server(
+    studies: str, conf: dict[str, str], log: Path, prefix: list[str] | None = None, wait: bool = True, env: dict[str, str] | None = None,
+) -> Iterator[tuple[subprocess.Popen, str]]:
     """Run the server until the block ends; yields the process and its base URL.
 
     Args:
@@ -52,9 +54,10 @@ def running_server(studies: str, conf: dict[str, str], log: Path, prefix: list[s
         log: file for the server's output (shown when it fails to start).
         prefix: command prefix, e.g. ``["ip", "netns", "exec", NS]``.
         wait: wait until /info/ answers (impossible from outside a network namespace).
+        env: extra environment variables (MONAI Label settings).
     """
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", **(env or {})}
     with open(log, "w") as out:
         process = subprocess.Popen((prefix or []) + server_command(studies, conf, port), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
