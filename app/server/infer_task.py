@@ -48,6 +48,7 @@ class ReBrainInferTask(BasicInferTask):
         self.server_config = config
         self.results = ResultStore(config.results, config.keep_results)
         self._pipelines: dict[str, ReBrainPipeline] = {}
+        self._preset_info: dict[str, dict] | None = None
         # One reconstruction at a time per process: the models are shared, and on one GPU (or
         # two CPU cores) running two at once is not faster than one after the other.
         self._lock = threading.Lock()
@@ -76,15 +77,20 @@ class ReBrainInferTask(BasicInferTask):
 
     def info(self) -> dict[str, Any]:
         """What /info/ shows for this model: the base fields plus presets, parameters and outputs."""
-        presets = {}
-        for name in self.server_config.available_presets():
-            preset = self.preset(name)
-            presets[name] = {"description": preset.description, "input": preset.input_modality, "source": preset.source, "target": preset.target, "steps": preset.steps, "versions": preset.fingerprint()}
+        if self._preset_info is None:
+            # Hashing the weight files takes a while and clients ask for /info/ often.
+            self._preset_info = {}
+            for name in self.server_config.available_presets():
+                preset = self.preset(name)
+                self._preset_info[name] = {
+                    "description": preset.description, "input": preset.input_modality, "source": preset.source, "target": preset.target,
+                    "steps": preset.steps, "versions": preset.fingerprint(),
+                }
         return {
             **super().info(),
             "version": lib.__version__,
             "synthetic": True,
-            "presets": presets,
+            "presets": self._preset_info,
             "default_preset": self.server_config.preset,
             "device": self.server_config.device,
             "params": PARAM_HELP,
