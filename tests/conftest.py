@@ -43,3 +43,46 @@ def real_ct_volume(head_ct_folder):
     affine = volume.affine.copy()
     affine[:3, :2] *= factor
     return Volume(array=np.ascontiguousarray(array), affine=affine, positions=volume.positions.copy(), modality="CT")
+
+
+# Sampling steps of the test server (tiny untrained presets: quality is not the point).
+SERVER_STEPS = 2
+
+
+@pytest.fixture(scope="session")
+def server_weights(tmp_path_factory):
+    """Two tiny presets: ``tinyct`` (CT input) and ``tinyflair`` (FLAIR input)."""
+    from tests.tiny_preset import make_tiny_preset
+
+    folder = tmp_path_factory.mktemp("weights")
+    make_tiny_preset(folder / "ct_build", "tinyct", layout="open", max_subjects=3).root.rename(folder / "tinyct")
+    make_tiny_preset(folder / "flair_build", "tinyflair").root.rename(folder / "tinyflair")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server_studies(real_ct_volume, brats_case, tmp_path_factory):
+    """A studies folder: two real head CT cuts (8 slices, 128x128) and a real T1 cut."""
+    import nibabel as nib
+
+    from lib.io import write_nifti
+
+    folder = tmp_path_factory.mktemp("studies")
+    middle = real_ct_volume.shape[2] // 2
+    for name, start in (("head_ct", middle - 8), ("head_ct_upper", middle)):
+        cut = real_ct_volume.take_slices(list(range(start, start + 8)))
+        write_nifti(folder / f"{name}.nii.gz", cut.array, cut.voxel_affine(), "real head CT cut for tests", dtype=np.int16)
+    t1 = nib.load(brats_case / "t1n.nii.gz").slicer[:, :, 70:80]
+    nib.save(t1, folder / "brain_t1.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def server(server_weights, server_studies, tmp_path_factory):
+    """The real MONAI Label server on 127.0.0.1 for the whole run; yields its URL."""
+    from tests.app.server_process import running_server
+
+    results = tmp_path_factory.mktemp("results")
+    conf = {"weights": server_weights, "preset": "tinyct", "device": "cpu", "preload": "true", "steps": SERVER_STEPS, "results": results, "keep_results": 4}
+    with running_server(str(server_studies), conf, tmp_path_factory.mktemp("log") / "server.log") as (_, url):
+        yield url

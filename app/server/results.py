@@ -70,7 +70,7 @@ class ResultStore:
                 description = f"SYNTHETIC ReBrain {name} per slice (see provenance.json)"
                 write_nifti(staging / f"{name}.nii.gz", volume, affine, description, dtype=volume.dtype.type)
             provenance = json.loads((staging / "provenance.json").read_text())
-            response = {"result_id": result_id, "outputs": list(OUTPUTS), "status_codes": STATUS_CODES, **provenance}
+            response = {"result_id": result_id, "outputs": list(OUTPUTS), "status_codes": STATUS_CODES, "slice_status": slice_status(reconstruction), **provenance}
             (staging / RESPONSE_FILE).write_text(json.dumps(response))
         self._evict()
         return result_id

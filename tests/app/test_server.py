@@ -1,8 +1,6 @@
-"""The real MONAI Label server (``monailabel start_server``) on 127.0.0.1 with tiny presets.
-
-One server for the module: a CT preset (default) and a FLAIR preset, a studies folder with a
-real head CT cut, a second CT cut and a T1 (an MR image the CT preset must refuse).
-"""
+"""The real MONAI Label server (``monailabel start_server``) on 127.0.0.1 with tiny presets
+(the ``server`` fixture of tests/conftest.py: a CT preset, the default, and a FLAIR preset;
+studies: a real head CT cut, a second CT cut and a T1 the CT preset must refuse)."""
 
 from __future__ import annotations
 
@@ -18,40 +16,9 @@ import requests
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from app.server.results import STATUS_CODES
-from lib.io import dense_grid, read_volume, write_nifti
+from lib.io import dense_grid, read_volume
 
-from tests.app.server_process import running_server
-from tests.tiny_preset import make_tiny_preset
-
-STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    make_tiny_preset(folder / "ct_build", "tinyct", layout="open", max_subjects=3).root.rename(folder / "tinyct")
-    make_tiny_preset(folder / "flair_build", "tinyflair").root.rename(folder / "tinyflair")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def studies(real_ct_volume, brats_case, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("studies")
-    middle = real_ct_volume.shape[2] // 2
-    for name, start in (("head_ct", middle - 8), ("head_ct_upper", middle)):
-        cut = real_ct_volume.take_slices(list(range(start, start + 8)))
-        write_nifti(folder / f"{name}.nii.gz", cut.array, cut.voxel_affine(), "real head CT cut for tests", dtype=np.int16)
-    t1 = nib.load(brats_case / "t1n.nii.gz").slicer[:, :, 70:80]
-    nib.save(t1, folder / "brain_t1.nii.gz")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def server(weights, studies, tmp_path_factory):
-    results = tmp_path_factory.mktemp("results")
-    conf = {"weights": weights, "preset": "tinyct", "device": "cpu", "preload": "true", "steps": STEPS, "results": results, "keep_results": 4}
-    with running_server(str(studies), conf, tmp_path_factory.mktemp("log") / "server.log") as (_, url):
-        yield url
+from tests.conftest import SERVER_STEPS as STEPS
 
 
 def infer(url: str, image: str = "", params: dict | None = None, file: tuple | None = None) -> requests.Response:
@@ -85,9 +52,9 @@ def test_info_describes_the_task_and_its_params(server):
     assert model["config"]["preset"] == "tinyct" and model["config"]["steps"] == STEPS
 
 
-def test_infer_by_study_id_returns_the_mri_in_the_input_geometry(server, studies):
+def test_infer_by_study_id_returns_the_mri_in_the_input_geometry(server, server_studies):
     params, mri = parts(infer(server, "head_ct", {"simulate_sparsity": 2}))
-    source = read_volume(studies / "head_ct.nii.gz", modality="CT")
+    source = read_volume(server_studies / "head_ct.nii.gz", modality="CT")
     sparse_positions = source.positions[::2]
     grid = dense_grid(source.take_slices(list(range(0, source.shape[2], 2))), 1.0)
     assert mri.shape == grid.shape
@@ -118,8 +85,10 @@ def test_extra_outputs_are_fetched_by_result_id_without_recomputing(server):
     np.testing.assert_array_equal(fetched["mri"], np.asarray(mri.dataobj))
     # Two samples: a real spread inside the brain, none outside it.
     assert fetched["uncertainty"].max() > 0 and fetched["uncertainty"][np.asarray(mri.dataobj) == 0].max() == 0
+    assert len(params["slice_status"]) == len(params["slices"])
     for index, record in enumerate(params["slices"]):
         status = "acquired" if record["acquired"] else ("retrieved" if record["success"] else "fallback")
+        assert params["slice_status"][index] == status
         assert np.all(fetched["status"][:, :, index] == STATUS_CODES[status])
         expected = 0.0 if record["similarity"] is None else record["similarity"]
         assert fetched["similarity"][:, :, index] == pytest.approx(expected, abs=1e-5)
@@ -172,7 +141,7 @@ def test_two_concurrent_requests_both_complete_correctly(server):
     assert not np.allclose(np.asarray(results[1][1].dataobj), np.asarray(results[2][1].dataobj))
 
 
-def test_batch_infer_records_provenance_per_image_and_survives_a_bad_one(server, studies):
+def test_batch_infer_records_provenance_per_image_and_survives_a_bad_one(server, server_studies):
     response = requests.post(
         f"{server}/batch/infer/rebrain", params={"images": "all", "run_sync": "true"},
         json={"multi_gpu": False, "device": "cpu", "simulate_sparsity": 2, "label_tag": "original"}, timeout=600,
@@ -183,7 +152,7 @@ def test_batch_infer_records_provenance_per_image_and_survives_a_bad_one(server,
     assert "do not look like a CT" in result["brain_t1"]["error"]
     for image in ("head_ct", "head_ct_upper"):
         assert result[image]["params"]["summary"]["preset"] == "tinyct"
-        saved = nib.load(studies / "labels" / "original" / f"{image}.nii.gz")
+        saved = nib.load(server_studies / "labels" / "original" / f"{image}.nii.gz")
         assert b"SYNTHETIC" in saved.header["descrip"].tobytes()
     datastore = requests.get(f"{server}/datastore/", params={"output": "all"}, timeout=30).json()
     for image in ("head_ct", "head_ct_upper"):

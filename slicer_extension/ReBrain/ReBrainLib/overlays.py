@@ -1,0 +1,82 @@
+"""The per-slice provenance of a result as arrays, colours and table rows for display."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Labelmap values of the slice-status overlay (as the server's status output).
+STATUS_CODES = {"acquired": 1, "retrieved": 2, "fallback": 3}
+# Status label -> (name, RGBA in 0..1). Retrieved slices are left transparent: the similarity
+# overlay shows them; acquired slices are real data (green), fallbacks need attention (orange).
+STATUS_COLOURS = {
+    1: ("acquired slice (real CT data)", (0.2, 0.8, 0.2, 0.5)),
+    2: ("retrieved reference guided the slice", (0.0, 0.0, 0.0, 0.0)),
+    3: ("SLERP fallback (no similar reference)", (1.0, 0.55, 0.0, 0.8)),
+}
+
+
+def slice_overlays(params: dict, shape_kji: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Similarity and status volumes (``[k, j, i]``, as Slicer arrays) from the provenance.
+
+    Slice ``k`` of the MRI is provenance entry ``k`` (the server writes the dense axis last in
+    NIfTI, which is Slicer's first array axis).
+
+    Returns:
+        float32 similarity (NaN where a slice had no retrieval) and uint8 status codes.
+
+    Raises:
+        ValueError: the provenance has another number of slices than the volume.
+    """
+    slices = params["slices"]
+    if len(slices) != shape_kji[0]:
+        raise ValueError(f"provenance has {len(slices)} slices, the volume {shape_kji[0]}")
+    similarity = np.array([np.nan if s["similarity"] is None else s["similarity"] for s in slices], dtype=np.float32)
+    status = np.array([STATUS_CODES[name] for name in params["slice_status"]], dtype=np.uint8)
+    return (
+        np.broadcast_to(similarity[:, None, None], shape_kji).copy(),
+        np.broadcast_to(status[:, None, None], shape_kji).copy(),
+    )
+
+
+def similarity_colour_table(tau: float, entries: int = 256) -> np.ndarray:
+    """RGBA rows for similarities 0..1 (``entries`` steps): cool below tau, warm at or above it.
+
+    The hue jumps at tau, so the threshold is visible on the slices and in the legend.
+    """
+    values = np.linspace(0.0, 1.0, entries)
+    table = np.zeros((entries, 4))
+    below = values < tau
+    t_low = values[below] / max(tau, 1e-6)
+    table[below] = np.stack([0.1 * np.ones_like(t_low), 0.2 + 0.6 * t_low, 0.9 * np.ones_like(t_low), 0.6 * np.ones_like(t_low)], axis=1)
+    t_high = (values[~below] - tau) / max(1.0 - tau, 1e-6)
+    table[~below] = np.stack([np.ones_like(t_high), 0.9 - 0.7 * t_high, 0.1 * np.ones_like(t_high), 0.6 * np.ones_like(t_high)], axis=1)
+    return table
+
+
+def legend_text(params: dict) -> str:
+    """One paragraph for the widget: what the colours mean, tau and the counts."""
+    summary = params["summary"]
+    counts = {name: params["slice_status"].count(name) for name in STATUS_CODES}
+    rate = summary.get("generated_retrieval_success_rate")
+    return (
+        f"Similarity overlay: warm (yellow to red) = top-1 retrieval similarity at or above tau = {summary['tau']:.4f}, "
+        f"a reference slice guided the synthesis; cool (blue) = below tau. "
+        f"Status overlay: green = acquired slice ({counts['acquired']}), orange = SLERP fallback ({counts['fallback']}); "
+        f"{counts['retrieved']} generated slices used a retrieved reference"
+        + (f" ({rate:.0%} of generated slices)." if rate is not None else ".")
+    )
+
+
+TABLE_COLUMNS = ("slice", "position_mm", "status", "similarity", "reference", "uncertainty_mean")
+
+
+def provenance_rows(params: dict) -> list[dict]:
+    """One row per output slice with :data:`TABLE_COLUMNS`."""
+    rows = []
+    for record, status in zip(params["slices"], params["slice_status"]):
+        rows.append({
+            "slice": record["index"], "position_mm": round(record["position_mm"], 3), "status": status,
+            "similarity": None if record["similarity"] is None else round(record["similarity"], 4),
+            "reference": record["reference"] or "", "uncertainty_mean": round(record["uncertainty_mean"], 5),
+        })
+    return rows
