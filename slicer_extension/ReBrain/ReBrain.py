@@ -8,7 +8,6 @@ HTTP, threading, geometry and overlay arithmetic live in ``ReBrainLib`` (no ``sl
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from pathlib import Path
 
@@ -16,6 +15,17 @@ import numpy as np
 import slicer
 import vtk
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+
+
+def _install_missing_dependencies() -> None:
+    """Slicer bundles requests but not requests-toolbelt: install it once, on first load."""
+    try:
+        import requests_toolbelt  # noqa: F401
+    except ModuleNotFoundError:
+        slicer.util.pip_install("requests-toolbelt==1.0.0")
+
+
+_install_missing_dependencies()
 
 from ReBrainLib import (
     STATUS_COLOURS,
@@ -246,7 +256,8 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
             self.ui.statusLabel.text = "Failed"
             slicer.util.errorDisplay(f"Reconstruction failed: {job.error}", windowTitle="ReBrain")
         elif job.state is JobState.DONE:
-            self.nodes = self.logic.load_result(job.result, self.ui.inputVolumeSelector.currentNode().GetName())
+            source = self.ui.inputVolumeSelector.currentNode()
+            self.nodes = self.logic.load_result(job.result, source.GetName() if source is not None else "ReBrain")
             self.ui.provenanceTableView.setMRMLTableNode(self.nodes["table"])
             self.ui.uncertaintySelector.setCurrentNode(None)
             self.ui.legendLabel.text = legend_text(job.result.params)
