@@ -176,6 +176,28 @@ def _reconstruct(args: argparse.Namespace) -> None:
     )
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from app.batch import run_batch
+    from lib.pipeline import ReBrainPipeline, ReconstructionOptions
+    from lib.presets import load_preset
+
+    pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
+    options = ReconstructionOptions(steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+    outcomes = run_batch(
+        args.input_root, args.output_root, pipeline, options, resume=args.resume, push_url=args.push_dicomweb,
+        sparsity=args.simulate_sparsity, progress=not args.quiet,
+    )
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "complete", "skipped", "failed")}
+    print(
+        f"{args.output_root}: {counts['done']} series reconstructed, {counts['complete']} already complete, "
+        f"{counts['skipped']} skipped (not {pipeline.preset.input_modality} volumes or unreadable), {counts['failed']} failed; see manifest.csv"
+    )
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            print(f"failed: series {outcome.series_uid}: {outcome.message}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
 def _make_preset(args: argparse.Namespace) -> None:
     from lib.presets import assemble_preset
 
@@ -365,6 +387,21 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--quiet", action="store_true", help="no progress bar")
     recon.set_defaults(run=_reconstruct)
 
+    batch = commands.add_parser("batch", help="every CT series under a folder tree -> synthetic MRI DICOM series, NIfTI, provenance and preview")
+    batch.add_argument("input_root", help="folder tree of DICOM files (read only)")
+    batch.add_argument("output_root", help="one folder per series, plus manifest.csv and manifest.json")
+    batch.add_argument("--preset", default="ct2mri", help="preset name or folder (default ct2mri)")
+    batch.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
+    batch.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
+    batch.add_argument("--seed", type=int, default=0)
+    batch.add_argument("--batch-size", type=int, default=8)
+    batch.add_argument("--simulate-sparsity", type=int, default=None, help="keep every k-th slice of each series first (k >= 2)")
+    batch.add_argument("--resume", action="store_true", help="skip series whose outputs are complete; redo half-written ones")
+    batch.add_argument("--push-dicomweb", default=None, metavar="URL", help="send each synthetic series to this DICOMweb server (STOW-RS)")
+    batch.add_argument("--device", default="auto")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.set_defaults(run=_batch)
+
     make_preset = commands.add_parser("make-preset", help="assemble trained weights and a knowledge base into a preset folder")
     make_preset.add_argument("--name", required=True)
     make_preset.add_argument("--description", required=True)
@@ -424,8 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.run(args)
+        code = args.run(args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0

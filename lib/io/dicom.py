@@ -123,7 +123,7 @@ def _is_axial(series: DicomSeries) -> bool:
     return abs(normal[2]) >= np.cos(np.deg2rad(AXIAL_MAX_ANGLE_DEG))
 
 
-def _why_unusable(series: DicomSeries, modality: str) -> str | None:
+def why_unusable(series: DicomSeries, modality: str) -> str | None:
     """The reason a series is not a usable volume of ``modality`` (CT, MR), or None when it is."""
     if series.modality != modality:
         return f"modality {series.modality or 'missing'}, not {modality}"
@@ -161,7 +161,7 @@ def choose_series(scan: DicomFolderScan, series_uid: str | None = None, modality
     skipped: dict[str, str] = {}
     candidates = []
     for uid, series in scan.series.items():
-        reason = _why_unusable(series, modality)
+        reason = why_unusable(series, modality)
         if reason:
             skipped[uid] = reason
         else:
@@ -228,6 +228,20 @@ def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = N
     series, skipped_series = choose_series(scan, series_uid, modality)
     for uid, reason in skipped_series.items():
         logger.info("skipped %s: %s", scan.series[uid].describe(), reason)
+    return read_series(series, folder, skipped_series, scan.skipped_files)
+
+
+def read_series(series: DicomSeries, folder: str | os.PathLike[str], skipped_series: dict[str, str] | None = None, skipped_files: dict[str, str] | None = None) -> Volume:
+    """Read one scanned series (see :func:`scan_dicom_folder`) into a canonical :class:`Volume`.
+
+    Args:
+        series: the series' files and headers.
+        folder: where it was found (recorded as the volume's source and named in errors).
+        skipped_series, skipped_files: what the caller skipped, kept in ``meta``.
+
+    Raises:
+        VolumeReadError: as :func:`read_dicom_series`.
+    """
     if len(series.files) < 2:
         raise VolumeReadError(series.files[0], f"{series.describe()} is a single 2-D image; a volume needs at least 2 slices")
     _check_consistent(series)
@@ -275,8 +289,8 @@ def read_dicom_series(folder: str | os.PathLike[str], series_uid: str | None = N
             meta={
                 "format": "dicom",
                 "series_uid": series.uid,
-                "skipped_series": {uid: reason for uid, reason in skipped_series.items()},
-                "skipped_files": scan.skipped_files,
+                "skipped_series": dict(skipped_series or {}),
+                "skipped_files": dict(skipped_files or {}),
                 "gantry_tilt_deg": tilt_deg,
                 "slice_thickness": float(first.get("SliceThickness", 0) or 0),
                 "reference_header": first,

@@ -1,17 +1,12 @@
-"""The server over a DICOMweb datastore: a real Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``).
-
-Orthanc listens on every interface whatever its configuration says, so Orthanc, the MONAI Label
-server and the client (``dicomweb_roundtrip.py``) all run inside a network namespace of the test's
-own that has only a loopback interface: no test traffic can leave the machine.
-"""
+"""The server over a DICOMweb datastore: a real Orthanc (the ``orthanc`` fixture of
+tests/app/conftest.py). Orthanc, the MONAI Label server and the client
+(``dicomweb_roundtrip.py``) all run inside the test's own network namespace."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import nibabel as nib
@@ -21,44 +16,10 @@ import pytest
 from lib.io import dense_grid, read_volume
 from lib.io.dicom_writer import SeriesDescription, write_dicom_series
 
-from tests.app.server_process import REPO, running_server, stop
+from tests.app.server_process import REPO, running_server
 from tests.tiny_preset import make_tiny_preset
 
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 PATIENT = {"PatientName": "Doe^John", "PatientID": "PID-0815"}
-
-
-@pytest.fixture(scope="module")
-def namespace():
-    if not Path(ORTHANC).exists() or not DICOMWEB_PLUGIN.exists():
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; make test does it as root)")
-    name = f"rebrain-test-{uuid.uuid4().hex[:8]}"
-    created = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if created.returncode != 0:
-        pytest.skip(f"cannot create a network namespace (needs root): {created.stderr.strip()}")
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-@pytest.fixture(scope="module")
-def orthanc(namespace, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("orthanc")
-    config = {
-        "Name": "rebrain-test", "HttpPort": 8042, "DicomServerEnabled": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
-        "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config))
-    with open(folder / "orthanc.log", "w") as log:
-        process = subprocess.Popen(["ip", "netns", "exec", namespace, ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield "http://127.0.0.1:8042"
-    finally:
-        stop(process)
 
 
 @pytest.fixture(scope="module")

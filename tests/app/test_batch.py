@@ -1,0 +1,198 @@
+"""``python main.py batch`` on a DICOM tree the test writes from real volumes: two CT series,
+a broken CT series, an MR distractor, a localizer, a non-image object and unreadable files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from app.batch import is_complete
+from app.cli import main
+from lib.io import dense_grid, read_volume
+from lib.io.dicom_writer import SeriesDescription, write_dicom_series
+
+from tests.app.server_process import REPO
+from tests.tiny_preset import make_tiny_preset
+
+PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-4711", "PatientBirthDate": "19600101"}
+LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory):
+    return make_tiny_preset(tmp_path_factory.mktemp("preset"), "tinyct", layout="open", max_subjects=3)
+
+
+def _text_report(path) -> None:
+    """A DICOM object without pixels (a Basic Text SR)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "SR"
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    pydicom.dcmwrite(str(path), ds, write_like_original=False)
+
+
+@pytest.fixture(scope="module")
+def tree(real_ct_volume, brats_case, tmp_path_factory):
+    """The input tree and the series it holds."""
+    root = tmp_path_factory.mktemp("archive")
+    study = generate_uid()
+    frame = generate_uid()
+    middle = real_ct_volume.shape[2] // 2
+    series = {}
+    for name, start, count in (("ct_a", middle - 10, 10), ("ct_b", middle, 8)):
+        description = SeriesDescription(modality="CT", series_description=f"head {name}", study_uid=study, frame_of_reference_uid=frame, patient=PATIENT, series_number=2)
+        write_dicom_series(real_ct_volume.take_slices(list(range(start, start + count))), root / "patient" / "study" / name, description)
+        series[name] = description.series_uid
+    broken = SeriesDescription(modality="CT", series_description="broken", study_uid=study, patient=PATIENT)
+    paths = write_dicom_series(real_ct_volume.take_slices([middle, middle + 1, middle + 2]), root / "patient" / "study" / "broken", broken)
+    duplicate = pydicom.dcmread(str(paths[1]))
+    duplicate.ImagePositionPatient = pydicom.dcmread(str(paths[0])).ImagePositionPatient
+    duplicate.save_as(str(paths[1]))
+    series["broken"] = broken.series_uid
+    flair = read_volume(brats_case / "t2f.nii.gz", modality="MR").take_slices(list(range(70, 74)))
+    mr = SeriesDescription(modality="MR", series_description="FLAIR", image_type=("ORIGINAL", "PRIMARY"), rescale_intercept=0.0, study_uid=study, patient=PATIENT)
+    write_dicom_series(flair, root / "patient" / "study" / "mr", mr)
+    series["mr"] = mr.series_uid
+    scout = SeriesDescription(modality="CT", series_description="scout", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), study_uid=study, patient=PATIENT)
+    write_dicom_series(real_ct_volume.take_slices([middle]), root / "patient" / "study" / "scout", scout)
+    series["scout"] = scout.series_uid
+    (root / "junk").mkdir()
+    (root / "junk" / "corrupt.dcm").write_bytes(b"DICM" + os.urandom(300))
+    (root / "junk" / "README.txt").write_text("not DICOM")
+    _text_report(root / "junk" / "report.dcm")
+    return root, series
+
+
+def tree_digest(root) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_batch_writes_every_ct_series_and_reports_the_rest(tree, preset, tmp_path, capsys):
+    root, series = tree
+    before = tree_digest(root)
+    out = tmp_path / "out"
+    code = main(["batch", str(root), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err  # the broken series failed
+    assert tree_digest(root) == before  # the input tree is never modified
+    manifest = {row["series_uid"] or row["message"].split(":")[0]: row for row in json.loads((out / "manifest.json").read_text())["series"]}
+    assert manifest[series["ct_a"]]["status"] == manifest[series["ct_b"]]["status"] == "done"
+    assert manifest[series["broken"]]["status"] == "failed" and "same position" in manifest[series["broken"]]["message"]
+    assert f"failed: series {series['broken']}" in captured.err
+    assert manifest[series["mr"]]["status"] == "skipped" and "modality MR" in manifest[series["mr"]]["message"]
+    assert manifest[series["scout"]]["status"] == "skipped" and "localizer" in manifest[series["scout"]]["message"]
+    for name in ("junk/corrupt.dcm", "junk/README.txt", "junk/report.dcm"):
+        assert manifest[name]["status"] == "skipped"
+    assert "not an image" in manifest["junk/report.dcm"]["message"]
+    assert (out / "manifest.csv").read_text().count("\n") == len(manifest) + 1
+    assert not list(out.glob(".tmp-*"))
+
+    private = list(json.loads((preset.root.parent / "prepared" / "private_subject_map.json").read_text()).values())
+    for name in ("ct_a", "ct_b"):
+        folder = out / series[name]
+        assert is_complete(folder) and manifest[series[name]]["slices"] > 0
+        source = read_volume(root / "patient" / "study" / name, modality="CT")
+        grid = dense_grid(source, 1.0)
+        headers = [pydicom.dcmread(str(p)) for p in sorted((folder / "dicom").glob("*.dcm"))]
+        assert len(headers) == grid.shape[2]
+        reference = pydicom.dcmread(str(next((root / "patient" / "study" / name).glob("*.dcm"))))
+        for ds in headers:
+            assert ds.Modality == "MR" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+            assert "SYNTHETIC" in ds.SeriesDescription and "SYNTHETIC" in ds.ImageComments
+            assert ds.StudyInstanceUID == reference.StudyInstanceUID and ds.FrameOfReferenceUID == reference.FrameOfReferenceUID
+            assert ds.SeriesInstanceUID not in series.values() and ds.SOPInstanceUID != reference.SOPInstanceUID
+            assert str(ds.PatientName) == PATIENT["PatientName"] and ds.PatientID == PATIENT["PatientID"]
+            assert float(ds.WindowWidth) > 0 and 0 < float(ds.WindowCenter) < 1000
+        # SimpleITK reads the series back onto the dense grid, in the input's patient frame.
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder / "dicom")))
+        image = reader.Execute()
+        size_x, size_y, size_z = grid.shape
+        assert image.GetSize() == (size_x, size_y, size_z)
+        for c, r, k in ((0, 0, 0), (size_x - 1, 3, size_z - 1), (5, size_y - 1, size_z // 2)):
+            expected = LPS @ (grid.affine @ np.array([size_x - 1 - c, size_y - 1 - r, k, 1.0]))[:3]
+            np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((c, r, k)), expected, atol=1e-3)
+        for path in folder.rglob("*"):
+            if path.is_file():
+                content = path.read_bytes()
+                for identifier in private:
+                    assert identifier.encode() not in content, (path, identifier)
+
+
+def test_a_killed_run_resumes_to_complete_outputs(tree, preset, tmp_path):
+    root, series = tree
+    out = tmp_path / "out"
+    command = [sys.executable, "main.py", "batch", str(root), str(out), "--preset", str(preset.root), "--steps", "30", "--quiet"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    outputs = [out / series["ct_a"], out / series["ct_b"]]
+    deadline = time.monotonic() + 600
+    while not any(o.exists() for o in outputs) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    done = [o for o in outputs if o.exists()]
+    assert len(done) == 1, "the run was not killed between the two CT series"
+    first, second = done[0], next(o for o in outputs if o not in done)
+    assert is_complete(first)
+    first_mtime = (first / "mri.nii.gz").stat().st_mtime_ns
+    # What a kill during writing leaves: a staging folder with part of the outputs.
+    half_written = out / f".tmp-0123abcd-{second.name}"
+    half_written.mkdir()
+    (half_written / "mri.nii.gz").write_bytes(b"partial")
+
+    code = main(["batch", str(root), str(out), "--preset", str(preset.root), "--steps", "30", "--resume", "--quiet"])
+    assert code == 1  # the broken series fails again
+    assert is_complete(first) and is_complete(second)
+    assert (first / "mri.nii.gz").stat().st_mtime_ns == first_mtime  # not redone
+    rows = {row["series_uid"]: row for row in json.loads((out / "manifest.json").read_text())["series"]}
+    assert rows[first.name]["status"] == "complete" and rows[second.name]["status"] == "done"
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_output_inside_the_input_tree_is_refused(tree, preset, capsys):
+    root, _ = tree
+    code = main(["batch", str(root), str(root / "results"), "--preset", str(preset.root), "--quiet"])
+    assert code == 2 and "must not lie inside the input tree" in capsys.readouterr().err
+    assert not (root / "results").exists()
+
+
+def test_push_dicomweb_stores_each_series_in_orthanc(namespace, orthanc, tree, preset, tmp_path):
+    """STOW-RS into a real Orthanc; the batch runs inside Orthanc's network namespace."""
+    root, series = tree
+    out = tmp_path / "out"
+    prefix = ["ip", "netns", "exec", namespace]
+    batch = [sys.executable, "main.py", "batch", str(root), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet", "--push-dicomweb", f"{orthanc}/dicom-web"]
+    done = subprocess.run(prefix + batch, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1, done.stderr  # the broken series
+    rows = {row["series_uid"]: row for row in json.loads((out / "manifest.json").read_text())["series"]}
+    query = "import json, requests, sys; print(json.dumps(requests.get(sys.argv[1], params={'Modality': 'MR'}, timeout=30).json()))"
+    listed = subprocess.run(prefix + [sys.executable, "-c", query, f"{orthanc}/dicom-web/series"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    stored = {entry["0020000E"]["Value"][0]: entry for entry in json.loads(listed.stdout)}
+    for name in ("ct_a", "ct_b"):
+        assert rows[series[name]]["pushed"] is True
+        written = sorted((out / series[name] / "dicom").glob("*.dcm"))
+        new_uid = pydicom.dcmread(str(written[0])).SeriesInstanceUID
+        assert new_uid in stored
+        assert stored[new_uid]["00201209"]["Value"][0] == len(written)  # NumberOfSeriesRelatedInstances
