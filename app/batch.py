@@ -22,7 +22,7 @@ from pathlib import Path
 from lib.data.sparse import simulate_sparse_volume
 from lib.io import VolumeReadError
 from lib.io.atomic import STAGING_PREFIX, atomic_directory, atomic_path
-from lib.io.dicom import DicomSeries, read_series, scan_dicom_folder, why_unusable
+from lib.io.dicom import DicomSeries, check_consistent, is_axial, read_series, scan_dicom_folder, why_unusable
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
 from lib.report.dicom_output import write_synthetic_mri_series
 from lib.report.outputs import OUTPUT_FILES, input_geometry, write_outputs
@@ -59,13 +59,14 @@ class BatchPlan:
 def plan_batch(input_root: Path, modality: str) -> BatchPlan:
     """Scan ``input_root`` recursively and sort its series into inputs and skipped ones.
 
-    Skipped: series of another modality, localizers, single images (by SeriesInstanceUID), and
-    unreadable or non-image files (by path).
+    Skipped: series of another modality, localizers, single images, multi-planar reformats and
+    other stacks that are not parallel axial slices (by SeriesInstanceUID), and unreadable or
+    non-image files (by path).
     """
     scan = scan_dicom_folder(input_root)
     plan = BatchPlan(series=[])
     for uid, series in sorted(scan.series.items()):
-        reason = why_unusable(series, modality)
+        reason = why_unusable(series, modality) or stack_problem(series)
         if reason:
             plan.skipped.append(SeriesOutcome(series_uid=uid, status="skipped", message=f"{series.describe()}: {reason}"))
         else:
@@ -73,6 +74,17 @@ def plan_batch(input_root: Path, modality: str) -> BatchPlan:
     for path, reason in sorted(scan.skipped_files.items()):
         plan.skipped.append(SeriesOutcome(series_uid="", status="skipped", message=f"{Path(path).relative_to(input_root)}: {reason}"))
     return plan
+
+
+def stack_problem(series: DicomSeries) -> str | None:
+    """Why a series is not one axial stack of parallel slices (e.g. a multi-planar reformat), or None."""
+    try:
+        check_consistent(series)
+    except VolumeReadError as error:
+        return f"not one stack of parallel slices ({error.reason})"
+    if not is_axial(series):
+        return "not axial (a coronal or sagittal stack); ReBrain reconstructs axial slices"
+    return None
 
 
 def is_complete(folder: Path) -> bool:
@@ -163,7 +175,11 @@ def run_batch(
     write_manifest(output_root, outcomes)
     for series in tqdm(plan.series, desc="series", unit="series", disable=not progress):
         if resume and is_complete(output_root / series.uid):
-            outcomes.append(SeriesOutcome(series_uid=series.uid, status="complete", output=series.uid, message="already complete (resume)"))
+            summary = json.loads((output_root / series.uid / "provenance.json").read_text())["summary"]
+            outcomes.append(SeriesOutcome(
+                series_uid=series.uid, status="complete", slices=summary["slices"], retrieval_success_rate=summary["retrieval_success_rate"],
+                fallback_count=summary["fallback_count"], output=series.uid, message="already complete (resume)",
+            ))
         else:
             try:
                 outcome = reconstruct_series(series, output_root, pipeline, options, sparsity)

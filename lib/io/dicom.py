@@ -118,7 +118,8 @@ def _normal_lps(header: Dataset) -> np.ndarray:
     return np.cross(orientation[:3], orientation[3:])
 
 
-def _is_axial(series: DicomSeries) -> bool:
+def is_axial(series: DicomSeries) -> bool:
+    """True when the slices' normal is within 45 degrees of the patient's S axis."""
     normal = _normal_lps(series.first)
     return abs(normal[2]) >= np.cos(np.deg2rad(AXIAL_MAX_ANGLE_DEG))
 
@@ -171,7 +172,7 @@ def choose_series(scan: DicomFolderScan, series_uid: str | None = None, modality
         raise VolumeReadError(scan.folder, f"no {modality} image series in the folder ({details})")
 
     def preference(series: DicomSeries) -> tuple[bool, bool, int]:
-        return ("ORIGINAL" in series.image_type, _is_axial(series), len(series.files))
+        return ("ORIGINAL" in series.image_type, is_axial(series), len(series.files))
 
     candidates.sort(key=preference, reverse=True)
     chosen = candidates[0]
@@ -180,7 +181,7 @@ def choose_series(scan: DicomFolderScan, series_uid: str | None = None, modality
     return chosen, skipped
 
 
-def _check_consistent(series: DicomSeries) -> None:
+def check_consistent(series: DicomSeries) -> None:
     """Refuse series whose images do not form one stack of parallel slices."""
     first = series.first
     orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
@@ -244,7 +245,7 @@ def read_series(series: DicomSeries, folder: str | os.PathLike[str], skipped_ser
     """
     if len(series.files) < 2:
         raise VolumeReadError(series.files[0], f"{series.describe()} is a single 2-D image; a volume needs at least 2 slices")
-    _check_consistent(series)
+    check_consistent(series)
 
     first = series.first
     orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)

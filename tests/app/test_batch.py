@@ -72,6 +72,12 @@ def tree(real_ct_volume, brats_case, tmp_path_factory):
     scout = SeriesDescription(modality="CT", series_description="scout", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), study_uid=study, patient=PATIENT)
     write_dicom_series(real_ct_volume.take_slices([middle]), root / "patient" / "study" / "scout", scout)
     series["scout"] = scout.series_uid
+    mpr = SeriesDescription(modality="CT", series_description="MPR", image_type=("DERIVED", "SECONDARY", "REFORMATTED"), study_uid=study, patient=PATIENT)
+    for path in write_dicom_series(real_ct_volume.take_slices(list(range(middle, middle + 4))), root / "patient" / "study" / "mpr", mpr)[2:]:
+        coronal = pydicom.dcmread(str(path))
+        coronal.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
+        coronal.save_as(str(path))
+    series["mpr"] = mpr.series_uid
     (root / "junk").mkdir()
     (root / "junk" / "corrupt.dcm").write_bytes(b"DICM" + os.urandom(300))
     (root / "junk" / "README.txt").write_text("not DICOM")
@@ -102,6 +108,7 @@ def test_batch_writes_every_ct_series_and_reports_the_rest(tree, preset, tmp_pat
     assert f"failed: series {series['broken']}" in captured.err
     assert manifest[series["mr"]]["status"] == "skipped" and "modality MR" in manifest[series["mr"]]["message"]
     assert manifest[series["scout"]]["status"] == "skipped" and "localizer" in manifest[series["scout"]]["message"]
+    assert manifest[series["mpr"]]["status"] == "skipped" and "not one stack of parallel slices" in manifest[series["mpr"]]["message"]
     for name in ("junk/corrupt.dcm", "junk/README.txt", "junk/report.dcm"):
         assert manifest[name]["status"] == "skipped"
     assert "not an image" in manifest["junk/report.dcm"]["message"]
