@@ -4,7 +4,7 @@ The test's Orthanc and MONAI Label server listen only on that namespace's loopba
 script, not the pytest process, talks to them: it stores DICOM series in Orthanc with STOW-RS,
 then asks the server to reconstruct series by SeriesInstanceUID and writes what came back.
 
-    python dicomweb_roundtrip.py ORTHANC_URL SERVER_URL OUT --upload DIR [DIR ...] --infer UID [UID ...] --params JSON
+    python -m tests.app.dicomweb_roundtrip ORTHANC_URL SERVER_URL OUT --upload DIR [DIR ...] --infer UID [UID ...] --params JSON
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import pydicom
@@ -20,17 +19,12 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from requests_toolbelt.multipart.decoder import MultipartDecoder
 
+from tests.app.server_process import wait_until_up
 
-def wait_for(url: str, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=5).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"{url} did not answer in {timeout} s")
+
+def wait_for(url: str) -> None:
+    if not wait_until_up(url):
+        sys.exit(f"{url} did not answer")
 
 
 def main() -> int:

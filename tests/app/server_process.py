@@ -9,7 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import requests
 
@@ -69,16 +69,20 @@ def running_server(
         stop(process)
 
 
-def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
-    """Poll ``url`` until it answers 200; fail with the server log if the process dies or times out."""
+def wait_until_up(url: str, timeout: float = 180.0, alive: Callable[[], bool] = lambda: True) -> bool:
+    """Poll ``url`` until it answers 200 (True), ``alive()`` turns false or time runs out (False)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+    while time.monotonic() < deadline and alive():
         try:
             if requests.get(url, timeout=5).status_code == 200:
-                return
+                return True
         except requests.ConnectionError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"server did not answer {url} in {timeout} s:\n{log.read_text()[-3000:]}")
+    return False
+
+
+def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    """Wait for the server's ``url``; fail with the server log if the process dies or times out."""
+    if not wait_until_up(url, timeout, alive=lambda: process.poll() is None):
+        raise RuntimeError(f"server did not answer {url} in {timeout} s (exit code {process.poll()}):\n{log.read_text()[-3000:]}")

@@ -49,7 +49,7 @@ def test_infer_by_series_uid_from_orthanc(namespace, orthanc, series, tmp_path):
     missing_uid = "1.2.826.0.1.3680043.8.498.1"
     # The client waits for the server: it can reach it, this process cannot.
     with running_server(f"{orthanc}/dicom-web", conf, tmp_path / "server.log", prefix=prefix, wait=False, env=env) as (_, url):
-        client = prefix + [sys.executable, str(REPO / "tests" / "app" / "dicomweb_roundtrip.py"), orthanc, url, str(out)]
+        client = prefix + [sys.executable, "-m", "tests.app.dicomweb_roundtrip", orthanc, url, str(out)]
         done = subprocess.run(
             client + ["--upload", str(ct_dir), str(mr_dir), "--infer", ct_uid, mr_uid, missing_uid, "--params", json.dumps({"simulate_sparsity": 2})],
             capture_output=True, text=True, timeout=900, cwd=REPO,
