@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from lib.data.ct_brain import BrainExtraction, extract_brain
 from lib.data.model_frame import ModelFrame, foreground_mask, normalise_source
 from lib.diffusion.sampler import translate_slices
 from lib.diffusion.slerp import slerp
@@ -41,6 +42,8 @@ from lib.train.retrieval import load_retrieval_encoder
 
 ProgressFn = Callable[[int, int], None]
 
+# Outside the extracted brain a real CT is set to air, as the brain-only training CTs are.
+OUTSIDE_BRAIN_HU = -1000.0
 # A CT input must have a voxel below this (air is about -1000 HU; fat, the lowest tissue, -100).
 AIR_CHECK_HU = -200.0
 
@@ -60,6 +63,9 @@ class ReconstructionOptions:
         target_spacing: dense grid spacing in mm (None: the preset's slice spacing).
         use_retrieval: query the knowledge base (off: every slice uses the SLERP control).
         use_controlnet: use the ControlNet branch when the preset has one (off: BBDM alone).
+        brain_extraction: for CT presets, find the intracranial mask of a real head CT
+            (:mod:`lib.data.ct_brain`) and give the models the brain only; off for inputs
+            that are already brain-only (it is skipped anyway when a CT has no skull).
         method: how gap slices are made (see :data:`lib.reconstruction_methods.METHODS`);
             ``"rebrain"`` is the method, the others are the evaluation's baselines and
             ablations (METHOD.md section 6).
@@ -74,6 +80,7 @@ class ReconstructionOptions:
     target_spacing: float | None = None
     use_retrieval: bool = True
     use_controlnet: bool = True
+    brain_extraction: bool = True
     method: str = "rebrain"
 
     def __post_init__(self) -> None:
@@ -231,9 +238,15 @@ class ReBrainPipeline:
         started = time.perf_counter()
         grid = dense_grid(volume, options.target_spacing or self.preset.slice_spacing_mm)
         modality = self.preset.source_modality
-        mask = foreground_mask(volume.array, modality)
+        extraction = extract_brain(volume) if modality == "ct" and options.brain_extraction else None
+        if extraction is not None:
+            source = np.where(extraction.mask, volume.array, OUTSIDE_BRAIN_HU).astype(np.float32)
+            mask = extraction.mask
+        else:
+            source = volume.array
+            mask = foreground_mask(source, modality)
         frame = ModelFrame.fit(mask, volume.positions, volume.pixel_spacing, self.config.image_size, self.preset.margin_voxels)
-        unit = normalise_source(volume.array, mask, modality, self.preset.ct_window_hu, self.preset.mri_percentiles)
+        unit = normalise_source(source, mask, modality, self.preset.ct_window_hu, self.preset.mri_percentiles)
         acquired, acquired_mask = frame.to_model(unit, mask)
 
         y, dense_model_mask = dense_slices(acquired, acquired_mask, grid)
@@ -268,6 +281,7 @@ class ReBrainPipeline:
         output_s = time.perf_counter() - started
 
         summary = self._summary(records, options, {"prepare": prepared_s, "retrieval": retrieval_s, "sampling": sampling_s, "output": output_s})
+        summary["brain_extraction"] = self._extraction_summary(extraction, options)
         return Reconstruction(mri=mri, uncertainty=uncertainty, ct=ct, mask=mask_dense, grid=grid, slices=records, summary=summary)
 
     def _retrieve(self, y: np.ndarray, positions: np.ndarray, options: ReconstructionOptions) -> list | None:
@@ -386,6 +400,15 @@ class ReBrainPipeline:
             m2 += delta * (out - mean)
         std = np.sqrt(m2 / options.samples) if options.samples > 1 else np.zeros_like(mean)
         return mean.astype(np.float32), std.astype(np.float32)
+
+    def _extraction_summary(self, extraction: BrainExtraction | None, options: ReconstructionOptions) -> dict:
+        if self.preset.source_modality != "ct":
+            return {"applied": False, "reason": "not a CT preset"}
+        if not options.brain_extraction:
+            return {"applied": False, "reason": "turned off (input already brain-only)"}
+        if extraction is None:
+            return {"applied": False, "reason": "no skull in the CT: treated as already brain-only"}
+        return {"applied": True, **extraction.summary()}
 
     def _summary(self, records: list[SliceRecord], options: ReconstructionOptions, seconds: dict[str, float]) -> dict:
         similarities = [r.similarity for r in records if r.similarity is not None]

@@ -12,8 +12,8 @@ TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
 
-def parse_bool(name: str, value: str | bool) -> bool:
-    """``"true"``/``"false"`` (and 1/0, yes/no, on/off) -> bool; anything else names the option."""
+def parse_bool(value: str | bool) -> bool:
+    """``"true"``/``"false"`` (and 1/0, yes/no, on/off) -> bool; anything else is a ValueError."""
     if isinstance(value, bool):
         return value
     word = str(value).strip().lower()
@@ -21,7 +21,7 @@ def parse_bool(name: str, value: str | bool) -> bool:
         return True
     if word in FALSE_WORDS:
         return False
-    raise ValueError(f"--conf {name} {value!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+    raise ValueError(f"{value!r}: expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,10 @@ class ServerConfig:
                 raise ValueError(f"--conf device {conf['device']!r}: expected auto, cpu, cuda or cuda:N")
             values["device"] = str(conf["device"])
         if "preload" in conf:
-            values["preload"] = parse_bool("preload", conf["preload"])
+            try:
+                values["preload"] = parse_bool(conf["preload"])
+            except ValueError as error:
+                raise ValueError(f"--conf preload {error}") from None
         for name in ("steps", "keep_results"):
             if name in conf:
                 try:

@@ -15,6 +15,8 @@ def test_defaults_come_from_the_server():
     params = parse_infer_params({"model": "rebrain", "image": "x", "device": ["cpu"]}, "ct2mri", 7, PRESETS)
     assert params.preset == "ct2mri" and params.options.steps == 7 and params.options.samples == 1
     assert params.simulate_sparsity is None and params.output == "mri" and params.options.method == "rebrain"
+    assert params.options.brain_extraction is True
+    assert parse_infer_params({"brain_extraction": "false"}, "ct2mri", None, PRESETS).options.brain_extraction is False
 
 
 def test_form_strings_are_converted():
@@ -39,6 +41,7 @@ def test_form_strings_are_converted():
         ({"method": "magic"}, "'method'"),
         ({"output": "label"}, "'output'"),
         ({"samples": 2, "eta": 0}, "eta"),
+        ({"brain_extraction": "perhaps"}, "'brain_extraction'"),
     ],
 )
 def test_bad_parameters_are_refused_by_name(request_params, named):
