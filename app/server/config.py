@@ -48,8 +48,6 @@ class ServerConfig:
     results: Path = Path(tempfile.gettempdir()) / "rebrain-results"
     keep_results: int = 32
 
-    OPTIONS = ("preset", "weights", "kb", "device", "preload", "steps", "results", "keep_results")
-
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> ServerConfig:
         """Parse MONAI Label's ``conf`` dict; MONAI Label's own keys (e.g. ``server_mode``) pass.

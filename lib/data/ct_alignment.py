@@ -37,15 +37,13 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from lib.data.model_frame import CT_FOREGROUND_HU
+from lib.io.dicom_writer import RAS_TO_LPS  # ITK works in LPS, the Volume in RAS
 from lib.io.errors import VolumeReadError
 from lib.io.volume import Volume, slice_normal, volume_from_voxel_affine
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct_template"
 TEMPLATE_FILE = "scct.nii"
 TEMPLATE_BRAIN_FILE = "scct_stripped.nii"
-
-# ITK works in LPS, the Volume in RAS: flip x and y.
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 # Head = tissue above this (skin, fat at -100, brain, bone); air is -1000, the foam of a head
 # rest -900..-700. Also used for the template, which is smooth enough for a clean edge.
@@ -153,7 +151,7 @@ def load_ct_template(folder: str | Path | None = None) -> CtTemplate:
         raise FileNotFoundError(f"CT head template brain is empty: {paths[1]}")
     brain_mask = sitk.GetImageFromArray(brain.astype(np.uint8))
     brain_mask.CopyInformation(raw)
-    head_mask = _largest_component_filled(sitk.BinaryThreshold(image, HEAD_HU, 1e9, 1, 0))
+    head_mask = _head_mask(image)
     slices = np.nonzero(brain.any(axis=(1, 2)))[0]
     z = [image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, float(k)))[2] for k in (slices.min(), slices.max())]
     return CtTemplate(image, head_mask, brain_mask, float(min(z)), float(max(z)), str(paths[0]))
@@ -215,7 +213,7 @@ def _regular_array(volume: Volume, array: np.ndarray, order: int, fill: float) -
 
 def _to_sitk(array: np.ndarray, voxel_affine: np.ndarray, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
     """An (X, Y, Z) array with an orthogonal RAS voxel affine as an ITK (LPS) image."""
-    lps = _RAS_TO_LPS @ voxel_affine[:3, :3]
+    lps = RAS_TO_LPS @ voxel_affine[:3, :3]
     spacing = np.linalg.norm(lps, axis=0)
     direction = lps / spacing
     if abs(abs(np.linalg.det(direction)) - 1.0) > 1e-3:
@@ -224,7 +222,7 @@ def _to_sitk(array: np.ndarray, voxel_affine: np.ndarray, pixel_type: int = sitk
     image = sitk.Cast(image, pixel_type)
     image.SetSpacing(spacing.tolist())
     image.SetDirection(direction.ravel().tolist())
-    image.SetOrigin((_RAS_TO_LPS @ voxel_affine[:3, 3]).tolist())
+    image.SetOrigin((RAS_TO_LPS @ voxel_affine[:3, 3]).tolist())
     return image
 
 
@@ -244,8 +242,8 @@ def sitk_to_volume(image: sitk.Image, **fields: Any) -> Volume:
     """A SimpleITK image (LPS) as a canonical :class:`Volume` (RAS, same physical voxels)."""
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     voxel_affine = np.eye(4)
-    voxel_affine[:3, :3] = _RAS_TO_LPS @ direction @ np.diag(image.GetSpacing())
-    voxel_affine[:3, 3] = _RAS_TO_LPS @ np.asarray(image.GetOrigin())
+    voxel_affine[:3, :3] = RAS_TO_LPS @ direction @ np.diag(image.GetSpacing())
+    voxel_affine[:3, 3] = RAS_TO_LPS @ np.asarray(image.GetOrigin())
     return volume_from_voxel_affine(sitk.GetArrayFromImage(image).transpose(2, 1, 0), voxel_affine, **fields)
 
 
@@ -301,14 +299,14 @@ class RigidAlignment:
     def ct_points_to_template(self, points_ras: np.ndarray) -> np.ndarray:
         """(N, 3) CT RAS mm -> (N, 3) template RAS mm (MNI)."""
         matrix, centre, translation = self._lps_parts()
-        lps = np.atleast_2d(np.asarray(points_ras, dtype=np.float64)) @ _RAS_TO_LPS.T
-        return ((lps - centre) @ matrix.T + centre + translation) @ _RAS_TO_LPS.T
+        lps = np.atleast_2d(np.asarray(points_ras, dtype=np.float64)) @ RAS_TO_LPS.T
+        return ((lps - centre) @ matrix.T + centre + translation) @ RAS_TO_LPS.T
 
     def template_points_to_ct(self, points_ras: np.ndarray) -> np.ndarray:
         """(N, 3) template RAS mm -> (N, 3) CT RAS mm (the exact inverse)."""
         matrix, centre, translation = self._lps_parts()
-        lps = np.atleast_2d(np.asarray(points_ras, dtype=np.float64)) @ _RAS_TO_LPS.T
-        return ((lps - centre - translation) @ matrix + centre) @ _RAS_TO_LPS.T
+        lps = np.atleast_2d(np.asarray(points_ras, dtype=np.float64)) @ RAS_TO_LPS.T
+        return ((lps - centre - translation) @ matrix + centre) @ RAS_TO_LPS.T
 
     def template_z(self, volume: Volume, positions_mm: np.ndarray | None = None) -> np.ndarray:
         """Template z (mm) of the slice centre of each slice position ``p`` of ``volume``.
@@ -357,7 +355,7 @@ class RigidAlignment:
         out = np.empty(volume.shape, dtype=np.float32)
         for k in range(volume.shape[2]):
             world = volume_world_points(volume, k).reshape(-1, 3)
-            template_lps = self.ct_points_to_template(world) @ _RAS_TO_LPS.T
+            template_lps = self.ct_points_to_template(world) @ RAS_TO_LPS.T
             continuous = ((template_lps - origin) @ direction) / spacing  # ITK index; direction is orthonormal
             out[:, :, k] = ndimage.map_coordinates(data, continuous.T, order=order, mode="constant", cval=fill).reshape(volume.shape[:2])
         return out
@@ -381,7 +379,7 @@ class RigidAlignment:
 
 def _rotation_angles_ras(matrix_lps: np.ndarray) -> tuple[float, float, float]:
     """ITK Euler (ZXY) angles of the RAS-frame rotation, in degrees."""
-    ras = _RAS_TO_LPS @ matrix_lps @ _RAS_TO_LPS
+    ras = RAS_TO_LPS @ matrix_lps @ RAS_TO_LPS
     euler = sitk.Euler3DTransform()
     euler.SetMatrix(ras.ravel().tolist(), 1e-6)
     return tuple(float(np.degrees(a)) for a in (euler.GetAngleX(), euler.GetAngleY(), euler.GetAngleZ()))
@@ -640,8 +638,8 @@ def align_to_template(
         metric=metric,
         converged=converged,
         rotation_deg=_rotation_angles_ras(matrix),
-        translation_mm=tuple(float(t) for t in _RAS_TO_LPS @ translation),
-        centre_ras=tuple(float(c) for c in _RAS_TO_LPS @ centre),
+        translation_mm=tuple(float(t) for t in RAS_TO_LPS @ translation),
+        centre_ras=tuple(float(c) for c in RAS_TO_LPS @ centre),
         brain_inferior_mm=template.brain_inferior_mm,
         brain_superior_mm=template.brain_superior_mm,
         iterations={

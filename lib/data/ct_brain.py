@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from lib.data.model_frame import largest_component
 from lib.io.errors import VolumeReadError
 from lib.io.volume import Volume
 
@@ -137,16 +138,6 @@ def _remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     keep = sizes >= min_voxels
     keep[0] = False
     return keep[labels]
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest connected component of ``mask`` (an empty mask stays empty)."""
-    labels, count = ndimage.label(mask)  # face connectivity: no leaks through voxel corners
-    if count == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
 
 
 def _per_slice(function: Callable[[np.ndarray], np.ndarray], mask: np.ndarray) -> np.ndarray:
@@ -270,7 +261,7 @@ def _cavity(
     mask = ndimage.binary_erosion(mask, structure=ball, border_value=1)
     if not mask.any():
         return mask  # something is enclosed, but too little of it to survive the opening
-    mask = _largest_component(mask)
+    mask = largest_component(mask)
     mask = ndimage.binary_dilation(mask, structure=ball) & candidate
     # Holes per slice as well: a cut volume's cavities open to its end slices are no 3-D
     # holes; calcifications and dark streak artefacts inside the brain are filled back.

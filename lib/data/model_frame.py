@@ -25,6 +25,16 @@ from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, ct_to_unit, mri_to
 CT_FOREGROUND_HU = -500.0
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of ``mask`` (an empty mask stays empty)."""
+    labels, count = ndimage.label(mask)  # face connectivity: no leaks through voxel corners
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
 def foreground_mask(array: np.ndarray, modality: str) -> np.ndarray:
     """Brain/foreground mask of an (X, Y, Z) volume: threshold, largest component, holes filled.
 
@@ -32,12 +42,8 @@ def foreground_mask(array: np.ndarray, modality: str) -> np.ndarray:
         array: values in HU for ``modality == "ct"``, scanner units otherwise.
         modality: ``"ct"`` or anything else (treated as a skull-stripped MRI).
     """
-    mask = array > (CT_FOREGROUND_HU if modality == "ct" else 0.0)
-    labels, count = ndimage.label(mask)
-    if count > 1:
-        # Noise specks and the scanner table are smaller than the head.
-        sizes = ndimage.sum(mask, labels, index=np.arange(1, count + 1))
-        mask = labels == (int(np.argmax(sizes)) + 1)
+    # Noise specks and the scanner table are smaller than the head.
+    mask = largest_component(array > (CT_FOREGROUND_HU if modality == "ct" else 0.0))
     # Fill holes slice by slice: ventricles are inside the brain, not background.
     return np.stack([ndimage.binary_fill_holes(mask[:, :, z]) for z in range(mask.shape[2])], axis=2)
 

@@ -184,7 +184,7 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
         self.ui.simulateRadioButton.connect("toggled(bool)", self.updateButtons)
-        self.ui.uncertaintySelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onShowUncertainty)
+        self.ui.uncertaintySelector.connect("currentNodeChanged(vtkMRMLNode*)", self.showOverlays)
         self.ui.similarityOverlayCheckBox.connect("toggled(bool)", self.showOverlays)
         self.ui.statusOverlayCheckBox.connect("toggled(bool)", self.showOverlays)
         self.timer = qt.QTimer()
@@ -273,9 +273,6 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
         foreground = self.nodes["similarity"] if self.ui.similarityOverlayCheckBox.checked else None
         label = self.nodes["status"] if self.ui.statusOverlayCheckBox.checked else None
         slicer.util.setSliceViewerLayers(background=background, foreground=foreground, foregroundOpacity=0.4, label=label, fit=True)
-
-    def onShowUncertainty(self, *_args) -> None:
-        self.showOverlays()
 
 
 class ReBrainTest(ScriptedLoadableModuleTest):

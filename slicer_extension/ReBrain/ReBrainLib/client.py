@@ -123,16 +123,17 @@ class ReBrainClient:
         Raises:
             ServerError: with the server's reason (e.g. "not a CT") or the network error.
         """
+        report = stage or (lambda _: None)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (stage or (lambda _: None))("reconstructing on the server")
+        report("reconstructing on the server")
         with open(image, "rb") as handle:
             answer, mri = self._infer("upload", {**params, "output": "mri"}, {"file": (Path(image).name, handle, "application/gzip")})
         result = ReconstructionResult(params=answer)
         result.volumes["mri"] = out_dir / "mri.nii.gz"
         result.volumes["mri"].write_bytes(mri)
         for output in extra_outputs:
-            (stage or (lambda _: None))(f"downloading {output}")
+            report(f"downloading {output}")
             result.volumes[output] = self.fetch(result.result_id, output, out_dir / f"{output}.nii.gz")
         return result
 
