@@ -41,9 +41,11 @@ from lib.io.dicom_writer import RAS_TO_LPS  # ITK works in LPS, the Volume in RA
 from lib.io.errors import VolumeReadError
 from lib.io.volume import Volume, slice_normal, volume_from_voxel_affine
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ct_template"
-TEMPLATE_FILE = "scct.nii"
-TEMPLATE_BRAIN_FILE = "scct_stripped.nii"
+# Shipped with the weights (BSD-2, Chris Rorden's Clinical Toolbox for SPM; see MODEL_CARD.md),
+# so a clinical host needs nothing beside the repository.
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "model_weights" / "ct_template"
+TEMPLATE_FILE = "scct.nii.gz"
+TEMPLATE_BRAIN_FILE = "scct_stripped.nii.gz"
 
 # Head = tissue above this (skin, fat at -100, brain, bone); air is -1000, the foam of a head
 # rest -900..-700. Also used for the template, which is smooth enough for a clean edge.
@@ -130,8 +132,8 @@ def load_ct_template(folder: str | Path | None = None) -> CtTemplate:
     """Load (once) the CT head template in HU with its head and brain masks.
 
     Args:
-        folder: the folder with ``scct.nii`` and ``scct_stripped.nii`` (default:
-            ``../shared/data/ct_template`` beside the repository).
+        folder: the folder with ``scct.nii.gz`` and ``scct_stripped.nii.gz`` (default: the
+            copy shipped in ``model_weights/ct_template``).
 
     Raises:
         FileNotFoundError: naming the missing template file.
@@ -140,7 +142,7 @@ def load_ct_template(folder: str | Path | None = None) -> CtTemplate:
     paths = [folder / TEMPLATE_FILE, folder / TEMPLATE_BRAIN_FILE]
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"CT head template not found: {path} (needs ../shared/data/ct_template beside the repository)")
+            raise FileNotFoundError(f"CT head template not found: {path} (shipped in model_weights/ct_template; restore it from the repository)")
     raw = sitk.ReadImage(str(paths[0]), sitk.sitkFloat64)
     image = sitk.GetImageFromArray(cormack_to_hu(sitk.GetArrayFromImage(raw)).astype(np.float32))
     image.CopyInformation(raw)

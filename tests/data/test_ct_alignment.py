@@ -22,7 +22,7 @@ from lib.data.ct_brain import extract_brain
 from lib.io.errors import VolumeReadError
 from lib.io.volume import Volume, slice_normal
 
-from tests.conftest import require
+from tests.conftest import SHARED_DATA, require
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -38,8 +38,6 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def template():
-    require(TEMPLATE_DIR / "scct.nii")
-    require(TEMPLATE_DIR / "scct_stripped.nii")
     return load_ct_template()
 
 
@@ -74,8 +72,20 @@ def test_template_loads_in_hu_with_a_brain_extent(template):
 
 
 def test_missing_template_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="scct.nii"):
+    with pytest.raises(FileNotFoundError, match="scct.nii.gz"):
         load_ct_template(tmp_path)
+
+
+def test_shipped_template_is_the_clinical_toolbox_template():
+    """The gzipped copy in model_weights holds the same voxels and geometry as the source."""
+    source = SHARED_DATA / "ct_template"
+    require(source / "scct.nii")
+    for name in ("scct.nii", "scct_stripped.nii"):
+        shipped, original = sitk.ReadImage(str(TEMPLATE_DIR / f"{name}.gz")), sitk.ReadImage(str(source / name))
+        assert np.array_equal(sitk.GetArrayFromImage(shipped), sitk.GetArrayFromImage(original))
+        assert shipped.GetOrigin() == original.GetOrigin() and shipped.GetSpacing() == original.GetSpacing()
+        assert shipped.GetDirection() == original.GetDirection()
+    assert "BSD 2-Clause" in (TEMPLATE_DIR / "LICENSE").read_text()
 
 
 def test_volume_to_sitk_keeps_the_physical_geometry(real_ct_volume):
