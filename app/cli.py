@@ -16,7 +16,11 @@ from lib.reconstruction_methods import METHODS
 
 # Errors a user can fix: printed as one line, no traceback.
 USER_ERRORS = (VolumeReadError, ValueError, FileExistsError, FileNotFoundError)
-NO_BRAIN_EXTRACTION_HELP = "CT input is already brain-only (prepared): skip the skull and scalp removal of real head CT"
+NO_BRAIN_EXTRACTION_HELP = "CT input is already brain-only (prepared): skip the skull and scalp removal of real head CT (and the alignment)"
+NO_ALIGNMENT_HELP = (
+    "real head CT: do not register it to the CT head template; slice positions then come from the brain's own extent, "
+    "right only when the CT covers the whole brain"
+)
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -156,7 +160,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
     options = ReconstructionOptions(
         steps=args.steps, samples=args.samples, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
         target_spacing=args.target_spacing, use_retrieval=not args.no_retrieval, use_controlnet=not args.no_controlnet, method=args.method,
-        brain_extraction=not args.no_brain_extraction,
+        brain_extraction=not args.no_brain_extraction, alignment=not args.no_alignment,
     )
     volume = read_volume(args.input, modality=preset.input_modality)
     if args.simulate_sparsity:
@@ -184,7 +188,9 @@ def _batch(args: argparse.Namespace) -> int:
     from lib.presets import load_preset
 
     pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
-    options = ReconstructionOptions(steps=args.steps, seed=args.seed, batch_size=args.batch_size, brain_extraction=not args.no_brain_extraction)
+    options = ReconstructionOptions(steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+        brain_extraction=not args.no_brain_extraction, alignment=not args.no_alignment,
+    )
     outcomes = run_batch(
         args.input_root, args.output_root, pipeline, options, resume=args.resume, push_url=args.push_dicomweb,
         sparsity=args.simulate_sparsity, progress=not args.quiet,
@@ -385,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--no-retrieval", action="store_true", help="skip the knowledge base (every slice uses the SLERP control)")
     recon.add_argument("--no-controlnet", action="store_true", help="BBDM alone, without the ControlNet branch")
     recon.add_argument("--no-brain-extraction", action="store_true", help=NO_BRAIN_EXTRACTION_HELP)
+    recon.add_argument("--no-alignment", action="store_true", help=NO_ALIGNMENT_HELP)
     recon.add_argument("--method", default="rebrain", choices=METHODS, help="how gap slices are made: the method (default) or an evaluation baseline (see lib/pipeline.py)")
     recon.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     recon.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -402,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--resume", action="store_true", help="skip series whose outputs are complete; redo half-written ones")
     batch.add_argument("--push-dicomweb", default=None, metavar="URL", help="send each synthetic series to this DICOMweb server (STOW-RS)")
     batch.add_argument("--no-brain-extraction", action="store_true", help=NO_BRAIN_EXTRACTION_HELP)
+    batch.add_argument("--no-alignment", action="store_true", help=NO_ALIGNMENT_HELP)
     batch.add_argument("--device", default="auto")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     batch.set_defaults(run=_batch)

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from lib.data.ct_alignment import align_to_template, too_short_to_register
 from lib.data.ct_brain import BrainExtraction, extract_brain
 from lib.data.model_frame import ModelFrame, foreground_mask, normalise_source
 from lib.diffusion.sampler import translate_slices
@@ -66,6 +67,11 @@ class ReconstructionOptions:
         brain_extraction: for CT presets, find the intracranial mask of a real head CT
             (:mod:`lib.data.ct_brain`) and give the models the brain only; off for inputs
             that are already brain-only (it is skipped anyway when a CT has no skull).
+        alignment: when the brain was extracted, register the head rigidly to the CT head
+            template (:mod:`lib.data.ct_alignment`) and take every slice's normalised axial
+            position (the retrieval filter) from the template brain; off, or for a stack too
+            short to register, positions come from the extracted brain's own extent, which is
+            right only when the CT covers the whole brain.
         method: how gap slices are made (see :data:`lib.reconstruction_methods.METHODS`);
             ``"rebrain"`` is the method, the others are the evaluation's baselines and
             ablations (METHOD.md section 6).
@@ -81,6 +87,7 @@ class ReconstructionOptions:
     use_retrieval: bool = True
     use_controlnet: bool = True
     brain_extraction: bool = True
+    alignment: bool = True
     method: str = "rebrain"
 
     def __post_init__(self) -> None:
@@ -108,7 +115,8 @@ class SliceRecord:
     Attributes:
         index: slice index on the dense grid.
         position_mm: its position along the slice normal (the input volume's ``p``, mm).
-        normalised_position: its axial position normalised to the brain extent.
+        normalised_position: its axial position, 0 at the bottom of the brain, 1 at the top
+            (from the CT head template for a registered real CT; see ``summary["alignment"]``).
         acquired: true when an acquired CT slice lies on it.
         source_slice: that acquired slice's index in the input, or None.
         similarity: top-1 retrieval cosine similarity (None: retrieval off or no candidate).
@@ -232,7 +240,9 @@ class ReBrainPipeline:
             progress: called as ``progress(done, total)`` in sampling work units.
 
         Raises:
-            ValueError: wrong modality, no foreground, or bad options.
+            ValueError: wrong modality, no foreground, bad options; for a real head CT, not a
+                head, too little brain, or a failed registration to the template
+                (:class:`lib.io.errors.VolumeReadError`, naming the input).
         """
         self.check_modality(volume)
         started = time.perf_counter()
@@ -250,7 +260,7 @@ class ReBrainPipeline:
         acquired, acquired_mask = frame.to_model(unit, mask)
 
         y, dense_model_mask = dense_slices(acquired, acquired_mask, grid)
-        positions = frame.normalised_positions(grid.positions)
+        positions, alignment_record = self._positions(volume, extraction, frame, grid, options)
         prepared_s = time.perf_counter() - started
 
         method = options.method
@@ -282,7 +292,28 @@ class ReBrainPipeline:
 
         summary = self._summary(records, options, {"prepare": prepared_s, "retrieval": retrieval_s, "sampling": sampling_s, "output": output_s})
         summary["brain_extraction"] = self._extraction_summary(extraction, options)
+        summary["alignment"] = alignment_record
         return Reconstruction(mri=mri, uncertainty=uncertainty, ct=ct, mask=mask_dense, grid=grid, slices=records, summary=summary)
+
+    def _positions(self, volume: Volume, extraction: BrainExtraction | None, frame: ModelFrame, grid: DenseGrid, options: ReconstructionOptions) -> tuple[np.ndarray, dict]:
+        """Normalised axial position of every dense-grid slice, and a record of how it was found.
+
+        A real head CT (its brain was extracted) is registered to the CT head template, so a
+        partial or pitched scan gets the positions its slices have in a whole, atlas-aligned
+        head (the knowledge base's convention). Prepared inputs (brain-only, atlas-aligned like
+        the training data) and stacks too short to register use the brain's own extent.
+        A registration that fails raises: no silent wrong positions.
+        """
+        brain_extent = "positions from the brain extent of this input (right only when it covers the whole brain)"
+        if extraction is None:
+            return frame.normalised_positions(grid.positions), {"applied": False, "positions": "brain extent", "reason": "no brain extraction: the input is taken as already prepared; " + brain_extent}
+        if not options.alignment:
+            return frame.normalised_positions(grid.positions), {"applied": False, "positions": "brain extent", "reason": "turned off; " + brain_extent}
+        too_short = too_short_to_register(volume)
+        if too_short is not None:
+            return frame.normalised_positions(grid.positions), {"applied": False, "positions": "brain extent", "reason": f"{too_short}; {brain_extent}"}
+        alignment = align_to_template(volume)
+        return alignment.normalised_positions(volume, grid.positions), {"applied": True, "positions": "CT head template", **alignment.summary()}
 
     def _retrieve(self, y: np.ndarray, positions: np.ndarray, options: ReconstructionOptions) -> list | None:
         if not options.use_retrieval:

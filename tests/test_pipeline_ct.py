@@ -1,12 +1,20 @@
-"""The pipeline on a real head CT with a CT preset: brain extraction on by default, off on request,
-skipped for a CT that is already brain-only."""
+"""The pipeline on a real head CT with a CT preset: brain extraction and alignment to the CT head
+template on by default, off on request, skipped for a CT that is already brain-only; a CT that
+cannot be registered is refused by name; the MRI lies in the CT's own frame."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+import nibabel as nib
+
+from app.cli import main
+from lib.data.ct_alignment import MAX_METRIC, align_to_template
 from lib.data.ct_brain import extract_brain
+from lib.io import dense_grid, read_volume
+from lib.io.dicom_writer import SeriesDescription, write_dicom_series
+from lib.io.nifti import write_nifti
 from lib.io.volume import Volume
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
 
@@ -28,6 +36,9 @@ def test_real_ct_gets_the_brain_only(pipeline, head_cut):
     result = pipeline.reconstruct(head_cut, ReconstructionOptions(steps=2))
     record = result.summary["brain_extraction"]
     assert record["applied"] is True and 0.05 < record["brain_fraction"] < 0.6 and record["brain_volume_ml"] > 100
+    # 6 slices over 25 mm cannot pin down the head's pitch: positions from the brain extent, said so.
+    alignment = result.summary["alignment"]
+    assert alignment["applied"] is False and "too few to register" in alignment["reason"] and alignment["positions"] == "brain extent"
     brain = extract_brain(head_cut).mask
     for k in np.flatnonzero(result.grid.acquired):
         # The synthetic MRI exists only inside the intracranial mask (never on skull or scalp).
@@ -52,3 +63,64 @@ def test_a_brain_only_ct_is_used_as_it_is(pipeline):
     volume = Volume(array=array, affine=np.diag([2.0, 2.0, 1.0, 1.0]), positions=np.arange(6) * 4.0, modality="CT")
     result = pipeline.reconstruct(volume, ReconstructionOptions(steps=2))
     assert result.summary["brain_extraction"]["applied"] is False and "no skull" in result.summary["brain_extraction"]["reason"]
+
+
+@pytest.fixture(scope="module")
+def whole_head_positions(real_ct_volume):
+    """Normalised positions of every slice of the whole real CT, from its own registration."""
+    return align_to_template(real_ct_volume).normalised_positions(real_ct_volume)
+
+
+@pytest.fixture(scope="module")
+def upper_part(real_ct_volume):
+    """The upper 40 % of the real head CT, every other slice (5 mm apart): 14 slices over 65 mm."""
+    count = real_ct_volume.shape[2]
+    indices = list(range(int(count * 0.6), count, 2))
+    return real_ct_volume.take_slices(indices), indices
+
+
+def test_partial_real_ct_takes_its_positions_from_the_template(pipeline, upper_part, whole_head_positions):
+    volume, indices = upper_part
+    aligned = pipeline.reconstruct(volume, ReconstructionOptions(steps=2))
+    record = aligned.summary["alignment"]
+    assert record["applied"] is True and record["positions"] == "CT head template" and record["metric"] <= MAX_METRIC
+    assert len(record["rotation_deg"]) == 3 and len(record["translation_mm"]) == 3 and "LPS" in record["transform"]
+    positions = np.array([r.normalised_position for r in aligned.slices])
+    acquired = aligned.grid.acquired
+    # Each acquired slice keeps the position it has in the whole head.
+    assert np.abs(positions[acquired] - whole_head_positions[indices]).max() < 0.03
+    assert positions[0] > 0.6 and positions[-1] > 1.0  # high in the brain, the top above it
+
+    # Without the alignment the brain's own extent maps this cut onto the whole 0..1 range.
+    unaligned = pipeline.reconstruct(volume, ReconstructionOptions(steps=2, alignment=False))
+    assert unaligned.summary["alignment"]["applied"] is False and "turned off" in unaligned.summary["alignment"]["reason"]
+    brain_extent = np.array([r.normalised_position for r in unaligned.slices])
+    assert brain_extent.min() < 0.05
+
+
+def test_real_ct_dicom_reconstructs_in_the_ct_frame(pipeline, upper_part, tmp_path, capsys):
+    """CLI on a real CT DICOM series: the MRI's affine is the CT's, on the dense grid along z."""
+    volume, _ = upper_part
+    write_dicom_series(volume, tmp_path / "ct", SeriesDescription(modality="CT", series_description="head"))
+    assert main(["reconstruct", str(tmp_path / "ct"), str(tmp_path / "out"), "--preset", str(pipeline.preset.root), "--steps", "2", "--quiet"]) == 0
+    source = read_volume(tmp_path / "ct", modality="CT")
+    grid = dense_grid(source, pipeline.preset.slice_spacing_mm)
+    image = nib.load(tmp_path / "out" / "mri.nii.gz")
+    assert image.shape == grid.shape
+    np.testing.assert_allclose(image.affine, grid.affine, atol=1e-3)
+    # In-plane axes, first and last slice are the CT's own.
+    voxel = source.voxel_affine()
+    np.testing.assert_allclose(image.affine[:3, :2], voxel[:3, :2], atol=1e-4)
+    np.testing.assert_allclose(image.affine[:3, 3], voxel[:3, 3], atol=1e-3)
+    last = image.affine @ np.array([0, 0, image.shape[2] - 1, 1.0])
+    np.testing.assert_allclose(last[:3], (source.affine @ np.array([0, 0, source.positions[-1], 1.0]))[:3], atol=1e-3)
+
+
+def test_a_ct_that_fails_registration_is_refused_by_name(pipeline, real_ct_volume, tmp_path, capsys):
+    """The real head turned upside down: brain found, registration rejected, nothing written."""
+    flipped = real_ct_volume.array[:, :, ::-1].copy()
+    write_nifti(tmp_path / "upside_down.nii.gz", flipped, real_ct_volume.voxel_affine(), "real head CT, flipped for a test")
+    code = main(["reconstruct", str(tmp_path / "upside_down.nii.gz"), str(tmp_path / "out"), "--preset", str(pipeline.preset.root), "--steps", "2", "--quiet"])
+    error = capsys.readouterr().err
+    assert code == 2 and "upside_down.nii.gz" in error and "registration to the head CT template failed" in error
+    assert "Traceback" not in error and not (tmp_path / "out").exists()

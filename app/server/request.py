@@ -28,6 +28,7 @@ PARAM_HELP = {
     "target_spacing": "output slice spacing in mm (default: the preset's, 1 mm)",
     "simulate_sparsity": "keep every k-th input slice first (k >= 2); 0 or absent: the input is the sparse scan",
     "brain_extraction": "CT presets: remove skull and scalp of a real head CT first (default true; false for brain-only inputs)",
+    "alignment": "real head CT: register it to the CT head template for the slice positions (default true; false: the brain's own extent)",
     "method": "rebrain (the method) or an evaluation baseline: " + ", ".join(METHODS[1:]),
     "output": "volume returned as the image: " + ", ".join(OUTPUTS) + " (all are kept; see result_id)",
     "result_id": "fetch an output of an earlier result without recomputing it (with 'output')",
@@ -121,12 +122,14 @@ def parse_infer_params(request: dict, default_preset: str, default_steps: int | 
     eta = _value(request, "eta", float, None, lambda v: 0.0 <= v <= 1.0, "0 to 1")
     spacing = _value(request, "target_spacing", float, None, lambda v: 0.1 <= v <= 20.0, "0.1 to 20 mm")
     sparsity = _value(request, "simulate_sparsity", _whole, None, lambda v: v == 0 or 2 <= v <= 16, "0 (off) or 2 to 16")
+    switches = {}
+    for name in ("brain_extraction", "alignment"):
+        try:
+            switches[name] = parse_bool(request.get(name, True))
+        except ValueError as error:
+            raise RequestError(f"parameter {name!r}: {error}") from None
     try:
-        brain_extraction = parse_bool(request.get("brain_extraction", True))
-    except ValueError as error:
-        raise RequestError(f"parameter 'brain_extraction': {error}") from None
-    try:
-        options = ReconstructionOptions(steps=steps, samples=samples, eta=eta, seed=seed, target_spacing=spacing, method=method, brain_extraction=brain_extraction)
+        options = ReconstructionOptions(steps=steps, samples=samples, eta=eta, seed=seed, target_spacing=spacing, method=method, **switches)
     except ValueError as error:
         raise RequestError(f"parameters: {error}") from None
     return InferParams(preset=preset, options=options, simulate_sparsity=sparsity or None, output=output_choice(request))

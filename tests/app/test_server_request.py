@@ -15,8 +15,9 @@ def test_defaults_come_from_the_server():
     params = parse_infer_params({"model": "rebrain", "image": "x", "device": ["cpu"]}, "ct2mri", 7, PRESETS)
     assert params.preset == "ct2mri" and params.options.steps == 7 and params.options.samples == 1
     assert params.simulate_sparsity is None and params.output == "mri" and params.options.method == "rebrain"
-    assert params.options.brain_extraction is True
+    assert params.options.brain_extraction is True and params.options.alignment is True
     assert parse_infer_params({"brain_extraction": "false"}, "ct2mri", None, PRESETS).options.brain_extraction is False
+    assert parse_infer_params({"alignment": "0"}, "ct2mri", None, PRESETS).options.alignment is False
 
 
 def test_form_strings_are_converted():
@@ -42,6 +43,7 @@ def test_form_strings_are_converted():
         ({"output": "label"}, "'output'"),
         ({"samples": 2, "eta": 0}, "eta"),
         ({"brain_extraction": "perhaps"}, "'brain_extraction'"),
+        ({"alignment": "maybe"}, "'alignment'"),
     ],
 )
 def test_bad_parameters_are_refused_by_name(request_params, named):

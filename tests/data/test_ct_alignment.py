@@ -16,6 +16,7 @@ from lib.data.ct_alignment import (
     cormack_to_hu,
     load_ct_template,
     sitk_to_volume,
+    too_short_to_register,
     volume_to_sitk,
 )
 from lib.data.ct_brain import extract_brain
@@ -23,6 +24,7 @@ from lib.io.errors import VolumeReadError
 from lib.io.volume import Volume, slice_normal
 
 from tests.conftest import SHARED_DATA, require
+from tests.tilted import make_tilted
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -205,25 +207,6 @@ def test_round_trip_to_template_and_back(alignment, real_ct_volume, head_mask, t
     assert np.percentile(difference, 90) < 15.0
 
 
-def make_tilted(volume: Volume, tilt_deg: float) -> Volume:
-    """The same head acquired with a gantry tilt: slice origins slide along A by tan(tilt) * p.
-
-    The tilted volume's slice k holds the head at the world points of the sheared grid, i.e.
-    the untilted slice shifted in-plane by -(p_k - p_mid) tan(tilt) / pixel along j.
-    """
-    lean = np.tan(np.radians(tilt_deg))
-    middle = volume.positions[len(volume.positions) // 2]
-    spacing_y = volume.pixel_spacing[1]
-    array = np.stack(
-        [ndimage.shift(volume.array[:, :, k], (0.0, -(p - middle) * lean / spacing_y), order=1, mode="constant", cval=-3024.0) for k, p in enumerate(volume.positions)],
-        axis=2,
-    )
-    affine = volume.affine.copy()
-    affine[:3, 2] = volume.affine[:3, 2] + lean * np.array([0.0, 1.0, 0.0])  # leans along A
-    affine[:3, 3] = volume.affine[:3, 3] - middle * lean * np.array([0.0, 1.0, 0.0])
-    return Volume(array=array.astype(np.float32), affine=affine, positions=volume.positions.copy(), modality="CT", source="tilted")
-
-
 def test_tilted_copy_gives_the_same_positions(alignment, real_ct_volume, head_mask):
     tilted = make_tilted(real_ct_volume, 12.0)
     column = tilted.affine[:3, 2]
@@ -250,8 +233,28 @@ def test_noise_is_not_a_head(real_ct_volume, template):
         align_to_template(noise)
 
 
+def test_a_head_upside_down_is_refused(real_ct_volume, template):
+    """Same voxels, skull base on top: the optimiser ends in a wrong optimum the metric rejects."""
+    flipped = Volume(array=real_ct_volume.array[:, :, ::-1].copy(), affine=real_ct_volume.affine, positions=real_ct_volume.positions, modality="CT", source="upside_down.nii")
+    with pytest.raises(VolumeReadError, match="upside_down.nii: registration"):
+        align_to_template(flipped)
+
+
+def test_partial_coverage_gets_the_positions_of_the_whole_head(alignment, real_ct_volume, template):
+    """The upper 40 % of the head: its slices keep the positions they have in the whole scan."""
+    top = list(range(int(real_ct_volume.shape[2] * 0.6), real_ct_volume.shape[2]))
+    partial = real_ct_volume.take_slices(top)
+    partial_alignment = align_to_template(partial)
+    positions = partial_alignment.normalised_positions(partial)
+    assert np.abs(positions - alignment.normalised_positions(real_ct_volume)[top]).max() < 0.03
+    assert positions[0] > 0.6  # the cut starts high in the brain, not at its bottom
+
+
 def test_too_few_slices_are_refused(real_ct_volume, template):
-    with pytest.raises(VolumeReadError, match="registration.*not regular enough"):
-        align_to_template(real_ct_volume.take_slices([30, 31, 32]))
+    short = real_ct_volume.take_slices([30, 31, 32])
+    assert "too few" in too_short_to_register(short)
+    with pytest.raises(VolumeReadError, match="registration.*too few"):
+        align_to_template(short)
     with pytest.raises(VolumeReadError, match="registration.*gaps"):
         align_to_template(real_ct_volume.take_slices(list(range(0, 67, 9))))  # 22.5 mm gaps
+    assert too_short_to_register(real_ct_volume) is None
