@@ -45,6 +45,14 @@ def real_ct_volume(head_ct_folder):
     return Volume(array=np.ascontiguousarray(array), affine=affine, positions=volume.positions.copy(), modality="CT")
 
 
+@pytest.fixture(scope="session")
+def real_ct_alignment(real_ct_volume):
+    """The whole real head CT registered to the CT head template (shared: ~5 s per registration)."""
+    from lib.data.ct_alignment import align_to_template
+
+    return align_to_template(real_ct_volume)
+
+
 # Sampling steps of the test server (tiny untrained presets: quality is not the point).
 SERVER_STEPS = 2
 

@@ -10,7 +10,7 @@ import pytest
 import nibabel as nib
 
 from app.cli import main
-from lib.data.ct_alignment import MAX_METRIC, align_to_template
+from lib.data.ct_alignment import MAX_METRIC
 from lib.data.ct_brain import extract_brain
 from lib.io import dense_grid, read_volume
 from lib.io.dicom_writer import SeriesDescription, write_dicom_series
@@ -66,9 +66,9 @@ def test_a_brain_only_ct_is_used_as_it_is(pipeline):
 
 
 @pytest.fixture(scope="module")
-def whole_head_positions(real_ct_volume):
+def whole_head_positions(real_ct_volume, real_ct_alignment):
     """Normalised positions of every slice of the whole real CT, from its own registration."""
-    return align_to_template(real_ct_volume).normalised_positions(real_ct_volume)
+    return real_ct_alignment.normalised_positions(real_ct_volume)
 
 
 @pytest.fixture(scope="module")

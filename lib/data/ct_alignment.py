@@ -559,6 +559,34 @@ def _symmetry(fixed, fixed_mask, transform, seed) -> tuple[sitk.Euler3DTransform
     return refined, method, angle
 
 
+def _z_range(mask: sitk.Image) -> tuple[float, float]:
+    """Lowest and highest physical z (mm) of a mask's voxels."""
+    k, j, i = np.nonzero(sitk.GetArrayViewFromImage(mask))
+    direction = np.asarray(mask.GetDirection()).reshape(3, 3)
+    z = mask.GetOrigin()[2] + (np.c_[i, j, k] * np.asarray(mask.GetSpacing())) @ direction[2]
+    return float(z.min()), float(z.max())
+
+
+def _end_aligned_starts(head: sitk.Image, template_head: sitk.Image, initial: sitk.Transform) -> list[sitk.Euler3DTransform]:
+    """The centred start shifted along z so the CT head's top, then its bottom, meets the template head's.
+
+    For a scan of part of the head (the vertex only, the skull base only) the moments start puts
+    the part's centroid on the whole template head's centroid, several centimetres off, and
+    the pyramid may not get out of that: measured on the upper 40 % of the real CT with a 12-15
+    degree gantry tilt, the centred start ended at MI -0.09, the top-aligned one at -1.1.
+    """
+    ct_low, ct_high = _z_range(head)
+    template_low, template_high = _z_range(template_head)
+    starts = []
+    for shift in (template_high - ct_high, template_low - ct_low):
+        start = _euler(initial)
+        translation = list(start.GetTranslation())
+        translation[2] = shift
+        start.SetTranslation(translation)
+        starts.append(start)
+    return starts
+
+
 def _fail(volume: Volume, why: str) -> VolumeReadError:
     return VolumeReadError(volume.source or "<volume>", f"registration to the head CT template failed: {why}")
 
@@ -630,6 +658,14 @@ def align_to_template(
     try:
         coarse, stage1 = _multiresolution(fixed, moving, fixed_mask, initial, seed)
         coarse_metric = _final_metric(fixed, moving, fixed_mask, coarse)
+        if not coarse_metric <= max_metric:
+            # A partial scan's centroid is not the template head's: start again with the
+            # scan's top (or bottom) on the template head's and keep the best.
+            for start in _end_aligned_starts(head, template.head_mask, initial):
+                candidate, method = _multiresolution(fixed, moving, fixed_mask, start, seed)
+                candidate_metric = _final_metric(fixed, moving, fixed_mask, candidate)
+                if candidate_metric < coarse_metric:
+                    coarse, stage1, coarse_metric = candidate, method, candidate_metric
         if not coarse_metric <= max_metric * EARLY_REJECT_FRACTION:
             # Far from any head (noise: ~0.00): stop before the slower stages.
             raise _fail(volume, f"Mattes mutual information {coarse_metric:.3f} after the coarse stage is far worse than {max_metric:.3f}: not a head CT")

@@ -24,6 +24,7 @@ from lib.io import dense_grid, read_volume
 from lib.io.dicom_writer import SeriesDescription, write_dicom_series
 
 from tests.app.server_process import REPO
+from tests.tilted import make_tilted
 from tests.tiny_preset import make_tiny_preset
 
 PATIENT = {"PatientName": "Doe^Jane", "PatientID": "PID-4711", "PatientBirthDate": "19600101"}
@@ -203,3 +204,43 @@ def test_push_dicomweb_stores_each_series_in_orthanc(namespace, orthanc, tree, p
         new_uid = pydicom.dcmread(str(written[0])).SeriesInstanceUID
         assert new_uid in stored
         assert stored[new_uid]["00201209"]["Value"][0] == len(written)  # NumberOfSeriesRelatedInstances
+
+
+def test_a_tilted_partial_series_is_aligned_and_written_in_its_own_geometry(real_ct_volume, real_ct_alignment, preset, tmp_path):
+    """Gantry tilt 15 degrees, upper 40 % of the head, 5 mm slices: registered to the template,
+    and every synthetic slice lies on the tilted stack's own planes, in its own in-plane grid."""
+    count = real_ct_volume.shape[2]
+    indices = list(range(int(count * 0.6), count, 2))
+    tilted = make_tilted(real_ct_volume, 15.0).take_slices(indices)
+    description = SeriesDescription(modality="CT", series_description="tilted head", patient=PATIENT)
+    inputs = write_dicom_series(tilted, tmp_path / "in" / "tilted", description)
+    out = tmp_path / "out"
+    assert main(["batch", str(tmp_path / "in"), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet"]) == 0
+    folder = out / description.series_uid
+    assert is_complete(folder)
+
+    source = read_volume(tmp_path / "in" / "tilted", modality="CT")
+    assert source.meta["gantry_tilt_deg"] == pytest.approx(15.0, abs=0.01)
+    provenance = json.loads((folder / "provenance.json").read_text())
+    alignment = provenance["summary"]["alignment"]
+    assert alignment["applied"] is True and alignment["positions"] == "CT head template"
+    acquired = [record for record in provenance["slices"] if record["acquired"]]
+    positions = np.array([record["normalised_position"] for record in acquired])
+    # The same slices as in the untilted whole head, within 0.05 of the brain's height.
+    whole = real_ct_alignment.normalised_positions(real_ct_volume)[indices]
+    assert np.abs(positions - whole).max() < 0.05 and positions[0] > 0.6
+
+    grid = dense_grid(source, 1.0)
+    headers = sorted((pydicom.dcmread(str(p)) for p in (folder / "dicom").glob("*.dcm")), key=lambda ds: int(ds.InstanceNumber))
+    assert len(headers) == grid.shape[2]
+    size_x, size_y, _ = grid.shape
+    for k, ds in enumerate(headers):
+        # DICOM's first pixel is the grid's (X-1, Y-1) corner (RAS -> LPS flips both in-plane axes).
+        expected = LPS @ (grid.affine @ np.array([size_x - 1, size_y - 1, k, 1.0]))[:3]
+        np.testing.assert_allclose(np.asarray(ds.ImagePositionPatient, dtype=float), expected, atol=1e-3)
+    # The first and last synthetic slices sit exactly on the first and last acquired CT slices.
+    first_last = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in (inputs[0], inputs[-1])]
+    ends = sorted(first_last, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    for ds, synthetic in zip(ends, (headers[0], headers[-1])):
+        np.testing.assert_allclose(np.asarray(synthetic.ImagePositionPatient, dtype=float), np.asarray(ds.ImagePositionPatient, dtype=float), atol=1e-3)
+        assert np.allclose(np.asarray(synthetic.ImageOrientationPatient, dtype=float), np.asarray(ds.ImageOrientationPatient, dtype=float), atol=1e-5)

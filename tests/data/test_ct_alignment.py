@@ -44,8 +44,8 @@ def template():
 
 
 @pytest.fixture(scope="module")
-def alignment(real_ct_volume, template):
-    return align_to_template(real_ct_volume)
+def alignment(real_ct_alignment, template):
+    return real_ct_alignment
 
 
 @pytest.fixture(scope="module")
