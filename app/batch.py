@@ -30,7 +30,7 @@ from lib.report.outputs import OUTPUT_FILES, input_geometry, write_outputs
 logger = logging.getLogger(__name__)
 
 DICOM_FOLDER = "dicom"
-MANIFEST_FIELDS = ("series_uid", "status", "seconds", "slices", "retrieval_success_rate", "fallback_count", "output", "pushed", "message")
+MANIFEST_FIELDS = ("series_uid", "status", "seconds", "slices", "retrieval_success_rate", "fallback_count", "positions", "output", "pushed", "message")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class SeriesOutcome:
     slices: int | None = None
     retrieval_success_rate: float | None = None
     fallback_count: int | None = None
+    positions: str = ""  # where the slices' normalised positions came from (template or brain extent)
     output: str = ""
     pushed: bool | None = None
     message: str = ""
@@ -149,8 +150,17 @@ def reconstruct_series(series: DicomSeries, output_root: Path, pipeline: ReBrain
     summary = reconstruction.summary
     return SeriesOutcome(
         series_uid=series.uid, status="done", seconds=round(time.perf_counter() - started, 2), slices=summary["slices"],
-        retrieval_success_rate=summary["retrieval_success_rate"], fallback_count=summary["fallback_count"], output=str(out.relative_to(output_root)),
+        retrieval_success_rate=summary["retrieval_success_rate"], fallback_count=summary["fallback_count"], positions=positions_source(summary),
+        output=str(out.relative_to(output_root)),
     )
+
+
+def positions_source(summary: dict) -> str:
+    """The manifest's word on the slice positions: the template (registered) or the brain extent, and why."""
+    alignment = summary.get("alignment") or {}
+    if alignment.get("applied"):
+        return f"CT head template (MI {alignment['metric']:.2f})"
+    return f"brain extent ({alignment.get('reason', 'not recorded')})"
 
 
 def run_batch(
@@ -178,7 +188,7 @@ def run_batch(
             summary = json.loads((output_root / series.uid / "provenance.json").read_text())["summary"]
             outcomes.append(SeriesOutcome(
                 series_uid=series.uid, status="complete", slices=summary["slices"], retrieval_success_rate=summary["retrieval_success_rate"],
-                fallback_count=summary["fallback_count"], output=series.uid, message="already complete (resume)",
+                fallback_count=summary["fallback_count"], positions=positions_source(summary), output=series.uid, message="already complete (resume)",
             ))
         else:
             try:

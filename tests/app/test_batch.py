@@ -105,6 +105,8 @@ def test_batch_writes_every_ct_series_and_reports_the_rest(tree, preset, tmp_pat
     assert tree_digest(root) == before  # the input tree is never modified
     manifest = {row["series_uid"] or row["message"].split(":")[0]: row for row in json.loads((out / "manifest.json").read_text())["series"]}
     assert manifest[series["ct_a"]]["status"] == manifest[series["ct_b"]]["status"] == "done"
+    # 10 and 8 slices are too short to register: the manifest says where positions came from.
+    assert manifest[series["ct_b"]]["positions"].startswith("brain extent (8 slices spanning 17.5 mm are too few to register")
     assert manifest[series["broken"]]["status"] == "failed" and "same position" in manifest[series["broken"]]["message"]
     assert f"failed: series {series['broken']}" in captured.err
     assert manifest[series["mr"]]["status"] == "skipped" and "modality MR" in manifest[series["mr"]]["message"]
@@ -224,6 +226,8 @@ def test_a_tilted_partial_series_is_aligned_and_written_in_its_own_geometry(real
     provenance = json.loads((folder / "provenance.json").read_text())
     alignment = provenance["summary"]["alignment"]
     assert alignment["applied"] is True and alignment["positions"] == "CT head template"
+    manifest = json.loads((out / "manifest.json").read_text())["series"]
+    assert manifest[0]["positions"].startswith("CT head template (MI -")
     acquired = [record for record in provenance["slices"] if record["acquired"]]
     positions = np.array([record["normalised_position"] for record in acquired])
     # The same slices as in the untilted whole head, within 0.05 of the brain's height.
