@@ -47,7 +47,7 @@ def test_info_describes_the_task_and_its_params(server):
     assert set(model["presets"]) == {"tinyct", "tinyflair"}
     assert model["presets"]["tinyct"]["input"] == "CT" and model["presets"]["tinyflair"]["input"] == "MR"
     assert set(model["presets"]["tinyct"]["versions"]) == {"bbdm", "controlnet", "encoder", "kb"}
-    for param in ("preset", "steps", "samples", "seed", "target_spacing", "simulate_sparsity", "output", "result_id"):
+    for param in ("preset", "steps", "samples", "seed", "target_spacing", "simulate_sparsity", "brain_extraction", "alignment", "output", "result_id"):
         assert param in model["params"]
     assert model["config"]["preset"] == "tinyct" and model["config"]["steps"] == STEPS
 
@@ -65,6 +65,9 @@ def test_infer_by_study_id_returns_the_mri_in_the_input_geometry(server, server_
     for key in ("retrieval_success_rate", "fallback_count", "mean_similarity", "uncertainty_mean", "versions"):
         assert key in summary
     assert summary["steps"] == STEPS and summary["preset"] == "tinyct"
+    # The real CT cut was brain-extracted; 4 slices are too few to register, and the answer says so.
+    assert summary["brain_extraction"]["applied"] is True
+    assert summary["alignment"]["applied"] is False and "too few to register" in summary["alignment"]["reason"]
     assert len(params["slices"]) == mri.shape[2]
     assert params["input"]["acquired_positions_mm"] == pytest.approx(list(sparse_positions), abs=1e-3)
     data = np.asarray(mri.dataobj)
