@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CRANIUM := /usr/share/doc/invesalius-examples/examples/Cranium.inv3
 
-.PHONY: venv system-deps test bench bench-bbdm bench-retrieval demo serve clean-venv
+.PHONY: venv system-deps test bench bench-bbdm bench-ct bench-retrieval demo serve clean-venv
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ bench: $(STAMP)
 # The default-size denoiser alone (forward, FLOPs, sampling a volume, memory).
 bench-bbdm: $(STAMP)
 	$(PY) -m app.bench_bbdm $(BENCH_ARGS)
+
+# Real head CT preparation: brain extraction and registration to the CT head template.
+bench-ct: $(STAMP) system-deps
+	$(PY) -m app.bench_ct_prepare $(BENCH_ARGS)
 
 # The knowledge-base index at 10k/100k/1M entries (exact against HNSW).
 bench-retrieval: $(STAMP)
