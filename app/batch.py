@@ -25,7 +25,7 @@ from lib.io.atomic import STAGING_PREFIX, atomic_directory, atomic_path
 from lib.io.dicom import DicomSeries, check_consistent, is_axial, read_series, scan_dicom_folder, why_unusable
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
 from lib.report.dicom_output import write_synthetic_mri_series
-from lib.report.outputs import OUTPUT_FILES, input_geometry, write_outputs
+from lib.report.outputs import OUTPUT_FILES, input_geometry, positions_source, write_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +154,6 @@ def reconstruct_series(series: DicomSeries, output_root: Path, pipeline: ReBrain
         output=str(out.relative_to(output_root)),
     )
 
-
-def positions_source(summary: dict) -> str:
-    """The manifest's word on the slice positions: the template (registered) or the brain extent, and why."""
-    alignment = summary.get("alignment") or {}
-    if alignment.get("applied"):
-        return f"CT head template (MI {alignment['metric']:.2f})"
-    return f"brain extent ({alignment.get('reason', 'not recorded')})"
 
 
 def run_batch(

@@ -71,6 +71,16 @@ def write_outputs(out_dir: str | os.PathLike[str], reconstruction: Reconstructio
         write_preview(
             staging / "preview.png", reconstruction.ct, reconstruction.mri, reconstruction.grid.voxel_spacing, slice_status(reconstruction),
             reconstruction.similarities,
-            summary["tau"], title=f"ReBrain {summary['preset']}: SYNTHETIC {contrast_label(summary['target'])}", source_label=source,
+            summary["tau"], title=f"ReBrain {summary['preset']}: SYNTHETIC {contrast_label(summary['target'])}; slice positions from the {positions_source(summary, why=False)}",
+            source_label=source,
         )
     return Path(out_dir)
+
+
+def positions_source(summary: dict, why: bool = True) -> str:
+    """Where a reconstruction's slice positions came from: the CT head template (registered, with
+    its metric) or the brain's own extent (with the reason unless ``why`` is false)."""
+    alignment = summary.get("alignment") or {}
+    if alignment.get("applied"):
+        return f"CT head template (MI {alignment['metric']:.2f})"
+    return f"brain extent ({alignment.get('reason', 'not recorded')})" if why else "brain extent"
