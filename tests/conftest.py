@@ -46,6 +46,16 @@ def real_ct_volume(head_ct_folder):
 
 
 @pytest.fixture(scope="session")
+def cranium():
+    """Debian's real full-head CT (256x256x108, 0.957 x 0.957 x 1.5 mm, with a head holder)."""
+    from lib.data.invesalius import CRANIUM_PATH, read_inv3
+
+    if not CRANIUM_PATH.is_file():
+        pytest.skip(f"{CRANIUM_PATH} missing (apt-get install invesalius-examples)")
+    return read_inv3(CRANIUM_PATH)
+
+
+@pytest.fixture(scope="session")
 def real_ct_alignment(real_ct_volume):
     """The whole real head CT registered to the CT head template (shared: ~5 s per registration)."""
     from lib.data.ct_alignment import align_to_template

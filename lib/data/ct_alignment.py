@@ -94,6 +94,9 @@ EARLY_REJECT_FRACTION = 0.5
 MIN_SLICES = 8
 MIN_EXTENT_MM = 40.0
 MAX_GAP_MM = 20.0
+# Powell refinement rounds after the first, while a round ends on its iteration cap (measured:
+# the upper half of Cranium needed a second round; whole heads stop within the first).
+REFINE_RESTARTS = 2
 # Plausible head rotations relative to MNI (pitch of orbito-meatal scanning, patient roll/yaw):
 # a larger fitted angle means the optimiser went astray.
 MAX_ROTATION_DEG = 45.0
@@ -670,6 +673,12 @@ def align_to_template(
             # Far from any head (noise: ~0.00): stop before the slower stages.
             raise _fail(volume, f"Mattes mutual information {coarse_metric:.3f} after the coarse stage is far worse than {max_metric:.3f}: not a head CT")
         refined, stage2 = _refine(fixed, moving, fixed_mask, coarse)
+        for _ in range(REFINE_RESTARTS):
+            if _stopped_by_tolerance(stage2):
+                break
+            # A long way to go (a partial scan that started far off): carry on from where the
+            # iteration cap stopped it rather than give up.
+            refined, stage2 = _refine(fixed, moving, fixed_mask, refined)
         transform, stage3, symmetry_deg = _symmetry(fixed, fixed_mask, refined, seed)
     except RuntimeError as error:  # e.g. too few samples inside both images
         raise _fail(volume, f"ITK stopped: {str(error).strip().splitlines()[-1]}") from error

@@ -250,6 +250,18 @@ def test_partial_coverage_gets_the_positions_of_the_whole_head(alignment, real_c
     assert positions[0] > 0.6  # the cut starts high in the brain, not at its bottom
 
 
+def test_cranium_and_its_upper_half_agree(cranium, template):
+    """Debian's Cranium CT (pitched ~17 degrees, a head holder): the upper half alone needs more
+    than one refinement round and must still land where the whole head puts it."""
+    whole = align_to_template(cranium)
+    assert whole.metric <= MAX_METRIC and abs(whole.rotation_deg[0]) > 10  # the orbito-meatal pitch is found
+    top = list(range(cranium.shape[2] // 2, cranium.shape[2]))
+    half = cranium.take_slices(top)
+    positions = align_to_template(half).normalised_positions(half)
+    assert np.abs(positions - whole.normalised_positions(cranium)[top]).max() < 0.03
+    assert positions[0] > 0.4
+
+
 def test_too_few_slices_are_refused(real_ct_volume, template):
     short = real_ct_volume.take_slices([30, 31, 32])
     assert "too few" in too_short_to_register(short)

@@ -9,20 +9,11 @@ import pytest
 from scipy import ndimage
 
 from lib.data.ct_brain import BONE_HU, extract_brain, voxel_size_mm
-from lib.data.invesalius import CRANIUM_PATH, read_inv3
 from lib.io import VolumeReadError
 from lib.io.volume import Volume
 
 # An adult intracranial volume is about 1200-1700 ml; allow some margin either side.
 ADULT_ML = (1000.0, 1800.0)
-
-
-@pytest.fixture(scope="module")
-def cranium() -> Volume:
-    """Debian's real full-head CT (256x256x108, 0.957 x 0.957 x 1.5 mm, with a head holder)."""
-    if not CRANIUM_PATH.is_file():
-        pytest.skip(f"{CRANIUM_PATH} missing (apt-get install invesalius-examples)")
-    return read_inv3(CRANIUM_PATH)
 
 
 @pytest.fixture(scope="module")
