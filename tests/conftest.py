@@ -51,7 +51,7 @@ def cranium():
     from lib.data.invesalius import CRANIUM_PATH, read_inv3
 
     if not CRANIUM_PATH.is_file():
-        pytest.skip(f"{CRANIUM_PATH} missing (apt-get install invesalius-examples)")
+        pytest.skip(f"{CRANIUM_PATH} missing (apt-get install invesalius-examples; make test installs it where apt works)")
     return read_inv3(CRANIUM_PATH)
 
 

@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lib.data.invesalius import CRANIUM_PATH, read_inv3
+from lib.data.invesalius import read_inv3
 from lib.io import VolumeReadError
-
-
-@pytest.fixture(scope="module")
-def cranium():
-    if not CRANIUM_PATH.is_file():
-        pytest.skip(f"{CRANIUM_PATH} missing (apt-get install invesalius-examples; make test installs it where apt works)")
-    return read_inv3(CRANIUM_PATH)
 
 
 def test_cranium_is_a_real_head_ct_in_hu(cranium):
