@@ -80,7 +80,7 @@ def server_weights(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server_studies(real_ct_volume, brats_case, tmp_path_factory):
-    """A studies folder: two real head CT cuts (8 slices, 128x128) and a real T1 cut."""
+    """A studies folder: two real head CT cuts (8 slices, 128x128), the whole CT upside down and a real T1 cut."""
     import nibabel as nib
 
     from lib.io import write_nifti
@@ -90,6 +90,9 @@ def server_studies(real_ct_volume, brats_case, tmp_path_factory):
     for name, start in (("head_ct", middle - 8), ("head_ct_upper", middle)):
         cut = real_ct_volume.take_slices(list(range(start, start + 8)))
         write_nifti(folder / f"{name}.nii.gz", cut.array, cut.voxel_affine(), "real head CT cut for tests", dtype=np.int16)
+    # The whole head upside down: brain found, registration to the template refused.
+    flipped = real_ct_volume.array[:, :, ::-1]
+    write_nifti(folder / "head_ct_upside_down.nii.gz", flipped, real_ct_volume.voxel_affine(), "real head CT flipped for tests", dtype=np.int16)
     t1 = nib.load(brats_case / "t1n.nii.gz").slicer[:, :, 70:80]
     nib.save(t1, folder / "brain_t1.nii.gz")
     return folder

@@ -109,6 +109,7 @@ def test_uploaded_file_with_another_preset(server, brats_case):
     ("image", "params", "file", "status", "message"),
     [
         ("brain_t1", {}, None, 422, "do not look like a CT in Hounsfield units"),
+        ("head_ct_upside_down", {}, None, 422, "registration to the head CT template failed"),
         ("", {}, ("scan.nii.gz", b"this is not a NIfTI file", "application/gzip"), 422, "not a readable NIfTI image"),
         ("head_ct", {"steps": "many"}, None, 422, "parameter 'steps'"),
         ("head_ct", {"preset": "nope"}, None, 422, "parameter 'preset': 'nope' is not available"),
@@ -151,8 +152,9 @@ def test_batch_infer_records_provenance_per_image_and_survives_a_bad_one(server,
     )
     assert response.status_code == 200, response.text
     result = response.json()
-    assert set(result) == {"head_ct", "head_ct_upper", "brain_t1"}
+    assert set(result) == {"head_ct", "head_ct_upper", "head_ct_upside_down", "brain_t1"}
     assert "do not look like a CT" in result["brain_t1"]["error"]
+    assert "registration to the head CT template failed" in result["head_ct_upside_down"]["error"]
     for image in ("head_ct", "head_ct_upper"):
         assert result[image]["params"]["summary"]["preset"] == "tinyct"
         saved = nib.load(server_studies / "labels" / "original" / f"{image}.nii.gz")
