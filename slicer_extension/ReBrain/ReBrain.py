@@ -72,11 +72,15 @@ class ReBrainLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
 
     @staticmethod
-    def request_params(preset: str, simulate_sparsity: int | None, steps: int, samples: int, seed: int) -> dict:
-        """The request for the server (``simulate_sparsity`` None: the input is the sparse scan)."""
+    def request_params(preset: str, simulate_sparsity: int | None, steps: int, samples: int, seed: int, prepared: bool = False) -> dict:
+        """The request for the server (``simulate_sparsity`` None: the input is the sparse scan;
+        ``prepared``: the input is already brain-only and aligned, so the server skips its
+        brain extraction and registration to the CT head template)."""
         params = {"preset": preset, "steps": int(steps), "samples": int(samples), "seed": int(seed)}
         if simulate_sparsity:
             params["simulate_sparsity"] = int(simulate_sparsity)
+        if prepared:
+            params.update(brain_extraction=False, alignment=False)
         return params
 
     @staticmethod
@@ -228,7 +232,10 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
 
     def onReconstruct(self) -> None:
         sparsity = self.ui.sparsitySpinBox.value if self.ui.simulateRadioButton.checked else None
-        params = self.logic.request_params(self.ui.presetComboBox.currentText, sparsity, self.ui.stepsSpinBox.value, self.ui.samplesSpinBox.value, self.ui.seedSpinBox.value)
+        params = self.logic.request_params(
+            self.ui.presetComboBox.currentText, sparsity, self.ui.stepsSpinBox.value, self.ui.samplesSpinBox.value, self.ui.seedSpinBox.value,
+            prepared=self.ui.preparedInputCheckBox.checked,
+        )
         work = Path(tempfile.mkdtemp(prefix="rebrain-"))
         try:
             image = self.logic.export_volume(self.ui.inputVolumeSelector.currentNode(), work / "input.nii.gz")
@@ -262,7 +269,11 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
             self.ui.uncertaintySelector.setCurrentNode(None)
             self.ui.legendLabel.text = legend_text(job.result.params)
             summary = job.result.params["summary"]
-            self.ui.statusLabel.text = f"Done in {job.elapsed:.0f} s: {summary['slices']} slices, {summary['fallback_count']} SLERP fallbacks. SYNTHETIC image."
+            positions = "CT head template" if (summary.get("alignment") or {}).get("applied") else "brain extent"
+            self.ui.statusLabel.text = (
+                f"Done in {job.elapsed:.0f} s: {summary['slices']} slices, {summary['fallback_count']} SLERP fallbacks, "
+                f"slice positions from the {positions}. SYNTHETIC image."
+            )
             self.showOverlays()
         self.updateButtons()
 

@@ -35,6 +35,8 @@ def test_logic_round_trip_with_the_server(scene, server, server_studies, tmp_pat
 
     params = logic.request_params("tinyct", simulate_sparsity=2, steps=2, samples=2, seed=3)
     assert params == {"preset": "tinyct", "steps": 2, "samples": 2, "seed": 3, "simulate_sparsity": 2}
+    prepared = logic.request_params("tinyct", simulate_sparsity=None, steps=2, samples=1, seed=0, prepared=True)
+    assert prepared["brain_extraction"] is False and prepared["alignment"] is False and "simulate_sparsity" not in prepared
     result = ReBrainClient(server).reconstruct(exported, params, tmp_path / "result")
     nodes = logic.load_result(result, "head CT")
 
