@@ -155,7 +155,6 @@ def reconstruct_series(series: DicomSeries, output_root: Path, pipeline: ReBrain
     )
 
 
-
 def run_batch(
     input_root: Path, output_root: Path, pipeline: ReBrainPipeline, options: ReconstructionOptions, resume: bool = False,
     push_url: str | None = None, sparsity: int | None = None, progress: bool = True,

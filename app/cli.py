@@ -188,8 +188,8 @@ def _batch(args: argparse.Namespace) -> int:
     from lib.presets import load_preset
 
     pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
-    options = ReconstructionOptions(steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-        brain_extraction=not args.no_brain_extraction, alignment=not args.no_alignment,
+    options = ReconstructionOptions(
+        steps=args.steps, seed=args.seed, batch_size=args.batch_size, brain_extraction=not args.no_brain_extraction, alignment=not args.no_alignment,
     )
     outcomes = run_batch(
         args.input_root, args.output_root, pipeline, options, resume=args.resume, push_url=args.push_dicomweb,

@@ -304,16 +304,17 @@ class ReBrainPipeline:
         the training data) and stacks too short to register use the brain's own extent.
         A registration that fails raises: no silent wrong positions.
         """
-        brain_extent = "positions from the brain extent of this input (right only when it covers the whole brain)"
         if extraction is None:
-            return frame.normalised_positions(grid.positions), {"applied": False, "positions": "brain extent", "reason": "no brain extraction: the input is taken as already prepared; " + brain_extent}
-        if not options.alignment:
-            return frame.normalised_positions(grid.positions), {"applied": False, "positions": "brain extent", "reason": "turned off; " + brain_extent}
-        too_short = too_short_to_register(volume)
-        if too_short is not None:
-            return frame.normalised_positions(grid.positions), {"applied": False, "positions": "brain extent", "reason": f"{too_short}; {brain_extent}"}
-        alignment = align_to_template(volume)
-        return alignment.normalised_positions(volume, grid.positions), {"applied": True, "positions": "CT head template", **alignment.summary()}
+            why_not = "no brain extraction: the input is taken as already prepared"
+        elif not options.alignment:
+            why_not = "turned off"
+        else:
+            why_not = too_short_to_register(volume)
+        if why_not is None:
+            alignment = align_to_template(volume)
+            return alignment.normalised_positions(volume, grid.positions), {"applied": True, "positions": "CT head template", **alignment.summary()}
+        reason = f"{why_not}; positions from the brain extent of this input (right only when it covers the whole brain)"
+        return frame.normalised_positions(grid.positions), {"applied": False, "positions": "brain extent", "reason": reason}
 
     def _retrieve(self, y: np.ndarray, positions: np.ndarray, options: ReconstructionOptions) -> list | None:
         if not options.use_retrieval:
