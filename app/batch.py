@@ -25,11 +25,10 @@ from lib.io.atomic import STAGING_PREFIX, atomic_directory, atomic_path
 from lib.io.dicom import DicomSeries, check_consistent, is_axial, read_series, scan_dicom_folder, why_unusable
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
 from lib.report.dicom_output import write_synthetic_mri_series
-from lib.report.outputs import OUTPUT_FILES, input_geometry, positions_source, write_outputs
+from lib.report.outputs import DICOM_FOLDER, OUTPUT_FILES, input_geometry, positions_source, write_outputs
 
 logger = logging.getLogger(__name__)
 
-DICOM_FOLDER = "dicom"
 MANIFEST_FIELDS = ("series_uid", "status", "seconds", "slices", "retrieval_success_rate", "fallback_count", "positions", "output", "pushed", "message")
 
 

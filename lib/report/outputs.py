@@ -24,6 +24,32 @@ from lib.report.preview import write_preview
 MRI_DESCRIPTION = "SYNTHETIC MRI by ReBrain ({preset}); not an acquired image"
 UNCERTAINTY_DESCRIPTION = "SYNTHETIC: ReBrain per-voxel std over {samples} sample(s)"
 OUTPUT_FILES = ("mri.nii.gz", "uncertainty.nii.gz", "provenance.json", "preview.png")
+# batch adds the synthetic DICOM series in this subfolder.
+DICOM_FOLDER = "dicom"
+
+
+def is_rebrain_output(folder: str | os.PathLike[str]) -> bool:
+    """True when ``folder`` is an output folder ReBrain wrote and nothing else.
+
+    Such a folder may be replaced by a new result: its provenance.json says it is synthetic, and
+    every entry in it is one of :data:`OUTPUT_FILES` or the :data:`DICOM_FOLDER` of ``.dcm``
+    files. A folder holding anything else (a user's file, the input scan) is not ours to delete.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    try:
+        if json.loads((folder / "provenance.json").read_text()).get("synthetic") is not True:
+            return False
+    except (OSError, ValueError, AttributeError):
+        return False
+    for entry in folder.iterdir():
+        if entry.name == DICOM_FOLDER and entry.is_dir() and not entry.is_symlink():
+            if any(not (item.is_file() and item.suffix == ".dcm") or item.is_symlink() for item in entry.iterdir()):
+                return False
+        elif entry.name not in OUTPUT_FILES or not entry.is_file() or entry.is_symlink():
+            return False
+    return True
 
 
 def input_geometry(volume: Volume, sparsity: int | None) -> dict:
