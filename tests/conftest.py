@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,12 +100,30 @@ def server_studies(real_ct_volume, brats_case, tmp_path_factory):
     return folder
 
 
+@dataclass
+class ServerHandle:
+    """The session's server: its URL, process, temporary folder (its TMPDIR) and log."""
+
+    url: str
+    process: subprocess.Popen
+    tmp: Path
+    log: Path
+
+
 @pytest.fixture(scope="session")
-def server(server_weights, server_studies, tmp_path_factory):
-    """The real MONAI Label server on 127.0.0.1 for the whole run; yields its URL."""
+def server_handle(server_weights, server_studies, tmp_path_factory):
+    """The real MONAI Label server on 127.0.0.1 for the whole run (default settings: read-only)."""
     from tests.app.server_process import running_server
 
     results = tmp_path_factory.mktemp("results")
+    tmp = tmp_path_factory.mktemp("server_tmp")
+    log = tmp_path_factory.mktemp("log") / "server.log"
     conf = {"weights": server_weights, "preset": "tinyct", "device": "cpu", "preload": "true", "steps": SERVER_STEPS, "results": results, "keep_results": 4}
-    with running_server(str(server_studies), conf, tmp_path_factory.mktemp("log") / "server.log") as (_, url):
-        yield url
+    with running_server(str(server_studies), conf, log, env={"TMPDIR": str(tmp)}) as (process, url):
+        yield ServerHandle(url=url, process=process, tmp=tmp, log=log)
+
+
+@pytest.fixture(scope="session")
+def server(server_handle):
+    """The session server's URL."""
+    return server_handle.url

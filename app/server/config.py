@@ -37,6 +37,15 @@ class ServerConfig:
         steps: default sampling steps (None: the preset's).
         results: where finished results are kept for the extra outputs (uncertainty, ...).
         keep_results: how many finished results are kept; the oldest are deleted first.
+        read_only: serve only ``/info/`` and ``/infer`` (default); false also opens MONAI Label's
+            datastore, model, batch, logs, ... endpoints, to the admin role when auth is on
+            (see :mod:`app.server.guard`).
+        max_upload_mb: the largest request body accepted (an uploaded image), in MiB.
+        max_image_mb: the largest input volume accepted, as float32 in memory, in MiB; checked
+            from the file's header before its data is read (a gzip bomb is refused unread).
+        max_work: the largest request in slice-steps (sampling steps x samples x output slices).
+        insecure_remote_access: serve without authentication on an address other than loopback
+            (only behind a gateway that authenticates; off by default: the server refuses).
     """
 
     preset: str = "ct2mri"
@@ -47,6 +56,11 @@ class ServerConfig:
     steps: int | None = None
     results: Path = Path(tempfile.gettempdir()) / "rebrain-results"
     keep_results: int = 32
+    read_only: bool = True
+    max_upload_mb: int = 256
+    max_image_mb: int = 1024
+    max_work: int = 20000
+    insecure_remote_access: bool = False
 
     @classmethod
     def from_conf(cls, conf: dict[str, str]) -> ServerConfig:
@@ -66,12 +80,13 @@ class ServerConfig:
             if conf["device"] not in ("auto", "cpu", "cuda") and not str(conf["device"]).startswith("cuda:"):
                 raise ValueError(f"--conf device {conf['device']!r}: expected auto, cpu, cuda or cuda:N")
             values["device"] = str(conf["device"])
-        if "preload" in conf:
-            try:
-                values["preload"] = parse_bool(conf["preload"])
-            except ValueError as error:
-                raise ValueError(f"--conf preload {error}") from None
-        for name in ("steps", "keep_results"):
+        for name in ("preload", "read_only", "insecure_remote_access"):
+            if name in conf:
+                try:
+                    values[name] = parse_bool(conf[name])
+                except ValueError as error:
+                    raise ValueError(f"--conf {name} {error}") from None
+        for name in ("steps", "keep_results", "max_upload_mb", "max_image_mb", "max_work"):
             if name in conf:
                 try:
                     number = int(conf[name])
@@ -94,6 +109,16 @@ class ServerConfig:
             raise ValueError(f"--conf preset {self.preset!r}: not in {self.weights} (available: {', '.join(self.available_presets()) or 'none'})")
         if self.kb is not None and not (self.kb / "manifest.json").is_file():
             raise ValueError(f"--conf kb {self.kb}: not a knowledge-base folder (no manifest.json)")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """:attr:`max_upload_mb` in bytes."""
+        return self.max_upload_mb * 1024**2
+
+    @property
+    def max_image_bytes(self) -> int:
+        """:attr:`max_image_mb` in bytes."""
+        return self.max_image_mb * 1024**2
 
     def available_presets(self) -> list[str]:
         """The preset names in the weights folder."""

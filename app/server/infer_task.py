@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
+from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
@@ -22,7 +24,8 @@ from app.server.config import ServerConfig
 from app.server.request import OUTPUTS, PARAM_HELP, RequestError, output_choice, parse_infer_params, result_id_of
 from app.server.results import STATUS_CODES, ResultStore
 from lib.data.sparse import simulate_sparse_volume
-from lib.io import VolumeReadError, read_volume
+from lib.io import VolumeReadError, dense_grid, read_volume
+from lib.io.limits import VolumeTooLarge
 from lib.pipeline import ReBrainPipeline
 from lib.presets import Preset, load_preset
 from lib.report.outputs import input_geometry
@@ -32,9 +35,34 @@ logger = logging.getLogger(__name__)
 DESCRIPTION = "ReBrain: dense synthetic brain MRI from a sparse head CT (retrieval-augmented Brownian-bridge diffusion)"
 
 
-def input_error(error: Exception) -> HTTPException:
-    """An input or parameter problem as the HTTP error the client sees (422, the message as detail)."""
-    return HTTPException(status_code=422, detail=f"ReBrain cannot use this request: {error}")
+# Inputs read at once: each may take up to --conf max_image_mb while it is read, so this bounds
+# the memory that concurrent uploads can claim before they queue for the reconstruction.
+CONCURRENT_READS = 2
+LOCK_POLL_SECONDS = 0.5
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^\s/:'\",()]+)+/([^\s/:'\",()]*)")
+
+
+def public_message(error: Exception, image: str | None, name: str) -> str:
+    """The error's message as a client may see it: the input's path becomes its id (``name``),
+    and any other absolute path its last component, so no server path reaches an answer."""
+    text = str(error)
+    if image:
+        text = text.replace(str(Path(image)), name)
+    return ABSOLUTE_PATH.sub(r"\1", text)
+
+
+def input_error(error: Exception, image: str | None = None, name: str = "image") -> HTTPException:
+    """An input or parameter problem as the HTTP error the client sees: 413 for an image over the
+    size limit, else 422; the message (without server paths) as detail."""
+    status = 413 if isinstance(error, VolumeTooLarge) else 422
+    return HTTPException(status_code=status, detail=f"ReBrain cannot use this request: {public_message(error, image, name)}")
+
+
+class ShuttingDown(HTTPException):
+    """The server is stopping: the request is cancelled (503)."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=503, detail="the ReBrain server is shutting down; the reconstruction was cancelled, send it again")
 
 
 class ReBrainInferTask(BasicInferTask):
@@ -52,6 +80,8 @@ class ReBrainInferTask(BasicInferTask):
         # One reconstruction at a time per process: the models are shared, and on one GPU (or
         # two CPU cores) running two at once is not faster than one after the other.
         self._lock = threading.Lock()
+        self._reads = threading.BoundedSemaphore(CONCURRENT_READS)
+        self._stopping = threading.Event()
         defaults = {"preset": config.preset, "steps": config.steps or "", "samples": 1, "seed": 0, "target_spacing": "", "simulate_sparsity": 0, "method": "rebrain", "output": "mri"}
         super().__init__(
             path=str(config.weights / config.preset), network=None, type=InferType.OTHERS, labels=None, dimension=3,
@@ -98,11 +128,28 @@ class ReBrainInferTask(BasicInferTask):
             "status_codes": STATUS_CODES,
         }
 
+    def cancel(self) -> None:
+        """Cancel running and queued reconstructions (server shutdown): they end with 503."""
+        self._stopping.set()
+
+    def _check_running(self, *_: Any) -> None:
+        """Raise :class:`ShuttingDown` once :meth:`cancel` was called (a progress callback)."""
+        if self._stopping.is_set():
+            raise ShuttingDown()
+
+    def _acquire(self, lock: threading.Lock | threading.BoundedSemaphore) -> None:
+        """Wait for ``lock``, but not past a shutdown."""
+        while not lock.acquire(timeout=LOCK_POLL_SECONDS):
+            self._check_running()
+        if self._stopping.is_set():
+            lock.release()
+            self._check_running()
+
     def is_valid(self) -> bool:
         return self.server_config.preset in self.server_config.available_presets()
 
     def __call__(self, request: dict, callbacks: dict | None = None) -> tuple[str | None, dict]:
-        """Run one request; bad input or parameters become HTTP 422 errors that say what is wrong."""
+        """Run one request; bad input or parameters become HTTP 422 (413: too large) errors that say what is wrong."""
         try:
             result_id = result_id_of(request)
             if result_id is not None:
@@ -110,7 +157,10 @@ class ReBrainInferTask(BasicInferTask):
             return super().__call__(request, callbacks)
         except (RequestError, VolumeReadError, ValueError) as error:
             logger.warning("refused request: %s", error)
-            raise input_error(error) from None
+            raise input_error(error, request.get("image"), str(request.get("image_name") or "image")) from None
+        except MemoryError:
+            logger.warning("out of memory on %s", request.get("image_name"))
+            raise HTTPException(status_code=503, detail="the ReBrain server ran out of memory on this request; send a smaller image or ask for fewer samples") from None
 
     def fetch(self, result_id: str, output: str) -> tuple[str, dict]:
         """One output of an earlier result, without recomputing it."""
@@ -133,14 +183,38 @@ class ReBrainInferTask(BasicInferTask):
         if not image:
             raise RequestError("no image: the request names no image file, upload or datastore entry")
         pipeline = self.pipeline(params.preset)
-        volume = read_volume(image, modality=pipeline.preset.input_modality)
+        steps = params.options.steps or pipeline.preset.steps
+        self.check_work(steps, params.options.samples, 1)
+        self._acquire(self._reads)
+        try:
+            volume = read_volume(image, modality=pipeline.preset.input_modality, max_bytes=self.server_config.max_image_bytes)
+        finally:
+            self._reads.release()
         if params.simulate_sparsity:
             volume = simulate_sparse_volume(volume, factor=params.simulate_sparsity)
-        with self._lock:
-            reconstruction = pipeline.reconstruct(volume, params.options)
+        grid = dense_grid(volume, params.options.target_spacing or pipeline.preset.slice_spacing_mm)
+        self.check_work(steps, params.options.samples, int((~grid.acquired).sum()))
+        self._acquire(self._lock)
+        try:
+            reconstruction = pipeline.reconstruct(volume, params.options, self._check_running)
+        finally:
+            self._lock.release()
         data["result_id"] = self.results.save(reconstruction, input_geometry(volume, params.simulate_sparsity))
         data["output"] = params.output
         return data
+
+    def check_work(self, steps: int, samples: int, generated_slices: int) -> None:
+        """Refuse a request over the server's work budget (``--conf max_work`` slice-steps).
+
+        Raises:
+            RequestError: naming the product, its factors and the limit.
+        """
+        work = steps * samples * generated_slices
+        if work > self.server_config.max_work:
+            raise RequestError(
+                f"this request needs {work} slice-steps ({steps} steps x {samples} samples x {generated_slices} generated slices), "
+                f"over this server's limit of {self.server_config.max_work} (--conf max_work); ask for fewer steps or samples"
+            )
 
     def writer(self, data: dict, extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:
         return self.fetch(data["result_id"], data["output"])

@@ -35,6 +35,25 @@ PARAM_HELP = {
 }
 
 RESULT_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+# A datastore id: a study's file name without its extension, or a DICOM UID. Never a path: no
+# separator, no leading dot (so no "..", ".", hidden names), no control characters.
+SAFE_ID_PATTERN = re.compile(r"^[^./\\\x00-\x1f][^/\\\x00-\x1f]{0,254}$")
+
+
+def is_safe_id(value: str) -> bool:
+    """True when ``value`` can be a datastore id: a name, never a path (see :data:`SAFE_ID_PATTERN`)."""
+    return isinstance(value, str) and bool(SAFE_ID_PATTERN.match(value)) and ".." not in value
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    """An image the client uploaded with the request, saved by the server to ``path``.
+
+    The infer route puts this object (not a string) in the request, so a client cannot pass a
+    server path off as an upload: JSON ``params`` can only hold strings there.
+    """
+
+    path: str
 
 
 class RequestError(ValueError):

@@ -69,12 +69,12 @@ def running_server(
         stop(process)
 
 
-def wait_until_up(url: str, timeout: float = 180.0, alive: Callable[[], bool] = lambda: True) -> bool:
-    """Poll ``url`` until it answers 200 (True), ``alive()`` turns false or time runs out (False)."""
+def wait_until_up(url: str, timeout: float = 180.0, alive: Callable[[], bool] = lambda: True, headers: dict | None = None) -> bool:
+    """Poll ``url`` (with ``headers``) until it answers 200 (True), ``alive()`` turns false or time runs out (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
         try:
-            if requests.get(url, timeout=5).status_code == 200:
+            if requests.get(url, timeout=5, headers=headers).status_code == 200:
                 return True
         except requests.ConnectionError:
             pass
