@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CRANIUM := /usr/share/doc/invesalius-examples/examples/Cranium.inv3
 
-.PHONY: venv system-deps test bench bench-bbdm bench-ct bench-retrieval demo serve clean-venv
+.PHONY: venv system-deps test bench bench-bbdm bench-ct bench-retrieval bench-server demo serve clean-venv
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ bench-bbdm: $(STAMP)
 # Real head CT preparation: brain extraction and registration to the CT head template.
 bench-ct: $(STAMP) system-deps
 	$(PY) -m app.bench_ct_prepare $(BENCH_ARGS)
+
+# The server under load and attack: concurrent reconstructions, /info/ latency, memory, a gzip
+# bomb and an oversize upload (README, Security).
+bench-server: $(STAMP) system-deps
+	$(PY) -m app.bench_server $(BENCH_ARGS)
 
 # The knowledge-base index at 10k/100k/1M entries (exact against HNSW).
 bench-retrieval: $(STAMP)

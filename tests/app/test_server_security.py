@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import gzip
 import http.client
-import io
 import json
 import threading
 import time
-import zlib
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import psutil
 import pytest
 import requests
 
+from app.bench_server import nifti_bomb
 from lib.io import read_volume
 from tests.app.test_server import infer, parts
 
@@ -96,25 +93,6 @@ def test_params_cannot_replace_the_image_with_a_path(server, server_studies, tmp
 
 
 # Finding 6: denial of service.
-def nifti_bomb(shape: tuple[int, int, int], compressed_mb_target: float = 0.5) -> bytes:
-    """A .nii.gz whose header claims ``shape`` (int16) but whose body is all zeros, streamed
-    through zlib so that neither the test nor the file needs the claimed size."""
-    header = nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(np.int16)
-    header.set_zooms((1.0, 1.0, 1.0))
-    raw = header.binaryblock + b"\0" * 4  # 348-byte header + extension flag; data at offset 352
-    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip container
-    out = io.BytesIO()
-    out.write(compressor.compress(raw))
-    chunk = b"\0" * (1 << 20)
-    budget = int(compressed_mb_target * 1024**2)
-    while out.tell() < budget:
-        out.write(compressor.compress(chunk))
-    out.write(compressor.flush())
-    return out.getvalue()
-
-
 def test_a_gzip_bomb_is_refused_from_its_header_with_little_memory(server, server_handle):
     before = files_in(server_handle.tmp)
     bomb = nifti_bomb((2048, 2048, 512))  # claims 4 GiB as float32; about 0.5 MB on the wire
