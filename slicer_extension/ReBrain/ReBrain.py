@@ -213,7 +213,7 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
 
         url = self.ui.serverUrlLineEdit.text.strip()
         try:
-            client = ReBrainClient(url)
+            client = ReBrainClient(url, token=self.ui.accessTokenLineEdit.text.strip() or None)
             presets = client.presets()
         except ServerError as error:
             self.client = None

@@ -117,3 +117,11 @@ def test_batch_infer_by_an_admin_records_provenance_per_image_and_survives_a_bad
     for image in ("head_ct", "head_ct_upper"):
         info = datastore["objects"][image]["labels"]["original"]["info"]
         assert info["params"]["synthetic"] is True and len(info["params"]["slices"]) > 0
+
+
+def test_the_slicer_client_signs_in_with_a_token(auth_server, realm):
+    from slicer_extension.ReBrain.ReBrainLib.client import ReBrainClient, ServerError
+
+    with pytest.raises(ServerError, match="HTTP 401.*needs sign-in"):
+        ReBrainClient(auth_server).info()
+    assert "tinyct" in ReBrainClient(auth_server, token=realm.token("radiologist", [USER_ROLE])).presets()

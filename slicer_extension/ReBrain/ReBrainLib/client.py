@@ -48,7 +48,8 @@ def _detail(response: requests.Response) -> str:
         detail = response.json().get("detail", response.text)
     except ValueError:
         detail = response.text
-    return f"server answered HTTP {response.status_code}: {detail}"
+    hint = {401: " (the server needs sign-in: enter a valid access token)", 403: " (your account lacks the role this needs)"}.get(response.status_code, "")
+    return f"server answered HTTP {response.status_code}: {detail}{hint}"
 
 
 class ReBrainClient:
@@ -57,15 +58,19 @@ class ReBrainClient:
     Args:
         url: e.g. ``http://127.0.0.1:8000``.
         timeout: seconds to wait for one answer (a reconstruction takes up to minutes on a CPU).
+        token: an access token of the hospital's sign-in (OpenID Connect) for a server with
+            authentication on; sent as ``Authorization: Bearer ...``.
     """
 
-    def __init__(self, url: str, timeout: float = 1800.0) -> None:
+    def __init__(self, url: str, timeout: float = 1800.0, token: str | None = None) -> None:
         url = url.strip().rstrip("/")
         if not url.startswith(("http://", "https://")):
             raise ServerError(f"server URL {url!r} must start with http:// or https://")
         self.url = url
         self.timeout = timeout
         self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token.strip()}"
 
     def _post(self, path: str, **kwargs) -> requests.Response:
         try:
