@@ -25,6 +25,7 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 
 import lib
+from app.server.auth import name_token_algorithms
 from app.server.config import ServerConfig
 from app.server.guard import ServerGuard
 from app.server.infer_task import DESCRIPTION, ReBrainInferTask
@@ -65,6 +66,7 @@ class ReBrainApp(MONAILabelApp):
         from monailabel.endpoints import infer as infer_endpoints
 
         fastapi_app = server.app
+        name_token_algorithms()
         replace_infer_route(infer_endpoints.router.routes)
         # MONAI Label builds its middleware before it creates this app (in its lifespan), so
         # the guard wraps the built stack instead of being added with add_middleware.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 
+import jwt
 import nibabel as nib
 import pytest
 import requests
@@ -65,6 +66,9 @@ def test_no_token_is_401(auth_server):
         (lambda realm: realm.token("late", [USER_ROLE], lifetime_s=-60), 401),  # expired
         (lambda realm: realm.token("forger", [USER_ROLE, ADMIN_ROLE], key=new_key()), 401),  # signed by another key
         (lambda realm: "not-a-jwt", 401),
+        # Unsigned (alg "none") and HMAC-signed with the realm's public key as the secret.
+        (lambda realm: jwt.encode(jwt.decode(realm.token("x", [USER_ROLE]), options={"verify_signature": False}), None, algorithm="none"), 401),
+        (lambda realm: jwt.encode(jwt.decode(realm.token("x", [USER_ROLE]), options={"verify_signature": False}), realm.public_key, algorithm="HS256"), 401),
     ],
 )
 def test_tokens_that_must_not_pass(auth_server, realm, make_token, status):
