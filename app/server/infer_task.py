@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
@@ -25,7 +26,8 @@ from app.server.request import OUTPUTS, PARAM_HELP, RequestError, output_choice,
 from app.server.results import STATUS_CODES, ResultStore
 from lib.data.sparse import simulate_sparse_volume
 from lib.io import VolumeReadError, dense_grid, read_volume
-from lib.io.limits import VolumeTooLarge
+from lib.io.limits import VolumeTooLarge, check_volume_bytes
+from lib.io.nifti import is_nifti_path
 from lib.pipeline import ReBrainPipeline
 from lib.presets import Preset, load_preset
 from lib.report.outputs import input_geometry
@@ -35,9 +37,11 @@ logger = logging.getLogger(__name__)
 DESCRIPTION = "ReBrain: dense synthetic brain MRI from a sparse head CT (retrieval-augmented Brownian-bridge diffusion)"
 
 
-# Inputs read at once: each may take up to --conf max_image_mb while it is read, so this bounds
-# the memory that concurrent uploads can claim before they queue for the reconstruction.
-CONCURRENT_READS = 2
+# Requests that hold an input volume in memory at once: the one reconstructing and the next,
+# read and waiting. Others wait before reading, holding nothing but their upload on disk, so
+# memory stays at the models plus two volumes (each at most --conf max_image_mb) whatever the
+# number of clients.
+VOLUMES_IN_MEMORY = 2
 LOCK_POLL_SECONDS = 0.5
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^\s/:'\",()]+)+/([^\s/:'\",()]*)")
 
@@ -80,7 +84,8 @@ class ReBrainInferTask(BasicInferTask):
         # One reconstruction at a time per process: the models are shared, and on one GPU (or
         # two CPU cores) running two at once is not faster than one after the other.
         self._lock = threading.Lock()
-        self._reads = threading.BoundedSemaphore(CONCURRENT_READS)
+        self._loading = threading.Lock()
+        self._volume_slots = threading.BoundedSemaphore(VOLUMES_IN_MEMORY)
         self._stopping = threading.Event()
         defaults = {"preset": config.preset, "steps": config.steps or "", "samples": 1, "seed": 0, "target_spacing": "", "simulate_sparsity": 0, "method": "rebrain", "output": "mri"}
         super().__init__(
@@ -99,7 +104,7 @@ class ReBrainInferTask(BasicInferTask):
 
     def pipeline(self, name: str) -> ReBrainPipeline:
         """The loaded models of a preset (loaded on first use, then kept)."""
-        with self._lock:
+        with self._loading:
             if name not in self._pipelines:
                 logger.info("loading preset %s on %s", name, self.server_config.device)
                 self._pipelines[name] = ReBrainPipeline(self.preset(name), device=self.server_config.device)
@@ -185,23 +190,36 @@ class ReBrainInferTask(BasicInferTask):
         pipeline = self.pipeline(params.preset)
         steps = params.options.steps or pipeline.preset.steps
         self.check_work(steps, params.options.samples, 1)
-        self._acquire(self._reads)
+        self.check_header_size(image)
+        self._acquire(self._volume_slots)
         try:
             volume = read_volume(image, modality=pipeline.preset.input_modality, max_bytes=self.server_config.max_image_bytes)
+            if params.simulate_sparsity:
+                volume = simulate_sparse_volume(volume, factor=params.simulate_sparsity)
+            grid = dense_grid(volume, params.options.target_spacing or pipeline.preset.slice_spacing_mm)
+            self.check_work(steps, params.options.samples, int((~grid.acquired).sum()))
+            self._acquire(self._lock)
+            try:
+                reconstruction = pipeline.reconstruct(volume, params.options, self._check_running)
+            finally:
+                self._lock.release()
+            data["result_id"] = self.results.save(reconstruction, input_geometry(volume, params.simulate_sparsity))
         finally:
-            self._reads.release()
-        if params.simulate_sparsity:
-            volume = simulate_sparse_volume(volume, factor=params.simulate_sparsity)
-        grid = dense_grid(volume, params.options.target_spacing or pipeline.preset.slice_spacing_mm)
-        self.check_work(steps, params.options.samples, int((~grid.acquired).sum()))
-        self._acquire(self._lock)
-        try:
-            reconstruction = pipeline.reconstruct(volume, params.options, self._check_running)
-        finally:
-            self._lock.release()
-        data["result_id"] = self.results.save(reconstruction, input_geometry(volume, params.simulate_sparsity))
+            self._volume_slots.release()
         data["output"] = params.output
         return data
+
+    def check_header_size(self, image: str) -> None:
+        """Refuse a NIfTI image whose header announces more than ``--conf max_image_mb`` at once,
+        before it waits for a slot (the full check is :func:`read_volume`'s; an unreadable
+        header is left to it, to be reported with the reason)."""
+        if not is_nifti_path(image):
+            return
+        try:
+            shape = nib.load(image).shape
+        except Exception:  # noqa: BLE001 (read_volume reports it)
+            return
+        check_volume_bytes(image, shape, self.server_config.max_image_bytes)
 
     def check_work(self, steps: int, samples: int, generated_slices: int) -> None:
         """Refuse a request over the server's work budget (``--conf max_work`` slice-steps).
