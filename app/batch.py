@@ -6,14 +6,23 @@ name is always complete; ``--resume`` skips those and redoes anything half-writt
 failing series is recorded and the others go on; the manifest (CSV and JSON, rewritten
 atomically after every series) says what happened to each, and the exit code is 1 when any
 series failed. The input tree is only read.
+
+A SeriesInstanceUID comes from the input and may be anything (``../victim``, an absolute
+path), so output folders are named by :func:`output_folder` and always lie directly inside the
+output root; an existing folder is replaced only when it is ReBrain's own output. The manifest
+names inputs by UID or by their path relative to the input root: an absolute path, or a
+series' free-text description, may hold a patient's name.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
+import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,14 +31,16 @@ from pathlib import Path
 from lib.data.sparse import simulate_sparse_volume
 from lib.io import VolumeReadError
 from lib.io.atomic import STAGING_PREFIX, atomic_directory, atomic_path
-from lib.io.dicom import DicomSeries, check_consistent, is_axial, read_series, scan_dicom_folder, why_unusable
+from lib.io.dicom import VALID_UID, DicomSeries, NotOneStackError, check_consistent, is_axial, read_series, scan_dicom_folder, why_unusable
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
 from lib.report.dicom_output import write_synthetic_mri_series
-from lib.report.outputs import DICOM_FOLDER, OUTPUT_FILES, input_geometry, positions_source, write_outputs
+from lib.report.outputs import DICOM_FOLDER, OUTPUT_FILES, input_geometry, is_rebrain_output, positions_source, write_outputs
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_FIELDS = ("series_uid", "status", "seconds", "slices", "retrieval_success_rate", "fallback_count", "positions", "output", "pushed", "message")
+# What atomic_directory names its staging folders: STAGING_PREFIX, 8 hex digits, a dash.
+STAGING_NAME = re.compile(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]{{8}}-.+")
 
 
 @dataclass
@@ -60,36 +71,77 @@ def plan_batch(input_root: Path, modality: str) -> BatchPlan:
     """Scan ``input_root`` recursively and sort its series into inputs and skipped ones.
 
     Skipped: series of another modality, localizers, single images, multi-planar reformats and
-    other stacks that are not parallel axial slices (by SeriesInstanceUID), and unreadable or
-    non-image files (by path).
+    other stacks that are not parallel axial slices (by SeriesInstanceUID), and files that are
+    not images or cannot be read and belong to no series (by path relative to ``input_root``).
     """
     scan = scan_dicom_folder(input_root)
     plan = BatchPlan(series=[])
     for uid, series in sorted(scan.series.items()):
         reason = why_unusable(series, modality) or stack_problem(series)
         if reason:
-            plan.skipped.append(SeriesOutcome(series_uid=uid, status="skipped", message=f"{series.describe()}: {reason}"))
+            plan.skipped.append(SeriesOutcome(series_uid=uid, status="skipped", message=without_root(f"{series.describe()}: {reason}", input_root)))
         else:
             plan.series.append(series)
     for path, reason in sorted(scan.skipped_files.items()):
-        plan.skipped.append(SeriesOutcome(series_uid="", status="skipped", message=f"{Path(path).relative_to(input_root)}: {reason}"))
+        plan.skipped.append(SeriesOutcome(series_uid="", status="skipped", message=without_root(f"{path}: {reason}", input_root)))
     return plan
 
 
 def stack_problem(series: DicomSeries) -> str | None:
-    """Why a series is not one axial stack of parallel slices (e.g. a multi-planar reformat), or None."""
+    """Why a series is not one axial stack of parallel slices (e.g. a multi-planar reformat), or None.
+
+    A series with a damaged or implausible header is not skipped here: reading it fails, and the
+    manifest records that failure with the file at fault.
+    """
     try:
         check_consistent(series)
-    except VolumeReadError as error:
-        return f"not one stack of parallel slices ({error.reason})"
+    except NotOneStackError as error:
+        return f"not one stack of parallel slices ({error})"
+    except VolumeReadError:
+        return None
     if not is_axial(series):
         return "not axial (a coronal or sagittal stack); ReBrain reconstructs axial slices"
     return None
 
 
+def without_root(message: str, input_root: Path) -> str:
+    """``message`` with the input files' paths made relative to ``input_root``: the absolute path
+    may name the patient (a folder per patient), the relative one says which file it was."""
+    return message.replace(f"{input_root}{os.sep}", "").replace(str(input_root), ".")
+
+
+def failure_message(error: Exception, input_root: Path) -> str:
+    """The manifest message of a failed series: the reason (and the file) without ``input_root``."""
+    message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"  # VolumeReadError is a ValueError
+    return without_root(message, input_root)
+
+
+def output_folder(output_root: Path, uid: str) -> Path:
+    """The output folder of series ``uid``: named by the UID when it is a valid DICOM UID (digits
+    and dots, at most 64 characters), otherwise ``series-<first 16 hex digits of its SHA-256>``;
+    either way a plain name directly inside ``output_root``."""
+    name = uid if len(uid) <= 64 and VALID_UID.fullmatch(uid) else f"series-{hashlib.sha256(uid.encode()).hexdigest()[:16]}"
+    return output_root / name
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse to write ``folder`` unless it is new or ReBrain's own output.
+
+    Its name (see :func:`output_folder`) cannot leave the output root; a link could, so a link
+    is refused too.
+
+    Raises:
+        FileExistsError: ``folder`` is a link, or holds anything ReBrain did not write.
+    """
+    if folder.is_symlink():
+        raise FileExistsError(f"output folder {folder.name} is a link; nothing is written through it")
+    if folder.exists() and not is_rebrain_output(folder):
+        raise FileExistsError(f"output folder {folder.name} exists and was not written by ReBrain; it is left untouched")
+
+
 def is_complete(folder: Path) -> bool:
-    """True when a series' output folder holds every output (final name means atomically complete)."""
-    if not all((folder / name).is_file() for name in OUTPUT_FILES):
+    """True when a series' output folder is ReBrain's and holds every output (final name means atomically complete)."""
+    if not is_rebrain_output(folder) or not all((folder / name).is_file() for name in OUTPUT_FILES):
         return False
     try:
         slices = len(json.loads((folder / "provenance.json").read_text())["slices"])
@@ -99,8 +151,8 @@ def is_complete(folder: Path) -> bool:
 
 
 def remove_half_written(output_root: Path) -> list[Path]:
-    """Delete staging folders a killed run left behind; returns them."""
-    leftovers = [path for path in output_root.glob(f"{STAGING_PREFIX}*") if path.is_dir()]
+    """Delete staging folders a killed run left behind (named as atomic_directory names them); returns them."""
+    leftovers = [path for path in output_root.iterdir() if STAGING_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink()]
     for path in leftovers:
         shutil.rmtree(path)
     return leftovers
@@ -135,14 +187,14 @@ def push_series(folder: Path, url: str) -> None:
         raise RuntimeError(f"STOW-RS to {url} failed: {type(error).__name__}: {error}") from None
 
 
-def reconstruct_series(series: DicomSeries, output_root: Path, pipeline: ReBrainPipeline, options: ReconstructionOptions, sparsity: int | None) -> SeriesOutcome:
-    """Reconstruct one series into ``output_root/<SeriesInstanceUID>`` (atomically)."""
+def reconstruct_series(series: DicomSeries, out: Path, pipeline: ReBrainPipeline, options: ReconstructionOptions, sparsity: int | None) -> SeriesOutcome:
+    """Reconstruct one series into the folder ``out`` (atomically; see :func:`check_replaceable`)."""
     started = time.perf_counter()
+    check_replaceable(out)
     volume = read_series(series, series.files[0].parent)
     if sparsity:
         volume = simulate_sparse_volume(volume, factor=sparsity)
     reconstruction = pipeline.reconstruct(volume, options)
-    out = output_root / series.uid
     with atomic_directory(out) as staging:
         write_outputs(staging, reconstruction, input_geometry(volume, sparsity))
         write_synthetic_mri_series(reconstruction, volume, staging / DICOM_FOLDER, series.first)
@@ -150,7 +202,16 @@ def reconstruct_series(series: DicomSeries, output_root: Path, pipeline: ReBrain
     return SeriesOutcome(
         series_uid=series.uid, status="done", seconds=round(time.perf_counter() - started, 2), slices=summary["slices"],
         retrieval_success_rate=summary["retrieval_success_rate"], fallback_count=summary["fallback_count"], positions=positions_source(summary),
-        output=str(out.relative_to(output_root)),
+        output=out.name,
+    )
+
+
+def resumed_outcome(series: DicomSeries, out: Path) -> SeriesOutcome:
+    """The manifest row of a series whose complete output ``out`` a previous run wrote."""
+    summary = json.loads((out / "provenance.json").read_text())["summary"]
+    return SeriesOutcome(
+        series_uid=series.uid, status="complete", slices=summary["slices"], retrieval_success_rate=summary["retrieval_success_rate"],
+        fallback_count=summary["fallback_count"], positions=positions_source(summary), output=out.name, message="already complete (resume)",
     )
 
 
@@ -175,25 +236,19 @@ def run_batch(
     outcomes: list[SeriesOutcome] = list(plan.skipped)
     write_manifest(output_root, outcomes)
     for series in tqdm(plan.series, desc="series", unit="series", disable=not progress):
-        if resume and is_complete(output_root / series.uid):
-            summary = json.loads((output_root / series.uid / "provenance.json").read_text())["summary"]
-            outcomes.append(SeriesOutcome(
-                series_uid=series.uid, status="complete", slices=summary["slices"], retrieval_success_rate=summary["retrieval_success_rate"],
-                fallback_count=summary["fallback_count"], positions=positions_source(summary), output=series.uid, message="already complete (resume)",
-            ))
-        else:
+        out = output_folder(output_root, series.uid)
+        try:
+            outcome = resumed_outcome(series, out) if resume and is_complete(out) else reconstruct_series(series, out, pipeline, options, sparsity)
+        except Exception as error:  # one series' failure is recorded; the others go on
+            message = failure_message(error, input_root)
+            logger.warning("series %s failed: %s", series.uid, message)
+            outcome = SeriesOutcome(series_uid=series.uid, status="failed", message=message)
+        if push_url and outcome.status == "done":
             try:
-                outcome = reconstruct_series(series, output_root, pipeline, options, sparsity)
-            except Exception as error:  # one series' failure is recorded; the others go on
-                logger.warning("series %s failed: %s", series.uid, error)
-                message = str(error) if isinstance(error, (VolumeReadError, ValueError)) else f"{type(error).__name__}: {error}"
-                outcome = SeriesOutcome(series_uid=series.uid, status="failed", message=message)
-            if push_url and outcome.status == "done":
-                try:
-                    push_series(output_root / series.uid / DICOM_FOLDER, push_url)
-                    outcome.pushed = True
-                except RuntimeError as error:
-                    outcome.pushed, outcome.status, outcome.message = False, "failed", str(error)
-            outcomes.append(outcome)
+                push_series(out / DICOM_FOLDER, push_url)
+                outcome.pushed = True
+            except RuntimeError as error:
+                outcome.pushed, outcome.status, outcome.message = False, "failed", str(error)
+        outcomes.append(outcome)
         write_manifest(output_root, outcomes)
     return outcomes

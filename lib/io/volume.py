@@ -25,6 +25,9 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from lib.io.errors import VolumeReadError
+from lib.io.limits import MAX_GRID_SLICES
+
 # Two slice positions closer than this (mm) are the same position.
 POSITION_TOLERANCE_MM = 1e-3
 
@@ -271,12 +274,19 @@ def dense_grid(volume: Volume, spacing: float = 1.0, tolerance: float | None = N
 
     Raises:
         ValueError: for a non-positive spacing.
+        VolumeReadError: naming the volume's source, when the grid would have more than
+            :data:`~lib.io.limits.MAX_GRID_SLICES` slices (slices metres apart, a corrupt header).
     """
     if spacing <= 0:
         raise ValueError(f"target spacing must be positive, got {spacing}")
     tolerance = spacing / 10 if tolerance is None else tolerance
     acquired_positions = volume.positions
     count = int(np.floor((acquired_positions[-1] - acquired_positions[0]) / spacing + 1e-6)) + 1
+    if count > MAX_GRID_SLICES:
+        raise VolumeReadError(
+            volume.source,
+            f"slices spanning {acquired_positions[-1] - acquired_positions[0]:.0f} mm would make a grid of {count} slices at {spacing:g} mm, over the limit of {MAX_GRID_SLICES}",
+        )
     positions = acquired_positions[0] + spacing * np.arange(count)
 
     upper = np.searchsorted(acquired_positions, positions - tolerance, side="left")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from lib.io import dense_grid, read_volume
 from lib.io.dicom_writer import SeriesDescription, write_dicom_series
 
 from tests.app.server_process import REPO
+from tests.dicom_variants import copy_position_of, corrupt_vr, remove
 from tests.tilted import make_tilted
 from tests.tiny_preset import make_tiny_preset
 
@@ -248,3 +250,87 @@ def test_a_tilted_partial_series_is_aligned_and_written_in_its_own_geometry(real
     for ds, synthetic in zip(ends, (headers[0], headers[-1])):
         np.testing.assert_allclose(np.asarray(synthetic.ImagePositionPatient, dtype=float), np.asarray(ds.ImagePositionPatient, dtype=float), atol=1e-3)
         assert np.allclose(np.asarray(synthetic.ImageOrientationPatient, dtype=float), np.asarray(ds.ImageOrientationPatient, dtype=float), atol=1e-5)
+
+
+def four_slices(real_ct_volume):
+    """Four 2.5 mm slices of the real head CT (128 x 128): the smallest series batch reconstructs."""
+    middle = real_ct_volume.shape[2] // 2
+    return real_ct_volume.take_slices(list(range(middle, middle + 4)))
+
+
+def manifest_rows(out) -> dict[str, dict]:
+    return {row["series_uid"]: row for row in json.loads((out / "manifest.json").read_text())["series"]}
+
+
+def test_output_folders_stay_inside_the_output_root_and_replace_only_rebrain_outputs(real_ct_volume, preset, tmp_path):
+    """Issue 17, finding 3: a SeriesInstanceUID of ``../victim`` or an absolute path made batch
+    replace that folder, deleting what was in it."""
+    victims = [tmp_path / "victim", tmp_path / "absolute_victim"]
+    for victim in victims:
+        victim.mkdir()
+        (victim / "keep.txt").write_text("not ReBrain's")
+    uids = {"relative": "../victim", "absolute": str(victims[1]), "taken": generate_uid()}
+    for name, uid in uids.items():
+        write_dicom_series(four_slices(real_ct_volume), tmp_path / "in" / name, SeriesDescription(modality="CT", series_uid=uid, patient=PATIENT))
+    out = tmp_path / "out"
+    (out / uids["taken"]).mkdir(parents=True)
+    (out / uids["taken"] / "mri.nii.gz").write_text("a user's file under an output's name")
+    command = ["batch", str(tmp_path / "in"), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet"]
+
+    for _ in range(2):  # the second run replaces its own outputs, and still nothing else
+        assert main(command) == 1
+        for victim in victims:
+            assert [path.name for path in victim.iterdir()] == ["keep.txt"]
+        assert (out / uids["taken"] / "mri.nii.gz").read_text() == "a user's file under an output's name"
+        rows = manifest_rows(out)
+        assert rows[uids["taken"]]["status"] == "failed" and "not written by ReBrain" in rows[uids["taken"]]["message"]
+        for key in ("relative", "absolute"):
+            assert rows[uids[key]]["status"] == "done" and re.fullmatch(r"series-[0-9a-f]{16}", rows[uids[key]]["output"])
+            assert is_complete(out / rows[uids[key]]["output"])
+        assert sorted(path.name for path in out.iterdir()) == sorted([uids["taken"], "manifest.csv", "manifest.json", *(rows[uids[key]]["output"] for key in ("relative", "absolute"))])
+
+
+def test_a_damaged_file_or_series_fails_only_its_own_series(real_ct_volume, preset, tmp_path):
+    """Issue 17, finding 5: a file with a corrupt VR in its meta header (pydicom's
+    NotImplementedError) or a series without PixelSpacing ended the whole run with a traceback."""
+    root = tmp_path / "in"
+    good = SeriesDescription(modality="CT", patient=PATIENT)
+    write_dicom_series(four_slices(real_ct_volume), root / "good", good)
+    corrupt, no_spacing = SeriesDescription(modality="CT", patient=PATIENT), SeriesDescription(modality="CT", patient=PATIENT)
+    corrupt_vr((0x0002, 0x0010))(write_dicom_series(four_slices(real_ct_volume), root / "corrupt_vr", corrupt), 1)
+    files = write_dicom_series(four_slices(real_ct_volume), root / "no_spacing", no_spacing)
+    for index in range(len(files)):
+        remove("PixelSpacing")(files, index)
+    out = tmp_path / "out"
+    assert main(["batch", str(root), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet"]) == 1
+    rows = manifest_rows(out)
+    assert rows[good.series_uid]["status"] == "done" and is_complete(out / good.series_uid)
+    assert rows[corrupt.series_uid]["status"] == "failed"
+    assert rows[corrupt.series_uid]["message"].startswith("corrupt_vr/slice_0001.dcm: a damaged DICOM file (NotImplementedError: Unknown Value Representation")
+    assert rows[no_spacing.series_uid]["status"] == "failed" and rows[no_spacing.series_uid]["message"].startswith("no_spacing/slice_0000.dcm: no PixelSpacing")
+
+
+def test_outputs_name_inputs_only_by_id_or_relative_path(real_ct_volume, brats_case, preset, tmp_path):
+    """Issue 17, finding 9: manifest messages carried absolute input paths (here a folder named
+    after the patient) and series descriptions (free text), and the synthetic series copied the
+    CT's SeriesDescription."""
+    root = tmp_path / "Doe_Jane_1960-01-01"
+    ct = SeriesDescription(modality="CT", series_description="Doe Jane head trauma", patient=PATIENT)
+    write_dicom_series(four_slices(real_ct_volume), root / "ct", ct)
+    broken = write_dicom_series(four_slices(real_ct_volume), root / "broken", SeriesDescription(modality="CT", series_description="Doe Jane follow-up", patient=PATIENT))
+    copy_position_of(0)(broken, 1)
+    mr = SeriesDescription(modality="MR", series_description="Doe Jane FLAIR", rescale_intercept=0.0, patient=PATIENT)
+    write_dicom_series(read_volume(brats_case / "t2f.nii.gz", modality="MR").take_slices([70, 71]), root / "mr", mr)
+    (root / "junk").mkdir()
+    (root / "junk" / "notes.dcm").write_bytes(b"Doe Jane, seen " + bytes(range(256)))
+    out = tmp_path / "out"
+    assert main(["batch", str(root), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet"]) == 1
+    for manifest in ("manifest.csv", "manifest.json"):
+        text = (out / manifest).read_text()
+        assert "Doe" not in text and str(tmp_path) not in text, text
+    rows = manifest_rows(out)
+    assert rows[ct.series_uid]["status"] == "done"
+    assert next(row for row in rows.values() if row["status"] == "failed")["message"].startswith("broken/slice_0001.dcm: two slices")
+    assert rows[mr.series_uid]["status"] == "skipped"
+    for path in (out / ct.series_uid / "dicom").glob("*.dcm"):
+        assert pydicom.dcmread(str(path), stop_before_pixels=True).SeriesDescription == "SYNTHETIC ReBrain MRI from CT"

@@ -20,6 +20,8 @@ from lib.io.dicom_writer import SeriesDescription, write_dicom_series
 from lib.io.nifti import read_nifti
 from lib.io.volume import Volume
 
+from tests.dicom_variants import VARIANTS_BY_NAME, make_bases, make_variant, names
+
 
 def world(volume: Volume, i: int, j: int, k: int) -> np.ndarray:
     """RAS world position of voxel (i, j, k)."""
@@ -80,10 +82,11 @@ def test_reads_ct_series_among_distractors_in_hu_with_exact_geometry(study_folde
     assert "modality MR" in skipped[mr.series_uid]
     assert any("localizer" in reason for reason in skipped.values())
     skipped_files = {Path(path).name: reason for path, reason in volume.meta["skipped_files"].items()}
-    assert "not a readable DICOM" in skipped_files["corrupt.dcm"]
-    assert "not a readable DICOM" in skipped_files["notes.txt"]
+    assert "not a DICOM file" in skipped_files["corrupt.dcm"]
+    assert "not a DICOM file" in skipped_files["notes.txt"]
     assert "not an image" in skipped_files["sr.dcm"]
-    assert "not an image" in skipped_files["truncated.dcm"]  # header cut before the pixel module
+    # A slice's header cut before its SeriesInstanceUID, named unlike the slices: tied to no series.
+    assert "a truncated or damaged header" in skipped_files["truncated.dcm"]
 
 
 def test_series_uid_selects_the_requested_series(study_folder):
@@ -213,3 +216,46 @@ def test_pydicom_ct_test_file_values_are_hu(tmp_path):
     np.testing.assert_allclose(volume.positions, [0.0, 5.0], atol=1e-4)
     # Canonical orientation of a standard axial slice: pixel (r, c) -> voxel (X-1-c, Y-1-r).
     np.testing.assert_allclose(volume.array[:, :, 0], expected[::-1, ::-1].T)
+
+
+@pytest.fixture(scope="module")
+def variant_bases(real_ct_volume, head_ct_folder, tmp_path_factory) -> dict[str, list[Path]]:
+    return make_bases(real_ct_volume, head_ct_folder, tmp_path_factory.mktemp("bases"))
+
+
+def refusal(name: str, bases: dict[str, list[Path]], folder: Path) -> tuple[VolumeReadError, Path]:
+    """Read variant ``name``; returns the VolumeReadError it must raise and the file it must name."""
+    variant = VARIANTS_BY_NAME[name]
+    files = make_variant(variant, bases[variant.base], folder / name)
+    with pytest.raises(VolumeReadError) as refused:
+        read_volume(folder / name)
+    return refused.value, variant.named_file(files)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "jpeg-pixel-flips-0",  # 20 flipped bytes decode without error, to values no scanner makes
+        "whole-orientation-scaled-6x",  # non-unit direction vectors scaled the positions 6x
+        "whole-pixel-spacing-negative",
+        "whole-bits-allocated-8",
+        "modality-mr",  # one MR file under the CT series' UID
+        "position-5-m-away",
+        "whole-positions-5-m-apart",  # a 15,001-slice grid
+        "truncated-in-header",  # dropped, and its gap generated
+        "rescale-slope-absurd",
+    ],
+)
+def test_corrupt_or_implausible_input_is_refused_naming_the_file(name, variant_bases, tmp_path):
+    """Issue 17, finding 7: corrupt or physically impossible input was accepted silently."""
+    error, damaged = refusal(name, variant_bases, tmp_path)
+    assert names(error, damaged), error
+
+
+@pytest.mark.parametrize("name", ["whole-pixel-spacing-zero", "whole-pixel-spacing-missing", "whole-orientation-zero", "orientation-five-values", "position-two-values"])
+def test_unusable_header_values_raise_a_volume_read_error_naming_the_file(name, variant_bases, tmp_path):
+    """Issue 17, finding 8: these raised AttributeError, nibabel's OrientationError or numpy's
+    "could not broadcast" (a traceback from the command line, no file named), or blamed a
+    "repeated acquisition" on the wrong file."""
+    error, damaged = refusal(name, variant_bases, tmp_path)
+    assert names(error, damaged), error
