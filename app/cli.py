@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -14,13 +17,55 @@ from lib.data.layouts import DEFAULT_OPEN_COUNT
 from lib.io.errors import VolumeReadError
 from lib.reconstruction_methods import METHODS
 
-# Errors a user can fix: printed as one line, no traceback.
-USER_ERRORS = (VolumeReadError, ValueError, FileExistsError, FileNotFoundError)
+# Errors a user can fix: printed as one line, no traceback. OSError covers unwritable or missing
+# folders and full disks; MemoryError is reported by main() apart, since it names no file.
+USER_ERRORS = (VolumeReadError, ValueError, OSError)
 NO_BRAIN_EXTRACTION_HELP = "CT input is already brain-only (prepared): skip the skull and scalp removal of real head CT (and the alignment)"
 NO_ALIGNMENT_HELP = (
     "real head CT: do not register it to the CT head template; slice positions then come from the brain's own extent, "
     "right only when the CT covers the whole brain"
 )
+
+
+def bounded(kind: Callable[[str], int | float], low: float, strict: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: a finite ``kind`` (``int`` or ``float``) of at least ``low`` (above it when ``strict``).
+
+    argparse names the option in the refusal ("argument --steps: must be >= 2, got 0"), so a 0
+    is never quietly taken for "the default" further on.
+    """
+    relation = ">" if strict else ">="
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {relation} {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+@contextmanager
+def naming_input(path: str | Path) -> Iterator[None]:
+    """Let every user error raised in the block name the input ``path``.
+
+    numpy and nibabel fail with messages that name no file ("SVD did not converge",
+    "Maximum allowed size exceeded"), and running out of memory names nothing at all.
+
+    Raises:
+        VolumeReadError: naming ``path``, for a user error or a MemoryError that does not.
+    """
+    name = str(Path(path))
+    try:
+        yield
+    except MemoryError as error:
+        raise VolumeReadError(name, f"not enough memory to process this input ({str(error) or 'MemoryError'})") from error
+    except USER_ERRORS as error:
+        if name in str(error):
+            raise
+        raise VolumeReadError(name, str(error)) from error
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -48,8 +93,9 @@ def _prepare(args: argparse.Namespace) -> None:
 def _inspect(args: argparse.Namespace) -> None:
     from lib.io import dense_grid, read_volume
 
-    volume = read_volume(args.input, series_uid=args.series_uid, modality=args.modality)
-    grid = dense_grid(volume, args.target_spacing)
+    with naming_input(args.input):
+        volume = read_volume(args.input, series_uid=args.series_uid, modality=args.modality)
+        grid = dense_grid(volume, args.target_spacing)
     report = {
         "source": volume.source,
         "modality": volume.modality,
@@ -154,19 +200,22 @@ def _reconstruct(args: argparse.Namespace) -> None:
     from lib.io import read_volume
     from lib.pipeline import ReBrainPipeline, ReconstructionOptions
     from lib.presets import load_preset
-    from lib.report.outputs import input_geometry, write_outputs
+    from lib.report.outputs import check_output_folder, input_geometry, write_outputs
 
+    # Before anything slow: the result must have somewhere to go.
+    check_output_folder(args.out_dir, [args.input])
     preset = load_preset(args.preset, args.weights)
     options = ReconstructionOptions(
         steps=args.steps, samples=args.samples, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
         target_spacing=args.target_spacing, use_retrieval=not args.no_retrieval, use_controlnet=not args.no_controlnet, method=args.method,
         brain_extraction=not args.no_brain_extraction, alignment=not args.no_alignment,
     )
-    volume = read_volume(args.input, modality=preset.input_modality)
-    if args.simulate_sparsity:
-        volume = simulate_sparse_volume(volume, factor=args.simulate_sparsity)
+    with naming_input(args.input):
+        volume = read_volume(args.input, modality=preset.input_modality)
+        if args.simulate_sparsity is not None:
+            volume = simulate_sparse_volume(volume, factor=args.simulate_sparsity)
     pipeline = ReBrainPipeline(preset, device=args.device)
-    with tqdm(total=1, desc="reconstruct", unit="step", disable=args.quiet) as bar:
+    with tqdm(total=1, desc="reconstruct", unit="step", disable=args.quiet) as bar, naming_input(args.input):
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.n = done
@@ -245,7 +294,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
     pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
     if args.input:
-        source = read_volume(args.input, modality=pipeline.preset.input_modality)
+        with naming_input(args.input):
+            source = read_volume(args.input, modality=pipeline.preset.input_modality)
         subjects = [EvaluationSubject(key="input", split="no ground truth", source=source)]
     else:
         subjects = held_out_subjects(pipeline, args.layout, args.src, args.max_subjects, args.open_count)
@@ -291,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("input", help="a .nii/.nii.gz file or a DICOM folder")
     inspect.add_argument("--series-uid", help="DICOM: the SeriesInstanceUID to read (default: the CT series)")
     inspect.add_argument("--modality", default="unknown", help="NIfTI: what the values are (CT for HU)")
-    inspect.add_argument("--target-spacing", type=float, default=1.0, help="dense grid spacing in mm (default 1)")
+    inspect.add_argument("--target-spacing", type=bounded(float, 0, strict=True), default=1.0, help="dense grid spacing in mm (default 1)")
     inspect.set_defaults(run=_inspect)
 
     bbdm = commands.add_parser("train-bbdm", help="train the CT-to-MRI Brownian-bridge denoiser on a prepared dataset")
@@ -381,13 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("out_dir", help="output folder (written atomically)")
     recon.add_argument("--preset", default="ct2mri", help="preset name in --weights, or a preset folder (default ct2mri)")
     recon.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
-    recon.add_argument("--simulate-sparsity", type=int, default=None, metavar="K", help="keep every K-th input slice first (for dense inputs)")
-    recon.add_argument("--target-spacing", type=float, default=None, metavar="MM", help="output slice spacing (default: the preset's, 1 mm)")
-    recon.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
-    recon.add_argument("--samples", type=int, default=1, help="samples per slice; > 1 gives a mean and an uncertainty map")
-    recon.add_argument("--eta", type=float, default=None, help="sampler noise (default 0 for one sample, 1 for several)")
+    recon.add_argument("--simulate-sparsity", type=bounded(int, 2), default=None, metavar="K", help="keep every K-th input slice first (K >= 2; for dense inputs)")
+    recon.add_argument("--target-spacing", type=bounded(float, 0, strict=True), default=None, metavar="MM", help="output slice spacing (default: the preset's, 1 mm)")
+    recon.add_argument("--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)")
+    recon.add_argument("--samples", type=bounded(int, 1), default=1, help="samples per slice; > 1 gives a mean and an uncertainty map")
+    recon.add_argument("--eta", type=bounded(float, 0), default=None, help="sampler noise (default 0 for one sample, 1 for several)")
     recon.add_argument("--seed", type=int, default=0)
-    recon.add_argument("--batch-size", type=int, default=8, help="slices per network call")
+    recon.add_argument("--batch-size", type=bounded(int, 1), default=8, help="slices per network call")
     recon.add_argument("--no-retrieval", action="store_true", help="skip the knowledge base (every slice uses the SLERP control)")
     recon.add_argument("--no-controlnet", action="store_true", help="BBDM alone, without the ControlNet branch")
     recon.add_argument("--no-brain-extraction", action="store_true", help=NO_BRAIN_EXTRACTION_HELP)
@@ -402,10 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("output_root", help="one folder per series, plus manifest.csv and manifest.json")
     batch.add_argument("--preset", default="ct2mri", help="preset name or folder (default ct2mri)")
     batch.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
-    batch.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
+    batch.add_argument("--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)")
     batch.add_argument("--seed", type=int, default=0)
-    batch.add_argument("--batch-size", type=int, default=8)
-    batch.add_argument("--simulate-sparsity", type=int, default=None, help="keep every k-th slice of each series first (k >= 2)")
+    batch.add_argument("--batch-size", type=bounded(int, 1), default=8)
+    batch.add_argument("--simulate-sparsity", type=bounded(int, 2), default=None, help="keep every k-th slice of each series first (k >= 2)")
     batch.add_argument("--resume", action="store_true", help="skip series whose outputs are complete; redo half-written ones")
     batch.add_argument("--push-dicomweb", default=None, metavar="URL", help="send each synthetic series to this DICOMweb server (STOW-RS)")
     batch.add_argument("--no-brain-extraction", action="store_true", help=NO_BRAIN_EXTRACTION_HELP)
@@ -439,16 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--src", help="dataset folder (brats, synthrad; optional for open)")
     evaluate.add_argument("--preset", default="ct2mri", help="preset name in --weights, or a preset folder")
     evaluate.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
-    evaluate.add_argument("--sparsity", type=int, nargs="+", default=[2], help="keep every k-th slice (default 2); 1 keeps all (a real sparse scan)")
-    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    evaluate.add_argument("--sparsity", type=bounded(int, 1), nargs="+", default=[2], help="keep every k-th slice (default 2); 1 keeps all (a real sparse scan)")
+    evaluate.add_argument("--seeds", type=bounded(int, 0), nargs="+", default=[0, 1, 2])
     evaluate.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
-    evaluate.add_argument("--max-subjects", type=int, default=None, help="evaluate at most this many held-out subjects")
-    evaluate.add_argument("--open-count", type=int, default=16, help=f"open: pseudo-subjects to generate; those beyond the {DEFAULT_OPEN_COUNT} of prepare are unseen")
-    evaluate.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
-    evaluate.add_argument("--eta", type=float, default=0.0, help="sampler noise (default 0: deterministic)")
-    evaluate.add_argument("--batch-size", type=int, default=8)
-    evaluate.add_argument("--uncertainty-samples", type=int, default=0, help="> 1: one extra rebrain run with that many samples for the uncertainty figure")
-    evaluate.add_argument("--kb-fractions", type=float, nargs="+", default=[], help="ablation: shares of the knowledge base's subjects kept, e.g. 0.7 0.5 0.3 (Table 5)")
+    evaluate.add_argument("--max-subjects", type=bounded(int, 1), default=None, help="evaluate at most this many held-out subjects")
+    evaluate.add_argument("--open-count", type=bounded(int, 1), default=16, help=f"open: pseudo-subjects to generate; those beyond the {DEFAULT_OPEN_COUNT} of prepare are unseen")
+    evaluate.add_argument("--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)")
+    evaluate.add_argument("--eta", type=bounded(float, 0), default=0.0, help="sampler noise (default 0: deterministic)")
+    evaluate.add_argument("--batch-size", type=bounded(int, 1), default=8)
+    evaluate.add_argument("--uncertainty-samples", type=bounded(int, 0), default=0, help="> 1: one extra rebrain run with that many samples for the uncertainty figure")
+    evaluate.add_argument("--kb-fractions", type=bounded(float, 0, strict=True), nargs="+", default=[], help="ablation: shares of the knowledge base's subjects kept, e.g. 0.7 0.5 0.3 (Table 5)")
     evaluate.add_argument("--bbdm-variants", nargs="+", default=[], help="ablation: other BBDM model.pt files, e.g. the other objective's (Table 2); named by their folder")
     evaluate.add_argument("--encoder-variants", nargs="+", default=[], help="ablation: other retrieval encoder.pt files (Table 3); needs --data; named by their folder")
     evaluate.add_argument("--data", default=None, help="the prepared dataset the preset was trained on (for --encoder-variants)")
@@ -476,5 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = args.run(args)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except MemoryError as error:
+        print(f"error: not enough memory for {args.command} ({str(error) or 'MemoryError'})", file=sys.stderr)
         return 2
     return code or 0

@@ -20,6 +20,7 @@ reference patient is recorded: knowledge-base entries carry anonymised subject k
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -54,14 +55,14 @@ class ReconstructionOptions:
     """How to run one reconstruction.
 
     Attributes:
-        steps: sampling steps (None: the preset's default).
+        steps: sampling steps, at least 2 (None: the preset's default).
         samples: samples per slice; > 1 gives a mean and a standard deviation.
         eta: sampler stochasticity (None: 0 for one sample, 1 for several; several
             deterministic samples would be identical).
         seed: random seed of the stochastic sampler.
         batch_size: slices per network call (small batches are faster on a CPU).
         position_tolerance: retrieval position filter (None: the preset's).
-        target_spacing: dense grid spacing in mm (None: the preset's slice spacing).
+        target_spacing: dense grid spacing in mm, positive (None: the preset's slice spacing).
         use_retrieval: query the knowledge base (off: every slice uses the SLERP control).
         use_controlnet: use the ControlNet branch when the preset has one (off: BBDM alone).
         brain_extraction: for CT presets, find the intracranial mask of a real head CT
@@ -75,6 +76,9 @@ class ReconstructionOptions:
         method: how gap slices are made (see :data:`lib.reconstruction_methods.METHODS`);
             ``"rebrain"`` is the method, the others are the evaluation's baselines and
             ablations (METHOD.md section 6).
+
+    Raises:
+        ValueError: an unknown method or an out-of-range number, naming the field.
     """
 
     steps: int | None = None
@@ -97,7 +101,14 @@ class ReconstructionOptions:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.eta is not None and self.eta < 0:
+        # None, not a falsy value, means "the preset's": 0 is refused rather than read as the default.
+        if self.steps is not None and self.steps < 2:
+            raise ValueError(f"steps must be >= 2 (None: the preset's), got {self.steps}")
+        if self.target_spacing is not None and not 0 < self.target_spacing < math.inf:
+            raise ValueError(f"target_spacing must be a positive number of mm (None: the preset's), got {self.target_spacing}")
+        if self.position_tolerance is not None and not 0 <= self.position_tolerance < math.inf:
+            raise ValueError(f"position_tolerance must be >= 0 (None: the preset's), got {self.position_tolerance}")
+        if self.eta is not None and not 0 <= self.eta < math.inf:
             raise ValueError(f"eta must be >= 0, got {self.eta}")
         if self.samples > 1 and self.eta == 0:
             raise ValueError("several samples need eta > 0 (deterministic samples are identical)")
@@ -106,6 +117,14 @@ class ReconstructionOptions:
     def effective_eta(self) -> float:
         """The eta actually used."""
         return self.eta if self.eta is not None else (0.0 if self.samples == 1 else 1.0)
+
+    def effective_steps(self, preset: Preset) -> int:
+        """The sampling steps actually used: ``steps``, or the preset's when it is None."""
+        return preset.steps if self.steps is None else self.steps
+
+    def effective_spacing(self, preset: Preset) -> float:
+        """The dense grid's slice spacing actually used: ``target_spacing``, or the preset's when it is None."""
+        return preset.slice_spacing_mm if self.target_spacing is None else self.target_spacing
 
 
 @dataclass
@@ -246,7 +265,7 @@ class ReBrainPipeline:
         """
         self.check_modality(volume)
         started = time.perf_counter()
-        grid = dense_grid(volume, options.target_spacing or self.preset.slice_spacing_mm)
+        grid = dense_grid(volume, options.effective_spacing(self.preset))
         modality = self.preset.source_modality
         extraction = extract_brain(volume) if modality == "ct" and options.brain_extraction else None
         if extraction is not None:
@@ -405,7 +424,7 @@ class ReBrainPipeline:
         """
         condition = torch.from_numpy(self._condition(y))
         control_tensor = torch.from_numpy(control[:, None])
-        steps = options.steps or self.preset.steps
+        steps = options.effective_steps(self.preset)
         chunks = [slice(start, start + options.batch_size) for start in range(0, len(y), options.batch_size)]
         total = options.samples * len(chunks) * steps
         done = 0
@@ -463,7 +482,7 @@ class ReBrainPipeline:
             "mean_similarity": float(np.mean(similarities)) if similarities else None,
             "tau": self.kb.tau,
             "uncertainty_mean": float(np.mean([r.uncertainty_mean for r in records])),
-            "steps": options.steps or self.preset.steps,
+            "steps": options.effective_steps(self.preset),
             "samples": options.samples,
             "eta": options.effective_eta,
             "seed": options.seed,

@@ -127,3 +127,21 @@ def test_bad_inputs_are_refused(pipeline, dense_volume):
         pipeline.reconstruct(replace(dense_volume, array=np.zeros_like(dense_volume.array)))
     with pytest.raises(ValueError, match="eta > 0"):
         ReconstructionOptions(samples=2, eta=0.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("steps", 0), ("steps", 1), ("target_spacing", 0.0), ("target_spacing", -1.0), ("target_spacing", float("nan")),
+     ("position_tolerance", -0.1), ("eta", float("nan")), ("samples", 0), ("batch_size", 0)],
+)
+def test_out_of_range_options_are_refused_not_read_as_the_default(field, value):
+    """0 used to mean "the preset's" for steps and target_spacing (``x or default``)."""
+    with pytest.raises(ValueError, match=f"^{field} must be"):
+        ReconstructionOptions(**{field: value})
+
+
+def test_unset_options_take_the_presets_values(preset):
+    assert ReconstructionOptions().effective_steps(preset) == preset.steps
+    assert ReconstructionOptions().effective_spacing(preset) == preset.slice_spacing_mm
+    assert ReconstructionOptions(steps=4, target_spacing=0.5).effective_steps(preset) == 4
+    assert ReconstructionOptions(steps=4, target_spacing=0.5).effective_spacing(preset) == 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,3 +61,31 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         for leftover in (staging, retired):
             if leftover.exists():
                 shutil.rmtree(leftover)
+
+
+def check_writable_folder(path: str | os.PathLike[str]) -> Path:
+    """Make sure :func:`atomic_directory` will be able to write a folder at ``path``.
+
+    Creates the missing parent folders, then creates and removes a staging folder beside
+    ``path``: the only sure test of writing (permissions, read-only mounts, ``/proc``). Run it
+    before a long computation, so that an unwritable destination fails first, not last.
+
+    Args:
+        path: the folder to be written.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        OSError: (its subclass as raised) naming ``path`` and the reason in one line.
+    """
+    target = Path(path)
+    existing = next(folder for folder in target.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{target}: cannot write the folder: {existing} is a file, not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target.parent))
+    except OSError as error:
+        raise type(error)(f"{target}: cannot write the folder: no folder can be made in {existing} ({error.strerror or error})") from error
+    return target

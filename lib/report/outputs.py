@@ -2,20 +2,23 @@
 
 The folder is written under a staging name and renamed when complete, so a crash or a bad
 input never leaves a half-written result (and an existing result is replaced only by a
-complete one). Both NIfTI headers say the image is synthetic, and the provenance says it again
-(``"synthetic": true``). Nothing that could identify the input's patient or a reference
-patient is written: the input is described by its geometry only, references by anonymised keys.
+complete one). Only a new or empty folder or a previous ReBrain output is written: a folder
+holding anything else (a user's files, the input scan) is refused, never replaced. Both NIfTI
+headers say the image is synthetic, and the provenance says it again (``"synthetic": true``).
+Nothing that could identify the input's patient or a reference patient is written: the input
+is described by its geometry only, references by anonymised keys.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
-from lib.io.atomic import atomic_directory
+from lib.io.atomic import atomic_directory, check_writable_folder
 from lib.io.nifti import write_nifti
 from lib.io.volume import Volume
 from lib.pipeline import Reconstruction
@@ -52,6 +55,44 @@ def is_rebrain_output(folder: str | os.PathLike[str]) -> bool:
     return True
 
 
+def check_output_folder(out_dir: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = ()) -> Path:
+    """Refuse an output folder a result may not be written to, before any work is done.
+
+    A result replaces ``out_dir`` as a whole, so ``out_dir`` must be new, empty, or a previous
+    ReBrain output (:func:`is_rebrain_output`): a file ReBrain did not write is never deleted.
+    The missing parent folders are created and the place is tried for writing
+    (:func:`lib.io.atomic.check_writable_folder`), so that an unwritable destination fails
+    before the computation rather than after it.
+
+    Args:
+        out_dir: the output folder.
+        inputs: the files or folders the result is made from; none may lie in ``out_dir``.
+
+    Returns:
+        ``out_dir`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: ``out_dir`` is, or holds, one of ``inputs``.
+        FileExistsError: ``out_dir`` is a file or a link, or a non-empty folder that is not a
+            ReBrain output.
+        OSError: the folder cannot be created or written.
+    """
+    out = Path(out_dir)
+    resolved = out.resolve()
+    for source in inputs:
+        source_path = Path(source).resolve()
+        if source_path == resolved or resolved in source_path.parents:
+            raise ValueError(f"{out}: the output folder holds the input {source}, and a result replaces the whole folder; choose another output folder")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"{out}: exists and is not a folder (a file or a link); choose a new or empty output folder")
+    if out.is_dir() and any(out.iterdir()) and not is_rebrain_output(out):
+        raise FileExistsError(
+            f"{out}: the output folder is not empty and not a ReBrain output (a result replaces the whole folder, and ReBrain "
+            f"deletes only files it wrote: {', '.join(OUTPUT_FILES)}); choose a new or empty output folder"
+        )
+    return check_writable_folder(out)
+
+
 def input_geometry(volume: Volume, sparsity: int | None) -> dict:
     """What the provenance records about the input: geometry only, no names or paths."""
     return {
@@ -79,7 +120,13 @@ def contrast_label(name: str) -> str:
 
 
 def write_outputs(out_dir: str | os.PathLike[str], reconstruction: Reconstruction, input_info: dict) -> Path:
-    """Write the four output files into ``out_dir`` atomically; returns the folder."""
+    """Write the four output files into ``out_dir`` atomically; returns the folder.
+
+    Raises:
+        FileExistsError, OSError: see :func:`check_output_folder`, checked again here because
+            the folder may have changed during the computation.
+    """
+    check_output_folder(out_dir)
     summary = reconstruction.summary
     source = contrast_label(summary["source"])
     affine = reconstruction.grid.affine

@@ -1,4 +1,5 @@
-"""The command line as a user runs it: ``python main.py ...`` in a subprocess."""
+"""The command line as a user runs it: ``python main.py ...`` in a subprocess (in process for
+argument checks, which stop before any work)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pytest
 
+from app.cli import main
 from lib.data.invesalius import CRANIUM_PATH
 
 from tests.conftest import SHARED_DATA, require
@@ -100,3 +103,40 @@ def test_retrieval_commands_train_evaluate_and_build_a_kb(tmp_path):
     assert "entries, tau" in built.stdout and (tmp_path / "kb" / "manifest.json").is_file()
     again = run("build-kb", "--data", str(data), "--encoder", str(tmp_path / "nowhere.pt"), "--out", str(tmp_path / "kb2"))
     assert again.returncode == 2 and "no such checkpoint" in again.stderr
+
+
+def test_a_singular_affine_is_one_line_not_a_traceback(tmp_path):
+    """nibabel's OrientationError used to escape as a traceback."""
+    path = tmp_path / "singular.nii.gz"
+    header = nib.Nifti1Image(np.zeros((8, 8, 8), dtype=np.int16), np.eye(4)).header
+    header["qform_code"], header["sform_code"] = 0, 1
+    header["srow_x"], header["srow_y"], header["srow_z"] = np.zeros((3, 4))
+    nib.Nifti1Image(np.zeros((8, 8, 8), dtype=np.int16), None, header).to_filename(str(path))
+    result = run("inspect", str(path))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {path}: the header's voxel-to-world affine is singular") and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        ("reconstruct", "--steps", "0"), ("reconstruct", "--target-spacing", "0"), ("reconstruct", "--simulate-sparsity", "0"),
+        ("reconstruct", "--samples", "0"), ("reconstruct", "--batch-size", "0"), ("reconstruct", "--eta", "nan"),
+        ("batch", "--steps", "0"), ("batch", "--simulate-sparsity", "0"), ("batch", "--batch-size", "0"),
+        ("evaluate", "--steps", "0"), ("evaluate", "--max-subjects", "0"), ("evaluate", "--sparsity", "0"), ("evaluate", "--open-count", "0"),
+        ("evaluate", "--kb-fractions", "0"), ("inspect", "--target-spacing", "0"),
+    ],
+)
+def test_zero_is_refused_naming_the_option_not_read_as_the_default(tmp_path, capsys, command, option, value):
+    """``--steps 0`` and ``--target-spacing 0`` used to mean "the preset's" (``options.steps or preset.steps``)."""
+    # A preset that does not exist: were the option accepted, the command would stop there, not run a model.
+    arguments = {
+        "reconstruct": ["ct.nii.gz", str(tmp_path / "out"), "--preset", str(tmp_path / "no-preset")],
+        "batch": [str(tmp_path), str(tmp_path / "out"), "--preset", str(tmp_path / "no-preset")],
+        "evaluate": ["--layout", "open", "--out", str(tmp_path / "report"), "--preset", str(tmp_path / "no-preset")],
+        "inspect": [str(tmp_path / "ct.nii.gz")],
+    }
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *arguments[command], option, value])
+    assert exit_.value.code == 2
+    assert f"error: argument {option}: " in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -29,6 +30,18 @@ def flair_input(brats_case, tmp_path_factory):
     path = tmp_path_factory.mktemp("input") / "flair.nii.gz"
     nib.save(source.slicer[:, :, 60:81], path)
     return path
+
+
+def previous_result(folder, flair_input):
+    """A folder as ReBrain writes it (what :func:`lib.report.outputs.is_rebrain_output` accepts)."""
+    folder.mkdir()
+    (folder / "mri.nii.gz").write_bytes(flair_input.read_bytes())
+    (folder / "provenance.json").write_text(json.dumps({"synthetic": True}))
+    return folder
+
+
+def snapshot(folder):
+    return {path: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def test_reconstruct_writes_the_four_outputs(preset, flair_input, tmp_path, capsys):
@@ -76,16 +89,15 @@ def test_unknown_preset_is_a_clear_error(flair_input, tmp_path, capsys):
 
 
 def test_an_existing_result_survives_a_failed_run(preset, flair_input, tmp_path, capsys):
-    out = tmp_path / "result"
-    out.mkdir()
-    (out / "mri.nii.gz").write_bytes(b"previous result")
+    out = previous_result(tmp_path / "result", flair_input)
+    before = snapshot(out)
     # An empty image has no brain: refused before anything is written.
     empty_path = tmp_path / "empty.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((20, 20, 5), dtype=np.int16), np.eye(4)), empty_path)
     code = main(["reconstruct", str(empty_path), str(out), "--preset", str(preset.root), "--quiet"])
     assert code == 2
     assert "no brain" in capsys.readouterr().err
-    assert (out / "mri.nii.gz").read_bytes() == b"previous result"
+    assert snapshot(out) == before
 
 
 def test_reconstruct_reads_a_dicom_folder_and_keeps_its_frame(preset, brats_case, tmp_path, capsys):
@@ -116,3 +128,78 @@ def test_a_ct_series_for_an_mri_preset_is_refused(preset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no MR image series" in err and "modality CT, not MR" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.fixture
+def no_pipeline(monkeypatch):
+    """Fail the test if the command gets as far as loading the models: refusals must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline was constructed before the output folder was checked")
+
+    monkeypatch.setattr("lib.pipeline.ReBrainPipeline", refuse)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("user-folder", "is not empty and not a ReBrain output"),
+        ("input-inside", "holds the input"),
+        ("input-is-a-previous-result", "holds the input"),
+        ("out-is-a-file", "is not a folder"),
+        ("parent-is-a-file", "is a file, not a folder"),
+        ("under-proc", "no folder can be made in /proc "),
+        ("under-sys", "no folder can be made in /sys "),
+    ],
+)
+def test_an_output_folder_that_may_not_be_replaced_is_refused_first(preset, flair_input, tmp_path, capsys, no_pipeline, case, reason):
+    """reconstruct used to replace OUT_DIR wholesale, after the computation: a user's files and
+    an input lying in it were deleted, and an unwritable place failed last, with a traceback."""
+    out, source = tmp_path / "out", flair_input
+    if case == "user-folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("my notes")
+    elif case == "input-inside":
+        out.mkdir()
+        source = out / "flair.nii.gz"
+        source.write_bytes(flair_input.read_bytes())
+    elif case == "input-is-a-previous-result":
+        source = previous_result(out, flair_input) / "mri.nii.gz"
+    elif case == "out-is-a-file":
+        out.write_text("a file")
+    elif case == "parent-is-a-file":
+        (tmp_path / "notes.txt").write_text("a file")
+        out = tmp_path / "notes.txt" / "out"
+    else:
+        out = Path(f"/{case.removeprefix('under-')}/rebrain-test-{tmp_path.name}/out")
+    before = snapshot(tmp_path)
+    code = main(["reconstruct", str(source), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and reason in err, err
+    assert err.startswith(f"error: {out}") and err.count("\n") == 1 and "Traceback" not in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_previous_result_is_replaced_and_missing_parents_are_created(preset, flair_input, tmp_path, capsys):
+    out = tmp_path / "new" / "parents" / "result"
+    command = ["reconstruct", str(flair_input), str(out), "--preset", str(preset.root), "--simulate-sparsity", "2", "--steps", "2", "--quiet"]
+    assert main(command) == 0, capsys.readouterr().err
+    (out / "preview.png").write_bytes(b"an older preview")
+    assert main([*command, "--seed", "1"]) == 0, capsys.readouterr().err
+    assert json.loads((out / "provenance.json").read_text())["summary"]["seed"] == 1
+    assert (out / "preview.png").read_bytes() != b"an older preview"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["result"]
+
+
+def test_errors_without_a_file_name_name_the_input(preset, flair_input, tmp_path, capsys, monkeypatch):
+    """Errors about the input that name no file: too few slices left by a sparsity, and a MemoryError."""
+    code = main(["reconstruct", str(flair_input), str(tmp_path / "a"), "--preset", str(preset.root), "--simulate-sparsity", "50", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {flair_input}: 21 slices at x50") and err.count("\n") == 1, err
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError("Unable to allocate 8.00 GiB for an array with shape (2048, 2048, 512)")
+
+    monkeypatch.setattr("lib.io.read_volume", exhausted)
+    code = main(["reconstruct", str(flair_input), str(tmp_path / "b"), "--preset", str(preset.root), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {flair_input}: not enough memory") and "8.00 GiB" in err and err.count("\n") == 1, err

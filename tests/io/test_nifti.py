@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import time
+import tracemalloc
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from lib.io import VolumeReadError, read_volume, write_nifti
+from lib.io import VolumeReadError, read_nifti, read_volume, write_nifti
+from lib.io.limits import VolumeTooLarge
 
 
 def test_canonical_frame_keeps_every_voxel_in_place(brats_case):
@@ -80,3 +83,82 @@ def test_truncated_and_fake_nifti(tmp_path, brats_case):
         read_volume(fake)
     with pytest.raises(VolumeReadError, match="no such file"):
         read_volume(tmp_path / "missing.nii.gz")
+
+
+def save_with_affine(path, affine):
+    """A small CT-like image whose header carries ``affine`` as its only (s)form, unchecked."""
+    data = np.full((8, 8, 8), -1000, dtype=np.int16)
+    header = nib.Nifti1Image(data, np.eye(4)).header
+    header["qform_code"], header["sform_code"] = 0, 1
+    header["srow_x"], header["srow_y"], header["srow_z"] = affine[:3]
+    nib.Nifti1Image(data, None, header).to_filename(str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "affine",
+    [
+        np.zeros((4, 4)),  # nibabel: OrientationError "Cannot drop coordinates"
+        np.diag([1.0, 1.0, 0.0, 1.0]),  # one flat axis: OrientationError
+        np.where(np.eye(4) > 0, np.nan, 0.0),  # numpy: "SVD did not converge"
+        np.vstack([np.ones((3, 4)), [0, 0, 0, 1]]),  # rank 1: "cannot convert float NaN to integer"
+    ],
+    ids=["zero", "flat", "nan", "rank-1"],
+)
+def test_a_singular_affine_is_one_error_naming_the_file(tmp_path, affine):
+    path = save_with_affine(tmp_path / "singular.nii.gz", affine)
+    with pytest.raises(VolumeReadError, match="voxel-to-world affine") as error:
+        read_volume(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+
+
+def write_header_only(path, shape, dtype=np.int16, data_bytes=0, chunk=1 << 20):
+    """A NIfTI file whose header announces ``shape`` and whose data is ``data_bytes`` zeros.
+
+    The zeros are streamed through gzip chunk by chunk, so a file announcing gigabytes costs
+    the test a megabyte of memory.
+    """
+    header = nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    header.set_data_shape(shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as stream:
+        header.write_to(stream)
+        stream.write(bytes(int(header["vox_offset"]) - header.sizeof_hdr))
+        for start in range(0, data_bytes, chunk):
+            stream.write(bytes(min(chunk, data_bytes - start)))
+    return path
+
+
+def test_a_gzip_bomb_is_refused_from_its_header(tmp_path):
+    """510 KB of gzip holding 512 MiB of zeros under a header announcing 8 GiB of int16: refused
+    from the header alone, before the data is decompressed."""
+    path = write_header_only(tmp_path / "bomb.nii.gz", (2048, 2048, 1024), data_bytes=512 * 1024**2)
+    assert path.stat().st_size < 1024**2
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(VolumeTooLarge, match="over the limit of 2048 MiB") as error:
+            read_volume(path)
+        seconds = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(error.value).startswith(f"{path}: the image would take 16384 MiB")
+    assert seconds < 1 and peak < 16 * 1024**2, (seconds, peak)
+
+
+def test_the_size_limit_is_a_parameter(tmp_path):
+    path = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), dtype=np.int16), np.eye(4)), str(path))
+    with pytest.raises(VolumeTooLarge, match="over the limit"):
+        read_nifti(path, max_bytes=16 * 16 * 8 * 4 - 1)
+    assert read_nifti(path, max_bytes=None).shape == (16, 16, 8)
+
+
+@pytest.mark.parametrize("name", ["short.nii", "short.nii.gz"])
+def test_a_header_announcing_more_data_than_the_file_holds_is_one_line(tmp_path, name):
+    path = write_header_only(tmp_path / name, (64, 64, 64), data_bytes=8 * 8 * 8 * 2)
+    with pytest.raises(VolumeReadError, match="not a readable NIfTI") as error:
+        read_volume(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
