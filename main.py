@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import HTTPException
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import DefaultLabelTag
@@ -139,7 +140,8 @@ class ReBrainApp(MONAILabelApp):
         except Exception as error:  # a DICOMweb datastore raises when the series is not on the server
             logger.info("image %r not found in the datastore: %s: %s", image, type(error).__name__, error)
             found = ""
-        if found and isinstance(store, LocalDatastore):
+        # A DICOMweb datastore downloads the series into its own cache (a LocalDatastore too).
+        if found and isinstance(store, LocalDatastore) and not isinstance(store, DICOMWebDatastore):
             studies = Path(self.studies).resolve()
             if studies not in Path(found).resolve().parents:
                 logger.warning("image %r resolves outside the studies folder; refused", image)
