@@ -158,6 +158,31 @@ def remove_half_written(output_root: Path) -> list[Path]:
     return leftovers
 
 
+MANIFEST_FILES = ("manifest.json", "manifest.csv")
+
+
+def is_own_manifest(path: Path) -> bool:
+    """True when ``path`` is a manifest batch wrote (its JSON keys, or its CSV header row)."""
+    try:
+        if path.suffix == ".json":
+            return set(json.loads(path.read_text())) == {"series", "failed"}
+        return path.read_text().splitlines()[0] == ",".join(MANIFEST_FIELDS)
+    except (OSError, ValueError, IndexError, TypeError):
+        return False
+
+
+def check_manifests(output_root: Path) -> None:
+    """Refuse an output root whose manifest files batch did not write (they would be replaced).
+
+    Raises:
+        VolumeReadError: naming the file.
+    """
+    for name in MANIFEST_FILES:
+        path = output_root / name
+        if path.is_symlink() or (path.exists() and not is_own_manifest(path)):
+            raise VolumeReadError(path, "exists and was not written by ReBrain batch; it is left untouched (choose another OUTPUT_ROOT)")
+
+
 def write_manifest(output_root: Path, outcomes: list[SeriesOutcome]) -> None:
     """manifest.json and manifest.csv, each written atomically."""
     rows = [asdict(outcome) for outcome in outcomes]
@@ -222,13 +247,15 @@ def run_batch(
     """Process every input series; returns the manifest rows (also written to ``output_root``).
 
     Raises:
-        VolumeReadError: ``input_root`` is missing, empty, or ``output_root`` lies inside it.
+        VolumeReadError: ``input_root`` is missing, empty, or ``output_root`` lies inside it or
+            holds manifest files batch did not write.
     """
     from tqdm import tqdm
 
     input_root, output_root = Path(input_root).resolve(), Path(output_root).resolve()
     if output_root == input_root or input_root in output_root.parents:
         raise VolumeReadError(output_root, "the output folder must not lie inside the input tree (the input is never modified)")
+    check_manifests(output_root)
     plan = plan_batch(input_root, pipeline.preset.input_modality)
     output_root.mkdir(parents=True, exist_ok=True)
     for leftover in remove_half_written(output_root):

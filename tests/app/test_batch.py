@@ -334,3 +334,15 @@ def test_outputs_name_inputs_only_by_id_or_relative_path(real_ct_volume, brats_c
     assert rows[mr.series_uid]["status"] == "skipped"
     for path in (out / ct.series_uid / "dicom").glob("*.dcm"):
         assert pydicom.dcmread(str(path), stop_before_pixels=True).SeriesDescription == "SYNTHETIC ReBrain MRI from CT"
+
+
+def test_a_user_manifest_in_the_output_root_is_never_replaced(real_ct_volume, preset, tmp_path, capsys):
+    """Issue 17, finding 3: batch overwrote a manifest.csv or manifest.json it did not write."""
+    write_dicom_series(four_slices(real_ct_volume), tmp_path / "in" / "ct", SeriesDescription(modality="CT", patient=PATIENT))
+    for name in ("manifest.csv", "manifest.json"):
+        out = tmp_path / f"out_{name}"
+        out.mkdir()
+        (out / name).write_text("the hospital's own list")
+        assert main(["batch", str(tmp_path / "in"), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet"]) == 2
+        assert f"{name}: exists and was not written by ReBrain batch" in capsys.readouterr().err
+        assert (out / name).read_text() == "the hospital's own list" and sorted(p.name for p in out.iterdir()) == [name]
