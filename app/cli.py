@@ -277,11 +277,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from lib.evaluation.harness import EvaluationConfig, EvaluationSubject, Variant, evaluate_subjects, held_out_subjects
-    from lib.evaluation.report import write_report
+    from lib.evaluation.report import check_report_folder, write_report
     from lib.io import read_volume
     from lib.pipeline import ReBrainPipeline
     from lib.presets import load_preset
 
+    check_report_folder(args.out)  # before hours of evaluation, not after
     config = EvaluationConfig(
         methods=tuple(args.methods), sparsities=tuple(args.sparsity), seeds=tuple(args.seeds), steps=args.steps, eta=args.eta,
         batch_size=args.batch_size, uncertainty_samples=args.uncertainty_samples,

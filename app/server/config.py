@@ -58,7 +58,7 @@ class ServerConfig:
     keep_results: int = 32
     read_only: bool = True
     max_upload_mb: int = 256
-    max_image_mb: int = 1024
+    max_image_mb: int = 768
     max_work: int = 20000
     insecure_remote_access: bool = False
 

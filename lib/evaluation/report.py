@@ -14,7 +14,7 @@ import pandas as pd
 
 from lib.evaluation.figures import plot_montage, plot_similarity_histogram, plot_slice_psnr, plot_uncertainty_and_error
 from lib.evaluation.harness import METRIC_COLUMNS, EvaluationResult
-from lib.io.atomic import atomic_directory
+from lib.io.atomic import atomic_directory, check_replaceable_folder
 
 TABLE_METRICS = (("nrmse", "NRMSE", 4), ("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("issim", "I-SSIM", 3))
 DEFINITIONS = """Definitions (lib/metrics.py, lib/evaluation/score.py): the ground truth is brought to [0, 1]
@@ -50,14 +50,38 @@ def _markdown(table: pd.DataFrame) -> str:
     return header + "".join("| " + " | ".join(str(value) for value in row) + " |\n" for row in table.itertuples(index=False))
 
 
+def is_report_folder(folder: Path) -> bool:
+    """True for a report folder :func:`write_report` wrote and nothing else."""
+    entries = {entry.name: entry for entry in folder.iterdir()}
+    return (
+        (folder / "metrics.csv").is_file() and (folder / "report.md").is_file() and set(entries) <= {"metrics.csv", "report.md", "figures"}
+        and all(not entry.is_symlink() for entry in entries.values())
+        and all(f.is_file() and f.suffix == ".png" and not f.is_symlink() for f in (folder / "figures").glob("*"))
+    )
+
+
+def check_report_folder(out_dir: str | os.PathLike[str]) -> Path:
+    """Refuse a report folder that :func:`write_report` could not replace safely, before the
+    evaluation runs: it must be new, empty or an earlier report (a report replaces the whole
+    folder, and a file ReBrain did not write is never deleted); it is tried for writing.
+
+    Raises:
+        FileExistsError: a file, a link, or a folder holding anything else.
+        OSError: the folder cannot be created or written.
+    """
+    return check_replaceable_folder(out_dir, is_report_folder, "an earlier ReBrain report (metrics.csv, report.md, figures/)")
+
+
 def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, header: dict[str, str]) -> Path:
-    """Write ``metrics.csv``, ``report.md`` and ``figures/*.png`` into ``out_dir`` atomically.
+    """Write ``metrics.csv``, ``report.md`` and ``figures/*.png`` into ``out_dir`` atomically
+    (refused as :func:`check_report_folder` says).
 
     Args:
         out_dir: the report folder.
         result: from :func:`lib.evaluation.harness.evaluate_subjects`.
         header: lines for the report's heading (preset, command, data), in order.
     """
+    check_report_folder(out_dir)
     metrics = pd.DataFrame(result.rows).reindex(columns=METRIC_COLUMNS)
     with atomic_directory(out_dir) as staging:
         metrics.to_csv(staging / "metrics.csv", index=False, float_format="%.6g")

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,3 +89,30 @@ def check_writable_folder(path: str | os.PathLike[str]) -> Path:
     except OSError as error:
         raise type(error)(f"{target}: cannot write the folder: no folder can be made in {existing} ({error.strerror or error})") from error
     return target
+
+
+def check_replaceable_folder(path: str | os.PathLike[str], is_ours: Callable[[Path], bool], ours: str) -> Path:
+    """Refuse a folder that :func:`atomic_directory` would replace but that holds something else.
+
+    A result replaces its folder as a whole, so the folder must be new, empty, or one that
+    ``is_ours`` recognises (an earlier result of the same kind, holding nothing else): a file
+    the program did not write is never deleted. Then :func:`check_writable_folder`.
+
+    Args:
+        path: the folder to be written.
+        is_ours: True for a folder the program wrote and nothing else.
+        ours: what such a folder is, for the message (e.g. "a ReBrain output: mri.nii.gz, ...").
+
+    Raises:
+        FileExistsError: a file or a link, or a non-empty folder that is not ours.
+        OSError: the folder cannot be created or written.
+    """
+    target = Path(path)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise FileExistsError(f"{target}: exists and is not a folder (a file or a link); choose a new or empty output folder")
+    if target.is_dir() and any(target.iterdir()) and not is_ours(target):
+        raise FileExistsError(
+            f"{target}: the output folder is not empty and not {ours} (a result replaces the whole folder, and nothing "
+            "ReBrain did not write is deleted); choose a new or empty output folder"
+        )
+    return check_writable_folder(target)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.io.atomic import atomic_directory, check_writable_folder
+from lib.io.atomic import atomic_directory, check_replaceable_folder
 from lib.io.nifti import write_nifti
 from lib.io.volume import Volume
 from lib.pipeline import Reconstruction
@@ -83,14 +83,7 @@ def check_output_folder(out_dir: str | os.PathLike[str], inputs: Iterable[str | 
         source_path = Path(source).resolve()
         if source_path == resolved or resolved in source_path.parents:
             raise ValueError(f"{out}: the output folder holds the input {source}, and a result replaces the whole folder; choose another output folder")
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise FileExistsError(f"{out}: exists and is not a folder (a file or a link); choose a new or empty output folder")
-    if out.is_dir() and any(out.iterdir()) and not is_rebrain_output(out):
-        raise FileExistsError(
-            f"{out}: the output folder is not empty and not a ReBrain output (a result replaces the whole folder, and ReBrain "
-            f"deletes only files it wrote: {', '.join(OUTPUT_FILES)}); choose a new or empty output folder"
-        )
-    return check_writable_folder(out)
+    return check_replaceable_folder(out, is_rebrain_output, f"a ReBrain output ({', '.join(OUTPUT_FILES)})")
 
 
 def input_geometry(volume: Volume, sparsity: int | None) -> dict:

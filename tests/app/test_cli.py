@@ -140,3 +140,14 @@ def test_zero_is_refused_naming_the_option_not_read_as_the_default(tmp_path, cap
         main([command, *arguments[command], option, value])
     assert exit_.value.code == 2
     assert f"error: argument {option}: " in capsys.readouterr().err
+
+
+def test_evaluate_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
+    """Issue 17, finding 4 (as for reconstruct): ``evaluate --out`` replaced a folder wholesale."""
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    # Refused before the preset is even looked up (this one does not exist).
+    code = main(["evaluate", "--input", str(tmp_path / "scan.nii.gz"), "--preset", str(tmp_path / "no_preset"), "--out", str(out)])
+    assert code == 2 and "not empty and not an earlier ReBrain report" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
