@@ -18,7 +18,8 @@ from lib.data.dataset import PreparedSlices
 from lib.diffusion.bridge import BridgeSchedule, predict_x0, q_sample
 from lib.metrics import psnr
 from lib.models.denoiser import denoise
-from lib.train.bbdm import load_bbdm, slices_as_unit_volume, validation_indices
+from lib.models.denoiser import load_bbdm
+from lib.train.bbdm import slices_as_unit_volume, validation_indices
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lib.diffusion.sampler import translate_slices
 from lib.models.denoiser import BBDMConfig, build_denoiser
-from lib.train.bbdm import resolve_device
+from lib.models.device import resolve_device
 
 
 def _median_seconds(function, repeats: int, device: torch.device) -> float:

@@ -179,7 +179,7 @@ def _train_controlnet(args: argparse.Namespace) -> None:
 def _eval_retrieval(args: argparse.Namespace) -> None:
     from lib.data.dataset import PreparedDataset
     from lib.retrieval.evaluation import retrieval_accuracy
-    from lib.train.retrieval import load_retrieval_encoder
+    from lib.models.retrieval_encoder import load_retrieval_encoder
 
     model, _ = load_retrieval_encoder(args.encoder)
     accuracy = retrieval_accuracy(model, PreparedDataset(args.data), args.split, args.position_tolerance)

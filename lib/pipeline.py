@@ -35,12 +35,13 @@ from lib.diffusion.sampler import translate_slices
 from lib.diffusion.slerp import slerp
 from lib.io.volume import DenseGrid, Volume, dense_grid
 from lib.models.controlnet import ControlledDenoiser, load_controlled_denoiser
+from lib.models.denoiser import load_bbdm
+from lib.models.device import resolve_device
 from lib.models.retrieval_encoder import embed_slices, encoder_hash
+from lib.models.retrieval_encoder import load_retrieval_encoder
 from lib.presets import Preset
 from lib.reconstruction_methods import IGNORING_TAU, METHODS, WITH_CONTROLNET, WITHOUT_RETRIEVAL
 from lib.retrieval.knowledge_base import KnowledgeBase
-from lib.train.bbdm import load_bbdm, resolve_device
-from lib.train.retrieval import load_retrieval_encoder
 
 ProgressFn = Callable[[int, int], None]
 

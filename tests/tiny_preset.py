@@ -12,12 +12,12 @@ from pathlib import Path
 import torch
 
 from lib.data.prepare import PrepareConfig, prepare_dataset
+from lib.io.checkpoint import save_checkpoint
 from lib.models.controlnet import controlnet_from_denoiser, save_controlnet, state_dict_hash
 from lib.models.denoiser import BBDMConfig, Objective, build_denoiser
 from lib.models.retrieval_encoder import CHECKPOINT_KIND, RetrievalConfig, build_retrieval_encoder
 from lib.presets import Preset, assemble_preset
 from lib.retrieval.build import build_knowledge_base
-from lib.train.checkpoint import save_checkpoint
 
 from tests.conftest import SHARED_DATA, require
 

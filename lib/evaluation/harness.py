@@ -29,12 +29,12 @@ from lib.data.sparse import simulate_sparse_volume
 from lib.evaluation.score import reference_to_unit, score_arrays
 from lib.io.volume import Volume
 from lib.metrics import issim, psnr
+from lib.models.denoiser import load_bbdm
+from lib.models.retrieval_encoder import load_retrieval_encoder
 from lib.pipeline import ReBrainPipeline, Reconstruction, ReconstructionOptions
 from lib.reconstruction_methods import METHODS, WITH_CONTROLNET, WITHOUT_RETRIEVAL
 from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.knowledge_base import KnowledgeBase
-from lib.train.bbdm import load_bbdm
-from lib.train.retrieval import load_retrieval_encoder
 
 METRIC_COLUMNS = (
     "subject", "split", "variant", "method", "sparsity", "seed", "kb_fraction", "nrmse", "psnr", "ssim", "ssim3d", "issim", "issim_reference",

@@ -25,10 +25,10 @@ import torch
 from monai.networks.nets import ControlNet, DiffusionModelUNet
 from torch import nn
 
+from lib.io.checkpoint import load_checkpoint, save_checkpoint
 from lib.models.denoiser import BBDMConfig
+from lib.models.denoiser import load_bbdm
 from lib.models.weights_hash import state_dict_hash
-from lib.train.bbdm import load_bbdm
-from lib.train.checkpoint import load_checkpoint, save_checkpoint
 
 CONTROLNET_KIND = "controlnet"
 # The ControlNet's own modules, which have no counterpart in the denoiser: the control-image

@@ -6,11 +6,13 @@ The config is saved inside every checkpoint and is all that is needed to rebuild
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import asdict, dataclass
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from lib.io.checkpoint import load_checkpoint
 from lib.models.config_dict import config_from_dict
 
 
@@ -121,3 +123,16 @@ def build_denoiser(config: BBDMConfig) -> DiffusionModelUNet:
 def denoise(model: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
     """Run the denoiser on the concatenation [x_t, y] (METHOD.md: the network sees y)."""
     return model(torch.cat([x_t, condition], dim=1), timesteps)
+
+
+def load_bbdm(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, BBDMConfig]:
+    """Load a trained denoiser (EMA weights) and its config from ``model.pt``.
+
+    Raises:
+        ValueError: not a BBDM model file.
+    """
+    state = load_checkpoint(path, kind="bbdm")
+    config = BBDMConfig.from_dict(state["config"])
+    model = build_denoiser(config)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config

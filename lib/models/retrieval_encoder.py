@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lib.io.checkpoint import load_checkpoint
 from lib.models.config_dict import config_from_dict
 from lib.models.weights_hash import state_dict_hash
-from lib.train.checkpoint import load_checkpoint
 
 CHECKPOINT_KIND = "retrieval_encoder"
 
@@ -241,3 +241,14 @@ def embed_slices(model: RetrievalEncoder, slices: torch.Tensor, batch_size: int 
     if not chunks:
         return np.zeros((0, model.config.embedding_dim), dtype=np.float32)
     return torch.cat(chunks).numpy()
+
+
+def load_retrieval_encoder(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[RetrievalEncoder, RetrievalConfig]:
+    """Load an ``encoder.pt`` (weights and config) in eval mode.
+
+    Raises:
+        ValueError: not a retrieval encoder file.
+    """
+    state = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    config = RetrievalConfig.from_dict(state["config"])
+    return build_retrieval_encoder(config, path).to(device).eval(), config

@@ -10,8 +10,8 @@ import torch
 
 from lib.data.dataset import PreparedDataset
 from lib.models.retrieval_encoder import embed_slices, encoder_hash
+from lib.models.retrieval_encoder import load_retrieval_encoder
 from lib.retrieval.knowledge_base import KnowledgeBase
-from lib.train.retrieval import load_retrieval_encoder
 
 
 def build_knowledge_base(

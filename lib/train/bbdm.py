@@ -30,7 +30,7 @@ from lib.diffusion.bridge import BridgeSchedule, q_sample, training_target
 from lib.diffusion.sampler import translate_slices
 from lib.metrics import psnr, ssim_2d
 from lib.models.denoiser import BBDMConfig, build_denoiser, denoise
-from lib.train.checkpoint import load_checkpoint
+from lib.models.device import autocast_context, resolve_device
 from lib.train.run_folder import TrainingRun
 
 LOSS_COLUMNS = ["iteration", "loss", "lr", "seconds"]
@@ -53,20 +53,6 @@ class TrainConfig:
     val_steps: int = 10
     checkpoint_every: int = 250
     device: str = "auto"
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def autocast_context(device: torch.device) -> torch.autocast:
-    """bfloat16 mixed precision on CUDA, full precision on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
 def bridge_training_pair(
@@ -301,16 +287,3 @@ def train_bbdm(
         save(run.start)
     plot_curves(out)
     return scores
-
-
-def load_bbdm(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, BBDMConfig]:
-    """Load a trained denoiser (EMA weights) and its config from ``model.pt``.
-
-    Raises:
-        ValueError: not a BBDM model file.
-    """
-    state = load_checkpoint(path, kind="bbdm")
-    config = BBDMConfig.from_dict(state["config"])
-    model = build_denoiser(config)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config

@@ -45,22 +45,19 @@ from lib.data.dataset import PreparedDataset, PreparedSlices
 from lib.diffusion.bridge import BridgeSchedule
 from lib.diffusion.slerp import slerp
 from lib.models.controlnet import ControlledDenoiser, controlnet_checkpoint, controlnet_from_denoiser, state_dict_hash
-from lib.models.denoiser import BBDMConfig
-from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices, encoder_hash
+from lib.models.denoiser import BBDMConfig, load_bbdm
+from lib.models.device import autocast_context, resolve_device
+from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices, encoder_hash, load_retrieval_encoder
 from lib.retrieval.knowledge_base import KnowledgeBase
 from lib.train.bbdm import (
     LOSS_COLUMNS,
     TrainConfig,
-    autocast_context,
     bridge_training_pair,
     evaluate,
-    load_bbdm,
     optimiser_state,
     plot_curves,
-    resolve_device,
     validation_indices,
 )
-from lib.train.retrieval import load_retrieval_encoder
 from lib.train.run_folder import TrainingRun
 
 CHECKPOINT_KIND = "controlnet-train"

@@ -16,12 +16,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lib.data.dataset import PreparedDataset
-from lib.models.retrieval_encoder import CHECKPOINT_KIND, RetrievalConfig, RetrievalEncoder, build_retrieval_encoder
+from lib.models.device import resolve_device
+from lib.models.retrieval_encoder import CHECKPOINT_KIND, RetrievalConfig, build_retrieval_encoder
 from lib.retrieval.batches import AdjacentRunSampler, load_run_batch
 from lib.retrieval.evaluation import retrieval_accuracy
 from lib.retrieval.losses import positive_mask, retrieval_loss
-from lib.train.bbdm import resolve_device
-from lib.train.checkpoint import load_checkpoint
 from lib.train.run_folder import TrainingRun
 
 LOSS_COLUMNS = ["iteration", "loss", "contrast", "percept", "seconds"]
@@ -47,17 +46,6 @@ class RetrievalTrainConfig:
     checkpoint_every: int = 100
     seed: int = 0
     device: str = "auto"
-
-
-def load_retrieval_encoder(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[RetrievalEncoder, RetrievalConfig]:
-    """Load an ``encoder.pt`` (weights and config) in eval mode.
-
-    Raises:
-        ValueError: not a retrieval encoder file.
-    """
-    state = load_checkpoint(path, kind=CHECKPOINT_KIND)
-    config = RetrievalConfig.from_dict(state["config"])
-    return build_retrieval_encoder(config, path).to(device).eval(), config
 
 
 def train_retrieval(

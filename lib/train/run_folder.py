@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lib.train.checkpoint import load_checkpoint, save_checkpoint
+from lib.io.checkpoint import load_checkpoint, save_checkpoint
 
 
 class TrainingRun:

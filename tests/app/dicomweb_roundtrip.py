@@ -10,7 +10,6 @@ then asks the server to reconstruct series by SeriesInstanceUID and writes what 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -14,9 +14,9 @@ from lib.data.prepare import anonymised_key
 from lib.evaluation.harness import METRIC_COLUMNS, EvaluationConfig, EvaluationSubject, evaluate_subjects, held_out_subjects, kb_subset, reference_slices, Variant
 from lib.evaluation.report import write_report
 from lib.evaluation.score import reference_to_unit
+from lib.io.checkpoint import save_checkpoint
 from lib.models.denoiser import build_denoiser
 from lib.pipeline import ReBrainPipeline
-from lib.train.checkpoint import save_checkpoint
 
 from tests.conftest import SHARED_DATA, require
 from tests.tiny_preset import TINY_BBDM, make_tiny_preset

@@ -17,8 +17,8 @@ from lib.models.controlnet import (
     save_controlnet,
     state_dict_hash,
 )
+from lib.io.checkpoint import save_checkpoint
 from lib.models.denoiser import BBDMConfig, build_denoiser
-from lib.train.checkpoint import save_checkpoint
 from lib.train.controlnet import controlnet_step
 
 SIZE = 16

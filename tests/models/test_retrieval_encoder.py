@@ -16,7 +16,7 @@ from lib.models.retrieval_encoder import (
     embed_slices,
     encoder_hash,
 )
-from lib.train.checkpoint import load_checkpoint, save_checkpoint
+from lib.io.checkpoint import load_checkpoint, save_checkpoint
 
 TINY = RetrievalConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1))
 

@@ -15,10 +15,10 @@ import torch
 
 from lib.data.dataset import PreparedDataset
 from lib.data.prepare import PrepareConfig, prepare_dataset
+from lib.io.checkpoint import load_checkpoint, save_checkpoint
 from lib.models.retrieval_encoder import RetrievalConfig, build_retrieval_encoder
 from lib.retrieval.batches import AdjacentRunSampler, load_run_batch
 from lib.retrieval.losses import contrastive_loss, perceptual_loss, positive_mask, retrieval_loss
-from lib.train.checkpoint import load_checkpoint, save_checkpoint
 
 from tests.conftest import SHARED_DATA, require
 

@@ -13,7 +13,8 @@ from lib.data.prepare import PrepareConfig, prepare_dataset
 from lib.diffusion.sampler import translate_slices
 from lib.metrics import psnr
 from lib.models.denoiser import BBDMConfig, Objective
-from lib.train.bbdm import TrainConfig, load_bbdm, train_bbdm
+from lib.models.denoiser import load_bbdm
+from lib.train.bbdm import TrainConfig, train_bbdm
 
 from tests.conftest import SHARED_DATA, require
 

@@ -12,15 +12,15 @@ from app.cli import main
 from lib.data.dataset import PreparedDataset, PreparedSlices
 from lib.data.prepare import PrepareConfig, prepare_dataset
 from lib.diffusion.slerp import slerp
+from lib.io.checkpoint import save_checkpoint
 from lib.models.controlnet import load_controlled_denoiser
 from lib.models.denoiser import BBDMConfig, build_denoiser
 from lib.models.retrieval_encoder import CHECKPOINT_KIND as ENCODER_KIND
 from lib.models.retrieval_encoder import RetrievalConfig, build_retrieval_encoder
+from lib.models.retrieval_encoder import load_retrieval_encoder
 from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.knowledge_base import KnowledgeBase
-from lib.train.checkpoint import save_checkpoint
 from lib.train.controlnet import ControlNetTrainConfig, TripletBatches, retrieve_references, train_controlnet
-from lib.train.retrieval import load_retrieval_encoder
 
 from tests.conftest import SHARED_DATA, require
 

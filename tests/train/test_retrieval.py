@@ -10,10 +10,11 @@ import torch
 from lib.data.dataset import PreparedDataset
 from lib.data.prepare import PrepareConfig, prepare_dataset
 from lib.models.retrieval_encoder import RetrievalConfig, build_retrieval_encoder, embed_slices, encoder_hash
+from lib.models.retrieval_encoder import load_retrieval_encoder
 from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.evaluation import held_out_slices, retrieval_accuracy
 from lib.retrieval.knowledge_base import KnowledgeBase, KnowledgeBaseError
-from lib.train.retrieval import RetrievalTrainConfig, load_retrieval_encoder, train_retrieval
+from lib.train.retrieval import RetrievalTrainConfig, train_retrieval
 
 from tests.conftest import SHARED_DATA, require
 
