@@ -103,17 +103,19 @@ def reconstruct(url: str, image: str, seed: int) -> tuple[int, dict, np.ndarray 
     return response.status_code, params, mri, seconds
 
 
-def oversize_status(url: str, announced: int) -> int:
-    """The status of a request that announces ``announced`` body bytes and sends 1 KB."""
+def oversize_request(url: str, announced: int) -> tuple[int, bytes]:
+    """Send an infer request that announces ``announced`` body bytes and sends 1 KB (requests
+    would correct the Content-Length); returns the answer's status and body."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     connection.putrequest("POST", "/infer/rebrain?image=upload")
     connection.putheader("Content-Type", "multipart/form-data; boundary=b")
     connection.putheader("Content-Length", str(announced))
     connection.endheaders(b"x" * 1024)
-    status = connection.getresponse().status
+    answer = connection.getresponse()
+    body = answer.read()
     connection.close()
-    return status
+    return answer.status, body
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -167,7 +169,7 @@ def main() -> None:
             attack_started = time.perf_counter()
             bomb = requests.post(f"{url}/infer/rebrain", params={"image": "upload"},
                                  files={"file": ("bomb.nii.gz", bomb_file, "application/gzip"), "params": (None, "{}")}, timeout=600)
-            oversize = oversize_status(url, 1024**3)
+            oversize = oversize_request(url, 1024**3)[0]
             attack_seconds = time.perf_counter() - attack_started
             for thread in clients:
                 thread.join()

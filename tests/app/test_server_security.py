@@ -4,7 +4,6 @@ off, on 127.0.0.1): each request here reproduces one that got through before the
 from __future__ import annotations
 
 import gzip
-import http.client
 import json
 import threading
 import time
@@ -14,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from app.bench_server import nifti_bomb
+from app.bench_server import nifti_bomb, oversize_request
 from lib.io import read_volume
 from tests.app.test_server import infer, parts
 
@@ -112,14 +111,8 @@ def test_a_gzip_bomb_is_refused_from_its_header_with_little_memory(server, serve
 def test_an_oversize_upload_is_refused_before_it_is_read(server, server_handle):
     before = files_in(server_handle.tmp)
     # A Content-Length of 300 MiB (over the default 256 MiB), and only 1 KB sent: answered at once.
-    connection = http.client.HTTPConnection(*server.removeprefix("http://").split(":"), timeout=30)
-    connection.putrequest("POST", "/infer/rebrain?image=upload")
-    connection.putheader("Content-Type", "multipart/form-data; boundary=b")
-    connection.putheader("Content-Length", str(300 * 1024**2))
-    connection.endheaders(b"x" * 1024)
-    answer = connection.getresponse()
-    assert answer.status == 413 and "upload limit of 256 MiB" in json.loads(answer.read())["detail"]
-    connection.close()
+    status, body = oversize_request(server, 300 * 1024**2)
+    assert status == 413 and "upload limit of 256 MiB" in json.loads(body)["detail"]
 
     def chunked_body():  # no Content-Length: counted while it streams
         part = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"ct.nii.gz\"\r\n\r\n"
