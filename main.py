@@ -53,8 +53,17 @@ class ReBrainApp(MONAILabelApp):
         # patient frame and checks the modality) and lists the series the default preset reads.
         settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI = False
         settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER = {"Modality": input_modality}
-        check_exposure(bound_host(sys.argv), settings.MONAI_LABEL_AUTH_ENABLE, self.server_config.insecure_remote_access)
-        super().__init__(app_dir=app_dir, studies=studies, conf=conf or {}, name="ReBrain", description=DESCRIPTION, version=lib.__version__)
+        check_exposure(
+            bound_host(sys.argv), settings.MONAI_LABEL_AUTH_ENABLE, self.server_config.insecure_remote_access
+        )
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf or {},
+            name="ReBrain",
+            description=DESCRIPTION,
+            version=lib.__version__,
+        )
         self._guard_server()
         self._cancel_on_shutdown()
 
@@ -73,12 +82,17 @@ class ReBrainApp(MONAILabelApp):
         # the guard wraps the built stack instead of being added with add_middleware.
         stack = fastapi_app.middleware_stack or fastapi_app.build_middleware_stack()
         fastapi_app.middleware_stack = ServerGuard(
-            stack, read_only=self.server_config.read_only, max_body_bytes=self.server_config.max_upload_bytes,
-            auth_enabled=settings.MONAI_LABEL_AUTH_ENABLE, admin_role=settings.MONAI_LABEL_AUTH_ROLE_ADMIN,
+            stack,
+            read_only=self.server_config.read_only,
+            max_body_bytes=self.server_config.max_upload_bytes,
+            auth_enabled=settings.MONAI_LABEL_AUTH_ENABLE,
+            admin_role=settings.MONAI_LABEL_AUTH_ROLE_ADMIN,
         )
         logger.info(
-            "ReBrain server: %s, auth %s, uploads up to %d MiB", "read-only" if self.server_config.read_only else "admin endpoints open",
-            "on" if settings.MONAI_LABEL_AUTH_ENABLE else "off", self.server_config.max_upload_mb,
+            "ReBrain server: %s, auth %s, uploads up to %d MiB",
+            "read-only" if self.server_config.read_only else "admin endpoints open",
+            "on" if settings.MONAI_LABEL_AUTH_ENABLE else "off",
+            self.server_config.max_upload_mb,
         )
 
     def _cancel_on_shutdown(self) -> None:
@@ -129,12 +143,16 @@ class ReBrainApp(MONAILabelApp):
         # The id goes on to MONAI Label, which resolves it in the datastore (and saves batch
         # labels); but MONAI Label reads an id that names a file in its working folder as that
         # file, so such an id goes on as the study's own path.
-        return super().infer({**request, "image": found if os.path.exists(image) else image, "image_name": image}, datastore)
+        return super().infer(
+            {**request, "image": found if os.path.exists(image) else image, "image_name": image}, datastore
+        )
 
     def study_path(self, image: Any, store: Any) -> str:
         """The file or folder of the study ``image`` in ``store``; refuses anything else (see :meth:`infer`)."""
         if not is_safe_id(image):
-            raise HTTPException(status_code=404, detail="image: not a study id of this server (ids are names, never paths)")
+            raise HTTPException(
+                status_code=404, detail="image: not a study id of this server (ids are names, never paths)"
+            )
         try:
             found = store.get_image_uri(image)
         except Exception as error:  # a DICOMweb datastore raises when the series is not on the server
@@ -170,7 +188,7 @@ def bound_host(argv: list[str]) -> str | None:
         return None
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("-i", "--host", default="0.0.0.0")
-    return parser.parse_known_args(argv[argv.index("start_server") + 1:])[0].host
+    return parser.parse_known_args(argv[argv.index("start_server") + 1 :])[0].host
 
 
 def check_exposure(host: str | None, auth_enabled: bool, insecure_remote_access: bool) -> None:

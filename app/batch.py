@@ -31,14 +31,41 @@ from pathlib import Path
 from lib.data.sparse import simulate_sparse_volume
 from lib.io import VolumeReadError
 from lib.io.atomic import STAGING_PREFIX, atomic_directory, atomic_path
-from lib.io.dicom import VALID_UID, DicomSeries, NotOneStackError, check_consistent, is_axial, read_series, scan_dicom_folder, why_unusable
+from lib.io.dicom import (
+    VALID_UID,
+    DicomSeries,
+    NotOneStackError,
+    check_consistent,
+    is_axial,
+    read_series,
+    scan_dicom_folder,
+    why_unusable,
+)
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
 from lib.report.dicom_output import write_synthetic_mri_series
-from lib.report.outputs import DICOM_FOLDER, OUTPUT_FILES, input_geometry, is_rebrain_output, positions_source, write_outputs
+from lib.report.outputs import (
+    DICOM_FOLDER,
+    OUTPUT_FILES,
+    input_geometry,
+    is_rebrain_output,
+    positions_source,
+    write_outputs,
+)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FIELDS = ("series_uid", "status", "seconds", "slices", "retrieval_success_rate", "fallback_count", "positions", "output", "pushed", "message")
+MANIFEST_FIELDS = (
+    "series_uid",
+    "status",
+    "seconds",
+    "slices",
+    "retrieval_success_rate",
+    "fallback_count",
+    "positions",
+    "output",
+    "pushed",
+    "message",
+)
 # What atomic_directory names its staging folders: STAGING_PREFIX, 8 hex digits, a dash.
 STAGING_NAME = re.compile(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]{{8}}-.+")
 
@@ -79,11 +106,17 @@ def plan_batch(input_root: Path, modality: str) -> BatchPlan:
     for uid, series in sorted(scan.series.items()):
         reason = why_unusable(series, modality) or stack_problem(series)
         if reason:
-            plan.skipped.append(SeriesOutcome(series_uid=uid, status="skipped", message=without_root(f"{series.describe()}: {reason}", input_root)))
+            plan.skipped.append(
+                SeriesOutcome(
+                    series_uid=uid, status="skipped", message=without_root(f"{series.describe()}: {reason}", input_root)
+                )
+            )
         else:
             plan.series.append(series)
     for path, reason in sorted(scan.skipped_files.items()):
-        plan.skipped.append(SeriesOutcome(series_uid="", status="skipped", message=without_root(f"{path}: {reason}", input_root)))
+        plan.skipped.append(
+            SeriesOutcome(series_uid="", status="skipped", message=without_root(f"{path}: {reason}", input_root))
+        )
     return plan
 
 
@@ -112,7 +145,9 @@ def without_root(message: str, input_root: Path) -> str:
 
 def failure_message(error: Exception, input_root: Path) -> str:
     """The manifest message of a failed series: the reason (and the file) without ``input_root``."""
-    message = str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"  # VolumeReadError is a ValueError
+    message = (
+        str(error) if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+    )  # VolumeReadError is a ValueError
     return without_root(message, input_root)
 
 
@@ -120,7 +155,11 @@ def output_folder(output_root: Path, uid: str) -> Path:
     """The output folder of series ``uid``: named by the UID when it is a valid DICOM UID (digits
     and dots, at most 64 characters), otherwise ``series-<first 16 hex digits of its SHA-256>``;
     either way a plain name directly inside ``output_root``."""
-    name = uid if len(uid) <= 64 and VALID_UID.fullmatch(uid) else f"series-{hashlib.sha256(uid.encode()).hexdigest()[:16]}"
+    name = (
+        uid
+        if len(uid) <= 64 and VALID_UID.fullmatch(uid)
+        else f"series-{hashlib.sha256(uid.encode()).hexdigest()[:16]}"
+    )
     return output_root / name
 
 
@@ -136,7 +175,9 @@ def check_replaceable(folder: Path) -> None:
     if folder.is_symlink():
         raise FileExistsError(f"output folder {folder.name} is a link; nothing is written through it")
     if folder.exists() and not is_rebrain_output(folder):
-        raise FileExistsError(f"output folder {folder.name} exists and was not written by ReBrain; it is left untouched")
+        raise FileExistsError(
+            f"output folder {folder.name} exists and was not written by ReBrain; it is left untouched"
+        )
 
 
 def is_complete(folder: Path) -> bool:
@@ -152,7 +193,11 @@ def is_complete(folder: Path) -> bool:
 
 def remove_half_written(output_root: Path) -> list[Path]:
     """Delete staging folders a killed run left behind (named as atomic_directory names them); returns them."""
-    leftovers = [path for path in output_root.iterdir() if STAGING_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink()]
+    leftovers = [
+        path
+        for path in output_root.iterdir()
+        if STAGING_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink()
+    ]
     for path in leftovers:
         shutil.rmtree(path)
     return leftovers
@@ -180,14 +225,18 @@ def check_manifests(output_root: Path) -> None:
     for name in MANIFEST_FILES:
         path = output_root / name
         if path.is_symlink() or (path.exists() and not is_own_manifest(path)):
-            raise VolumeReadError(path, "exists and was not written by ReBrain batch; it is left untouched (choose another OUTPUT_ROOT)")
+            raise VolumeReadError(
+                path, "exists and was not written by ReBrain batch; it is left untouched (choose another OUTPUT_ROOT)"
+            )
 
 
 def write_manifest(output_root: Path, outcomes: list[SeriesOutcome]) -> None:
     """manifest.json and manifest.csv, each written atomically."""
     rows = [asdict(outcome) for outcome in outcomes]
     with atomic_path(output_root / "manifest.json") as temporary:
-        temporary.write_text(json.dumps({"series": rows, "failed": sum(r["status"] == "failed" for r in rows)}, indent=1))
+        temporary.write_text(
+            json.dumps({"series": rows, "failed": sum(r["status"] == "failed" for r in rows)}, indent=1)
+        )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_FIELDS)
     writer.writeheader()
@@ -212,7 +261,9 @@ def push_series(folder: Path, url: str) -> None:
         raise RuntimeError(f"STOW-RS to {url} failed: {type(error).__name__}: {error}") from None
 
 
-def reconstruct_series(series: DicomSeries, out: Path, pipeline: ReBrainPipeline, options: ReconstructionOptions, sparsity: int | None) -> SeriesOutcome:
+def reconstruct_series(
+    series: DicomSeries, out: Path, pipeline: ReBrainPipeline, options: ReconstructionOptions, sparsity: int | None
+) -> SeriesOutcome:
     """Reconstruct one series into the folder ``out`` (atomically; see :func:`check_replaceable`)."""
     started = time.perf_counter()
     check_replaceable(out)
@@ -225,8 +276,13 @@ def reconstruct_series(series: DicomSeries, out: Path, pipeline: ReBrainPipeline
         write_synthetic_mri_series(reconstruction, volume, staging / DICOM_FOLDER, series.first)
     summary = reconstruction.summary
     return SeriesOutcome(
-        series_uid=series.uid, status="done", seconds=round(time.perf_counter() - started, 2), slices=summary["slices"],
-        retrieval_success_rate=summary["retrieval_success_rate"], fallback_count=summary["fallback_count"], positions=positions_source(summary),
+        series_uid=series.uid,
+        status="done",
+        seconds=round(time.perf_counter() - started, 2),
+        slices=summary["slices"],
+        retrieval_success_rate=summary["retrieval_success_rate"],
+        fallback_count=summary["fallback_count"],
+        positions=positions_source(summary),
         output=out.name,
     )
 
@@ -235,14 +291,26 @@ def resumed_outcome(series: DicomSeries, out: Path) -> SeriesOutcome:
     """The manifest row of a series whose complete output ``out`` a previous run wrote."""
     summary = json.loads((out / "provenance.json").read_text())["summary"]
     return SeriesOutcome(
-        series_uid=series.uid, status="complete", slices=summary["slices"], retrieval_success_rate=summary["retrieval_success_rate"],
-        fallback_count=summary["fallback_count"], positions=positions_source(summary), output=out.name, message="already complete (resume)",
+        series_uid=series.uid,
+        status="complete",
+        slices=summary["slices"],
+        retrieval_success_rate=summary["retrieval_success_rate"],
+        fallback_count=summary["fallback_count"],
+        positions=positions_source(summary),
+        output=out.name,
+        message="already complete (resume)",
     )
 
 
 def run_batch(
-    input_root: Path, output_root: Path, pipeline: ReBrainPipeline, options: ReconstructionOptions, resume: bool = False,
-    push_url: str | None = None, sparsity: int | None = None, progress: bool = True,
+    input_root: Path,
+    output_root: Path,
+    pipeline: ReBrainPipeline,
+    options: ReconstructionOptions,
+    resume: bool = False,
+    push_url: str | None = None,
+    sparsity: int | None = None,
+    progress: bool = True,
 ) -> list[SeriesOutcome]:
     """Process every input series; returns the manifest rows (also written to ``output_root``).
 
@@ -254,7 +322,9 @@ def run_batch(
 
     input_root, output_root = Path(input_root).resolve(), Path(output_root).resolve()
     if output_root == input_root or input_root in output_root.parents:
-        raise VolumeReadError(output_root, "the output folder must not lie inside the input tree (the input is never modified)")
+        raise VolumeReadError(
+            output_root, "the output folder must not lie inside the input tree (the input is never modified)"
+        )
     check_manifests(output_root)
     plan = plan_batch(input_root, pipeline.preset.input_modality)
     output_root.mkdir(parents=True, exist_ok=True)
@@ -265,7 +335,11 @@ def run_batch(
     for series in tqdm(plan.series, desc="series", unit="series", disable=not progress):
         out = output_folder(output_root, series.uid)
         try:
-            outcome = resumed_outcome(series, out) if resume and is_complete(out) else reconstruct_series(series, out, pipeline, options, sparsity)
+            outcome = (
+                resumed_outcome(series, out)
+                if resume and is_complete(out)
+                else reconstruct_series(series, out, pipeline, options, sparsity)
+            )
         except Exception as error:  # one series' failure is recorded; the others go on
             message = failure_message(error, input_root)
             logger.warning("series %s failed: %s", series.uid, message)

@@ -17,8 +17,7 @@ import torch
 from lib.data.dataset import PreparedSlices
 from lib.diffusion.bridge import BridgeSchedule, predict_x0, q_sample
 from lib.metrics import psnr
-from lib.models.denoiser import denoise
-from lib.models.denoiser import load_bbdm
+from lib.models.denoiser import denoise, load_bbdm
 from lib.train.bbdm import slices_as_unit_volume, validation_indices
 
 
@@ -39,14 +38,26 @@ def main() -> None:
     x0 = torch.stack([item["target"] for item in items])
     y = condition[:, config.neighbours : config.neighbours + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    print(f"{args.model} ({config.objective.value}); identity PSNR {psnr(slices_as_unit_volume(y), slices_as_unit_volume(x0)):.2f} dB\n")
+    print(
+        f"{args.model} ({config.objective.value}); identity PSNR {psnr(slices_as_unit_volume(y), slices_as_unit_volume(x0)):.2f} dB\n"
+    )
     print("| t | m_t | one-step x0 PSNR (dB) |\n|---|---|---|")
     with torch.no_grad():
         for step in args.steps:
             t = torch.full((len(items),), step)
             x_t = q_sample(schedule, x0, y, t, noise)
-            estimate = predict_x0(schedule, denoise(model, x_t, t, condition), x_t, y, t, config.objective, distance_range=config.distance_range)
-            print(f"| {step} | {schedule.m[step]:.3f} | {psnr(slices_as_unit_volume(estimate), slices_as_unit_volume(x0)):.2f} |")
+            estimate = predict_x0(
+                schedule,
+                denoise(model, x_t, t, condition),
+                x_t,
+                y,
+                t,
+                config.objective,
+                distance_range=config.distance_range,
+            )
+            print(
+                f"| {step} | {schedule.m[step]:.3f} | {psnr(slices_as_unit_volume(estimate), slices_as_unit_volume(x0)):.2f} |"
+            )
 
 
 if __name__ == "__main__":

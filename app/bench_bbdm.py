@@ -48,7 +48,15 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(config: BBDMConfig, device: torch.device, slices: int, steps_list: list[int], batch: int, repeats: int, budget_s: float) -> list[tuple[str, str, str]]:
+def run(
+    config: BBDMConfig,
+    device: torch.device,
+    slices: int,
+    steps_list: list[int],
+    batch: int,
+    repeats: int,
+    budget_s: float,
+) -> list[tuple[str, str, str]]:
     """Measure and return table rows (what, value, ratio to baseline)."""
     torch.manual_seed(0)
     model = build_denoiser(config).to(device).eval()
@@ -70,7 +78,13 @@ def run(config: BBDMConfig, device: torch.device, slices: int, steps_list: list[
         batched = torch.randn(batch, 1 + config.condition_channels, size, size, device=device)
         t_batched = torch.full((batch,), 500, device=device)
         forward_b = _median_seconds(lambda: model(batched, t_batched), repeats, device)
-        rows.append((f"forward, per slice (batch {batch})", f"{forward_b / batch * 1e3:.1f} ms", f"{forward_b / batch / base:.3f}"))
+        rows.append(
+            (
+                f"forward, per slice (batch {batch})",
+                f"{forward_b / batch * 1e3:.1f} ms",
+                f"{forward_b / batch / base:.3f}",
+            )
+        )
 
     condition = torch.rand(slices, config.condition_channels, size, size, device=device) * 2 - 1
 
@@ -85,10 +99,24 @@ def run(config: BBDMConfig, device: torch.device, slices: int, steps_list: list[
         estimate = per_step * steps
         if estimate <= budget_s:
             seconds = _median_seconds(lambda: sample(steps), 1, device)
-            rows.append((f"sample {slices} slices, {steps} steps", f"{seconds:.1f} s (measured)", f"{seconds / base:.1f}"))
+            rows.append(
+                (f"sample {slices} slices, {steps} steps", f"{seconds:.1f} s (measured)", f"{seconds / base:.1f}")
+            )
         else:
-            rows.append((f"sample {slices} slices, {steps} steps", f"{estimate:.0f} s (estimated: {steps} x step)", f"{estimate / base:.1f}"))
-    rows.append(("peak memory", f"{peak_memory_mb(device):.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})", ""))
+            rows.append(
+                (
+                    f"sample {slices} slices, {steps} steps",
+                    f"{estimate:.0f} s (estimated: {steps} x step)",
+                    f"{estimate / base:.1f}",
+                )
+            )
+    rows.append(
+        (
+            "peak memory",
+            f"{peak_memory_mb(device):.0f} MB ({'GPU allocated' if device.type == 'cuda' else 'process RSS'})",
+            "",
+        )
+    )
     return rows
 
 
@@ -102,13 +130,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--batch", type=int, default=16, help="slices per forward pass")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget-s", type=float, default=300.0, help="measure a step count only if its estimate is below this")
+    parser.add_argument(
+        "--budget-s", type=float, default=300.0, help="measure a step count only if its estimate is below this"
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     channels = tuple(args.channels)
     config = BBDMConfig.for_channels(args.image_size, channels)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"BBDM denoiser benchmark: {args.image_size}x{args.image_size}, channels {channels}, attention at the last level; {label}; torch {torch.__version__}\n")
+    print(
+        f"BBDM denoiser benchmark: {args.image_size}x{args.image_size}, channels {channels}, attention at the last level; {label}; torch {torch.__version__}\n"
+    )
     print("| measure | value | ratio to baseline |\n|---|---|---|")
     for what, value, ratio in run(config, device, args.slices, args.steps, args.batch, args.repeats, args.budget_s):
         print(f"| {what} | {value} | {ratio} |")

@@ -46,12 +46,15 @@ def inputs() -> list[tuple[str, Callable[[], Volume]]]:
     if CRANIUM_PATH.is_file():
         found.append(("Cranium (Debian), 256x256x108, 1.5 mm", read_inv3))
     if HEAD_CT_STUDY.is_dir():
+
         def upper(volume: Volume) -> Volume:
             count = volume.shape[2]
             return volume.take_slices(list(range(int(count * 0.6), count)))
 
         found.append(("head CT study, 512x512x67, 2.5 mm", lambda: read_volume(HEAD_CT_STUDY)))
-        found.append(("same, x2 sparse (34 slices)", lambda: simulate_sparse_volume(read_volume(HEAD_CT_STUDY), factor=2)))
+        found.append(
+            ("same, x2 sparse (34 slices)", lambda: simulate_sparse_volume(read_volume(HEAD_CT_STUDY), factor=2))
+        )
         found.append(("same, upper 40 % (27 slices)", lambda: upper(read_volume(HEAD_CT_STUDY))))
     return found
 
@@ -65,12 +68,18 @@ def main() -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     found = inputs()
     if not found:
-        raise SystemExit(f"no real head CT here: install Debian's invesalius-examples ({CRANIUM_PATH}) or put ../shared/data/head_ct_study beside the repository")
+        raise SystemExit(
+            f"no real head CT here: install Debian's invesalius-examples ({CRANIUM_PATH}) or put ../shared/data/head_ct_study beside the repository"
+        )
     template_s, _ = _timed(load_ct_template, 1)  # cached after the first call
     base = baseline_seconds(torch.device("cpu"))
-    print(f"Real-CT preparation benchmark: {args.repeats} repeats (medians), {args.threads} ITK thread(s); template loaded in {template_s:.2f} s; "
-          f"baseline (10 matmuls 1024^2) {base * 1e3:.1f} ms\n")
-    print("| input | read s | brain extraction s | brain ml | registration s | registration / baseline | MI | rotation deg (R, A, S) | slice positions |")
+    print(
+        f"Real-CT preparation benchmark: {args.repeats} repeats (medians), {args.threads} ITK thread(s); template loaded in {template_s:.2f} s; "
+        f"baseline (10 matmuls 1024^2) {base * 1e3:.1f} ms\n"
+    )
+    print(
+        "| input | read s | brain extraction s | brain ml | registration s | registration / baseline | MI | rotation deg (R, A, S) | slice positions |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, load in found:
         read_s, volume = _timed(load, 1)

@@ -56,7 +56,13 @@ def run_once(pipeline: ReBrainPipeline, source: Path, out: Path, options: Recons
     write_outputs(out, reconstruction, input_geometry(volume, 2))
     write_s = time.perf_counter() - started
     seconds = reconstruction.summary["seconds"]
-    stages = {"read": read_s, "prepare": seconds["prepare"], "retrieval": seconds["retrieval"], "sampling": seconds["sampling"], "output": seconds["output"] + write_s}
+    stages = {
+        "read": read_s,
+        "prepare": seconds["prepare"],
+        "retrieval": seconds["retrieval"],
+        "sampling": seconds["sampling"],
+        "output": seconds["output"] + write_s,
+    }
     stages["total"] = sum(stages.values())
     return stages
 
@@ -67,7 +73,9 @@ def main() -> None:
     parser.add_argument("--preset", default="ct2mri")
     parser.add_argument("--weights", default=None, help="folder of presets (default: model_weights/)")
     parser.add_argument("--slices", type=int, default=155)
-    parser.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default: 5, the preset's, and twice it)")
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=None, help="step counts (default: 5, the preset's, and twice it)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=ReconstructionOptions.batch_size)
     parser.add_argument("--device", default="cpu")
@@ -79,10 +87,14 @@ def main() -> None:
     pipeline = ReBrainPipeline(preset, device=args.device)
     load_s = time.perf_counter() - started
     base = baseline_seconds(pipeline.device)
-    print(f"Reconstruction benchmark: preset {preset.name}, {args.slices} output slices from {args.slices // 2 + 1} acquired (x2), "
-          f"device {pipeline.device}, batch {args.batch_size}, {args.repeats} repeats (medians); models loaded in {load_s:.1f} s; "
-          f"baseline (10 matmuls 1024^2) {base * 1e3:.1f} ms\n")
-    print("| steps | total s | total / baseline | read s | frame+normalise s | retrieval s | sampling s | output s (incl. writing) | PSNR dB | SSIM | under 120 s |")
+    print(
+        f"Reconstruction benchmark: preset {preset.name}, {args.slices} output slices from {args.slices // 2 + 1} acquired (x2), "
+        f"device {pipeline.device}, batch {args.batch_size}, {args.repeats} repeats (medians); models loaded in {load_s:.1f} s; "
+        f"baseline (10 matmuls 1024^2) {base * 1e3:.1f} ms\n"
+    )
+    print(
+        "| steps | total s | total / baseline | read s | frame+normalise s | retrieval s | sampling s | output s (incl. writing) | PSNR dB | SSIM | under 120 s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)

@@ -48,7 +48,9 @@ def _median_seconds(function: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def make_data(size: int, dim: int, queries: int, similarity: float, tolerance: float, seed: int) -> dict[str, np.ndarray]:
+def make_data(
+    size: int, dim: int, queries: int, similarity: float, tolerance: float, seed: int
+) -> dict[str, np.ndarray]:
     """Random entries and queries (see the module docstring)."""
     rng = np.random.default_rng(seed)
     vectors = rng.standard_normal((size, dim), dtype=np.float32)
@@ -67,12 +69,23 @@ def make_data(size: int, dim: int, queries: int, similarity: float, tolerance: f
     subject_count = int(subjects.max()) + 1
     other = (subjects[sources] + rng.integers(1, max(subject_count, 2), queries)) % max(subject_count, 2)
     return {
-        "vectors": vectors, "positions": positions, "subjects": np.char.add("sub-", subjects.astype(str)),
-        "queries": query_vectors.astype(np.float32), "query_positions": query_positions, "exclude": np.char.add("sub-", other.astype(str)),
+        "vectors": vectors,
+        "positions": positions,
+        "subjects": np.char.add("sub-", subjects.astype(str)),
+        "queries": query_vectors.astype(np.float32),
+        "query_positions": query_positions,
+        "exclude": np.char.add("sub-", other.astype(str)),
     }
 
 
-def measure(index: EmbeddingIndex, data: dict[str, np.ndarray], filtered: bool, tolerance: float, single_queries: int, repeats: int) -> tuple[float, float, np.ndarray]:
+def measure(
+    index: EmbeddingIndex,
+    data: dict[str, np.ndarray],
+    filtered: bool,
+    tolerance: float,
+    single_queries: int,
+    repeats: int,
+) -> tuple[float, float, np.ndarray]:
     """Per-query seconds one at a time and batched, and the batched top-1 ids."""
     queries = data["queries"]
     positions = data["query_positions"] if filtered else None
@@ -83,7 +96,13 @@ def measure(index: EmbeddingIndex, data: dict[str, np.ndarray], filtered: bool, 
 
     def one_at_a_time() -> None:
         for row in range(min(single_queries, len(queries))):
-            index.search(queries[row : row + 1], None if positions is None else positions[row : row + 1], 1, tolerance, None if exclude is None else exclude[row])
+            index.search(
+                queries[row : row + 1],
+                None if positions is None else positions[row : row + 1],
+                1,
+                tolerance,
+                None if exclude is None else exclude[row],
+            )
 
     batched()  # warm-up: page in the index
     single = _median_seconds(one_at_a_time, repeats) / min(single_queries, len(queries))
@@ -100,23 +119,51 @@ def run(size: int, args: argparse.Namespace) -> list[tuple[str, ...]]:
     flat = EmbeddingIndex.build(data["vectors"], data["positions"], data["subjects"].tolist(), IndexKind.FLAT)
     flat_build = time.perf_counter() - started
     started = time.perf_counter()
-    approximate = EmbeddingIndex.build(data["vectors"], data["positions"], data["subjects"].tolist(), IndexKind.HNSW, hnsw)
+    approximate = EmbeddingIndex.build(
+        data["vectors"], data["positions"], data["subjects"].tolist(), IndexKind.HNSW, hnsw
+    )
     hnsw_build = time.perf_counter() - started
 
     rows = []
     for filtered in (False, True):
         label = "filtered" if filtered else "none"
-        flat_single, flat_batch, exact_top = measure(flat, data, filtered, args.tolerance, args.single_queries, args.repeats)
-        rows.append((f"{size:,}", "flat (exact)", "", f"{flat_build:.2f}", "1.00", label,
-                     f"{flat_single * 1e3:.3f}", "1.00", f"{flat_batch * 1e3:.3f}", "1.00", "1.000"))
+        flat_single, flat_batch, exact_top = measure(
+            flat, data, filtered, args.tolerance, args.single_queries, args.repeats
+        )
+        rows.append(
+            (
+                f"{size:,}",
+                "flat (exact)",
+                "",
+                f"{flat_build:.2f}",
+                "1.00",
+                label,
+                f"{flat_single * 1e3:.3f}",
+                "1.00",
+                f"{flat_batch * 1e3:.3f}",
+                "1.00",
+                "1.000",
+            )
+        )
         for ef_search in args.ef_search:
             approximate.ef_search = ef_search
             single, batch, top = measure(approximate, data, filtered, args.tolerance, args.single_queries, args.repeats)
             default = " (default)" if (hnsw.m, hnsw.ef_construction, ef_search) == _DEFAULT_PARAMS else ""
-            rows.append((f"{size:,}", "HNSW", f"M={hnsw.m} efC={hnsw.ef_construction} efS={ef_search}{default}",
-                         f"{hnsw_build:.2f}", f"{hnsw_build / flat_build:.1f}", label,
-                         f"{single * 1e3:.3f}", f"{single / flat_single:.3f}", f"{batch * 1e3:.3f}", f"{batch / flat_batch:.3f}",
-                         f"{np.mean(top == exact_top):.3f}"))
+            rows.append(
+                (
+                    f"{size:,}",
+                    "HNSW",
+                    f"M={hnsw.m} efC={hnsw.ef_construction} efS={ef_search}{default}",
+                    f"{hnsw_build:.2f}",
+                    f"{hnsw_build / flat_build:.1f}",
+                    label,
+                    f"{single * 1e3:.3f}",
+                    f"{single / flat_single:.3f}",
+                    f"{batch * 1e3:.3f}",
+                    f"{batch / flat_batch:.3f}",
+                    f"{np.mean(top == exact_top):.3f}",
+                )
+            )
     return rows
 
 
@@ -127,14 +174,23 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--queries", type=int, default=1000, help="queries searched batched and for recall")
     parser.add_argument("--single-queries", type=int, default=200, help="of them, searched one at a time for latency")
-    parser.add_argument("--query-similarity", type=float, default=0.8, help="cosine of a query to its source entry; 0: independent random queries")
+    parser.add_argument(
+        "--query-similarity",
+        type=float,
+        default=0.8,
+        help="cosine of a query to its source entry; 0: independent random queries",
+    )
     parser.add_argument("--tolerance", type=float, default=0.1, help="position filter half-width")
     parser.add_argument("--ef-search", type=int, nargs="+", default=[64, HNSWParams.ef_search, 256])
     parser.add_argument("--m", type=int, default=HNSWParams.m, help="HNSW graph neighbours per node")
-    parser.add_argument("--ef-construction", type=int, default=HNSWParams.ef_construction, help="HNSW build candidate list size")
+    parser.add_argument(
+        "--ef-construction", type=int, default=HNSWParams.ef_construction, help="HNSW build candidate list size"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="FAISS (OpenMP) threads; 0 keeps its default (all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="FAISS (OpenMP) threads; 0 keeps its default (all cores)"
+    )
     args = parser.parse_args()
     if not 0 <= args.query_similarity < 1:
         parser.error("--query-similarity must be in [0, 1)")
@@ -145,7 +201,9 @@ def main() -> None:
         f"filter +-{args.tolerance} and one subject excluded; exact below {knowledge_base.EXACT_SEARCH_LIMIT} candidates; "
         f"faiss {faiss.__version__}, OpenMP threads: {faiss.omp_get_max_threads()}\n"
     )
-    print("| entries | index | parameters | build s | build ratio | filter | one at a time ms/query | ratio | batched ms/query | ratio | recall@1 vs exact |")
+    print(
+        "| entries | index | parameters | build s | build ratio | filter | one at a time ms/query | ratio | batched ms/query | ratio | recall@1 vs exact |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         for row in run(size, args):

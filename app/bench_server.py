@@ -69,8 +69,32 @@ def free_port() -> int:
 def start_server(studies: Path, steps: int, log: Path) -> tuple[subprocess.Popen, str]:
     """The server on 127.0.0.1 (default settings, the shipped weights); waits for /info/."""
     port = free_port()
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO), "--studies", str(studies), "--host", "127.0.0.1",
-               "--port", str(port), "--conf", "preset", "ct2mri", "--conf", "device", "cpu", "--conf", "preload", "true", "--conf", "steps", str(steps)]
+    command = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(REPO),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--conf",
+        "preset",
+        "ct2mri",
+        "--conf",
+        "device",
+        "cpu",
+        "--conf",
+        "preload",
+        "true",
+        "--conf",
+        "steps",
+        str(steps),
+    ]
     env = {**os.environ, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -90,7 +114,12 @@ def start_server(studies: Path, steps: int, log: Path) -> tuple[subprocess.Popen
 def reconstruct(url: str, image: str, seed: int) -> tuple[int, dict, np.ndarray | None, float]:
     """One infer request: (status, answer params, MRI array, seconds)."""
     started = time.perf_counter()
-    response = requests.post(f"{url}/infer/rebrain", params={"image": image}, files={"params": (None, json.dumps({"seed": seed, "simulate_sparsity": 2}))}, timeout=3600)
+    response = requests.post(
+        f"{url}/infer/rebrain",
+        params={"image": image},
+        files={"params": (None, json.dumps({"seed": seed, "simulate_sparsity": 2}))},
+        timeout=3600,
+    )
     seconds = time.perf_counter() - started
     if response.status_code != 200:
         return response.status_code, {"detail": response.text}, None, seconds
@@ -126,7 +155,12 @@ def main() -> None:
     """Parse arguments, run, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=8, help="concurrent reconstructions (default 8)")
-    parser.add_argument("--steps", type=int, default=2, help="sampling steps per request (default 2: the load, not the image, is measured)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=2,
+        help="sampling steps per request (default 2: the load, not the image, is measured)",
+    )
     parser.add_argument("--info-interval", type=float, default=0.05, help="seconds between /info/ requests")
     args = parser.parse_args()
 
@@ -159,7 +193,10 @@ def main() -> None:
         try:
             idle_rss = server.memory_info().rss
             answers: dict[int, tuple] = {}
-            clients = [threading.Thread(target=lambda seed=seed: answers.__setitem__(seed, reconstruct(url, "pair_ct", seed))) for seed in range(args.requests)]
+            clients = [
+                threading.Thread(target=lambda seed=seed: answers.__setitem__(seed, reconstruct(url, "pair_ct", seed)))
+                for seed in range(args.requests)
+            ]
             watchers = [threading.Thread(target=sample_memory), threading.Thread(target=poll_info)]
             started = time.perf_counter()
             for thread in watchers + clients:
@@ -167,8 +204,12 @@ def main() -> None:
             bomb_file = nifti_bomb((2048, 2048, 512))
             time.sleep(2.0)
             attack_started = time.perf_counter()
-            bomb = requests.post(f"{url}/infer/rebrain", params={"image": "upload"},
-                                 files={"file": ("bomb.nii.gz", bomb_file, "application/gzip"), "params": (None, "{}")}, timeout=600)
+            bomb = requests.post(
+                f"{url}/infer/rebrain",
+                params={"image": "upload"},
+                files={"file": ("bomb.nii.gz", bomb_file, "application/gzip"), "params": (None, "{}")},
+                timeout=600,
+            )
             oversize = oversize_request(url, 1024**3)[0]
             attack_seconds = time.perf_counter() - attack_started
             for thread in clients:
@@ -184,7 +225,11 @@ def main() -> None:
 
     statuses = [answers[seed][0] for seed in range(args.requests)]
     correct = sum(
-        status == 200 and params.get("summary", {}).get("seed") == seed and params.get("synthetic") is True and mri is not None and mri.shape == answers[0][2].shape
+        status == 200
+        and params.get("summary", {}).get("seed") == seed
+        and params.get("synthetic") is True
+        and mri is not None
+        and mri.shape == answers[0][2].shape
         for seed, (status, params, mri, _) in answers.items()
     )
     repeatable = again[2] is not None and answers[0][2] is not None and np.array_equal(again[2], answers[0][2])
@@ -192,18 +237,28 @@ def main() -> None:
     peak_rss = max(rss for _, rss in memory)
     attack_peak = max((rss for t, rss in memory if t >= attack_started), default=peak_rss)
     mib = 1024**2
-    print(f"## Server under load ({args.requests} concurrent reconstructions of the demo CT, x2 sparse, {args.steps} steps; shipped ct2mri on CPU)\n")
+    print(
+        f"## Server under load ({args.requests} concurrent reconstructions of the demo CT, x2 sparse, {args.steps} steps; shipped ct2mri on CPU)\n"
+    )
     print("| measure | value |")
     print("|---|---|")
-    print(f"| reconstructions answered 200 | {statuses.count(200)} of {args.requests} (statuses {sorted(set(statuses))}) |")
+    print(
+        f"| reconstructions answered 200 | {statuses.count(200)} of {args.requests} (statuses {sorted(set(statuses))}) |"
+    )
     print(f"| answers correct (own seed, synthetic notice, MRI on the grid) | {correct} of {args.requests} |")
     print(f"| seed 0 sent again gives the same MRI | {'yes' if repeatable else 'NO'} |")
-    print(f"| wall time for all / per request median, max | {load_seconds:.1f} s / {statistics.median(request_seconds):.1f} s, {max(request_seconds):.1f} s |")
-    print(f"| /info/ during load: requests, median, p99, max | {len(info_latencies)}, {percentile(info_latencies, 50) * 1000:.0f} ms, {percentile(info_latencies, 99) * 1000:.0f} ms, {max(info_latencies) * 1000:.0f} ms |")
+    print(
+        f"| wall time for all / per request median, max | {load_seconds:.1f} s / {statistics.median(request_seconds):.1f} s, {max(request_seconds):.1f} s |"
+    )
+    print(
+        f"| /info/ during load: requests, median, p99, max | {len(info_latencies)}, {percentile(info_latencies, 50) * 1000:.0f} ms, {percentile(info_latencies, 99) * 1000:.0f} ms, {max(info_latencies) * 1000:.0f} ms |"
+    )
     print(f"| gzip bomb (header claims 4 GiB) | HTTP {bomb.status_code} |")
     print(f"| upload announcing 1 GiB | HTTP {oversize} |")
     print(f"| both refusals, seconds | {attack_seconds:.2f} |")
-    print(f"| server memory: idle, peak under load, peak after the attack started | {idle_rss / mib:.0f} MiB, {peak_rss / mib:.0f} MiB, {attack_peak / mib:.0f} MiB |")
+    print(
+        f"| server memory: idle, peak under load, peak after the attack started | {idle_rss / mib:.0f} MiB, {peak_rss / mib:.0f} MiB, {attack_peak / mib:.0f} MiB |"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from lib.reconstruction_methods import METHODS
 # Errors a user can fix: printed as one line, no traceback. OSError covers unwritable or missing
 # folders and full disks; MemoryError is reported by main() apart, since it names no file.
 USER_ERRORS = (VolumeReadError, ValueError, OSError)
-NO_BRAIN_EXTRACTION_HELP = "CT input is already brain-only (prepared): skip the skull and scalp removal of real head CT (and the alignment)"
+NO_BRAIN_EXTRACTION_HELP = (
+    "CT input is already brain-only (prepared): skip the skull and scalp removal of real head CT (and the alignment)"
+)
 NO_ALIGNMENT_HELP = (
     "real head CT: do not register it to the CT head template; slice positions then come from the brain's own extent, "
     "right only when the CT covers the whole brain"
@@ -61,7 +63,9 @@ def naming_input(path: str | Path) -> Iterator[None]:
     try:
         yield
     except MemoryError as error:
-        raise VolumeReadError(name, f"not enough memory to process this input ({str(error) or 'MemoryError'})") from error
+        raise VolumeReadError(
+            name, f"not enough memory to process this input ({str(error) or 'MemoryError'})"
+        ) from error
     except USER_ERRORS as error:
         if name in str(error):
             raise
@@ -71,7 +75,9 @@ def naming_input(path: str | Path) -> Iterator[None]:
 def _prepare(args: argparse.Namespace) -> None:
     from lib.data.prepare import PrepareConfig, prepare_dataset
 
-    config = PrepareConfig(size=args.size, val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.seed)
+    config = PrepareConfig(
+        size=args.size, val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.seed
+    )
     manifest = prepare_dataset(
         args.layout,
         args.src,
@@ -104,7 +110,12 @@ def _inspect(args: argparse.Namespace) -> None:
         "acquired_positions_mm": [round(float(p), 3) for p in volume.positions],
         "regular": volume.is_regular(),
         "value_range": [float(volume.array.min()), float(volume.array.max())],
-        "dense_grid": {"spacing_mm": grid.spacing, "slices": grid.shape[2], "on_grid_acquired": int(grid.acquired.sum()), "gaps": grid.gap_count},
+        "dense_grid": {
+            "spacing_mm": grid.spacing,
+            "slices": grid.shape[2],
+            "on_grid_acquired": int(grid.acquired.sum()),
+            "gaps": grid.gap_count,
+        },
         "series_uid": volume.meta.get("series_uid"),
         "skipped_series": volume.meta.get("skipped_series", {}),
         "skipped_files": volume.meta.get("skipped_files", {}),
@@ -119,8 +130,12 @@ def _export_cranium(args: argparse.Namespace) -> None:
     from lib.io.nifti import write_nifti
 
     volume = read_inv3(args.inv3)
-    write_nifti(args.out, volume.array.astype(np.int16), volume.voxel_affine(), description=CRANIUM_DESCRIPTION, dtype=np.int16)
-    print(f"wrote {args.out}: {volume.shape} voxels, spacing {volume.pixel_spacing} x {volume.slice_steps[0]:.3g} mm, HU {volume.array.min():.0f}..{volume.array.max():.0f}")
+    write_nifti(
+        args.out, volume.array.astype(np.int16), volume.voxel_affine(), description=CRANIUM_DESCRIPTION, dtype=np.int16
+    )
+    print(
+        f"wrote {args.out}: {volume.shape} voxels, spacing {volume.pixel_spacing} x {volume.slice_steps[0]:.3g} mm, HU {volume.array.min():.0f}..{volume.array.max():.0f}"
+    )
 
 
 def _train_bbdm(args: argparse.Namespace) -> None:
@@ -132,8 +147,15 @@ def _train_bbdm(args: argparse.Namespace) -> None:
     size = int(dataset.manifest["config"]["size"])
     config = BBDMConfig.for_channels(size, tuple(args.channels), neighbours=args.neighbours, objective=args.objective)
     train_config = TrainConfig(
-        iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_every=args.val_every,
-        val_slices=args.val_slices, val_steps=args.val_steps, checkpoint_every=args.checkpoint_every, device=args.device,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_every=args.val_every,
+        val_slices=args.val_slices,
+        val_steps=args.val_steps,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
     )
     train_set = PreparedSlices(dataset, "train", args.min_brain_fraction, args.neighbours)
     try:
@@ -152,45 +174,84 @@ def _train_retrieval(args: argparse.Namespace) -> None:
 
     size = int(PreparedDataset(args.data).manifest["config"]["size"])
     config = RetrievalConfig(
-        image_size=size, patch_size=args.patch_size, width=args.width, depth=args.depth, heads=args.heads,
-        embedding_dim=args.embedding_dim, perceptual_blocks=tuple(args.perceptual_blocks),
+        image_size=size,
+        patch_size=args.patch_size,
+        width=args.width,
+        depth=args.depth,
+        heads=args.heads,
+        embedding_dim=args.embedding_dim,
+        perceptual_blocks=tuple(args.perceptual_blocks),
     )
     train_config = RetrievalTrainConfig(
-        iters=args.iters, subjects_per_batch=args.subjects_per_batch, run_length=args.run_length, positives=args.positives,
-        percept_weight=args.percept_weight, lr=args.lr, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-        seed=args.seed, device=args.device,
+        iters=args.iters,
+        subjects_per_batch=args.subjects_per_batch,
+        run_length=args.run_length,
+        positives=args.positives,
+        percept_weight=args.percept_weight,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=args.device,
     )
     accuracy = train_retrieval(args.data, args.out, config, train_config, resume=args.resume, progress=not args.quiet)
-    print(f"trained to iteration {args.iters}: held-out retrieval accuracy {accuracy or 'not measured'} -> {args.out}/encoder.pt")
+    print(
+        f"trained to iteration {args.iters}: held-out retrieval accuracy {accuracy or 'not measured'} -> {args.out}/encoder.pt"
+    )
 
 
 def _train_controlnet(args: argparse.Namespace) -> None:
     from lib.train.controlnet import ControlNetTrainConfig, train_controlnet
 
     train_config = ControlNetTrainConfig(
-        iters=args.iters, batch_size=args.batch_size, lr=args.lr, seed=args.seed, val_every=args.val_every, val_slices=args.val_slices,
-        val_steps=args.val_steps, checkpoint_every=args.checkpoint_every, device=args.device, slerp_fraction=args.slerp_fraction,
-        target=args.target, position_tolerance=args.position_tolerance, min_brain_fraction=args.min_brain_fraction,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_every=args.val_every,
+        val_slices=args.val_slices,
+        val_steps=args.val_steps,
+        checkpoint_every=args.checkpoint_every,
+        device=args.device,
+        slerp_fraction=args.slerp_fraction,
+        target=args.target,
+        position_tolerance=args.position_tolerance,
+        min_brain_fraction=args.min_brain_fraction,
     )
-    scores = train_controlnet(args.data, args.bbdm, args.kb, args.encoder, args.out, train_config, resume=args.resume, progress=not args.quiet)
+    scores = train_controlnet(
+        args.data, args.bbdm, args.kb, args.encoder, args.out, train_config, resume=args.resume, progress=not args.quiet
+    )
     print(f"trained to iteration {args.iters}: {scores or 'no validation'} -> {args.out}/controlnet.pt")
 
 
 def _eval_retrieval(args: argparse.Namespace) -> None:
     from lib.data.dataset import PreparedDataset
-    from lib.retrieval.evaluation import retrieval_accuracy
     from lib.models.retrieval_encoder import load_retrieval_encoder
+    from lib.retrieval.evaluation import retrieval_accuracy
 
     model, _ = load_retrieval_encoder(args.encoder)
     accuracy = retrieval_accuracy(model, PreparedDataset(args.data), args.split, args.position_tolerance)
-    print(json.dumps({"encoder": args.encoder, "split": args.split, "position_tolerance": args.position_tolerance, **accuracy}))
+    print(
+        json.dumps(
+            {"encoder": args.encoder, "split": args.split, "position_tolerance": args.position_tolerance, **accuracy}
+        )
+    )
 
 
 def _build_kb(args: argparse.Namespace) -> None:
     from lib.retrieval.build import build_knowledge_base
 
-    kb = build_knowledge_base(args.data, args.encoder, args.out, split=args.split, tau_percentile=args.tau_percentile, overwrite=args.overwrite)
-    print(f"built {args.out}: {len(kb.entries)} entries, tau {kb.tau:.4f} (top {args.tau_percentile} % of random pairs), index {kb.manifest['index']['kind']}")
+    kb = build_knowledge_base(
+        args.data,
+        args.encoder,
+        args.out,
+        split=args.split,
+        tau_percentile=args.tau_percentile,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"built {args.out}: {len(kb.entries)} entries, tau {kb.tau:.4f} (top {args.tau_percentile} % of random pairs), index {kb.manifest['index']['kind']}"
+    )
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
@@ -206,9 +267,17 @@ def _reconstruct(args: argparse.Namespace) -> None:
     check_output_folder(args.out_dir, [args.input])
     preset = load_preset(args.preset, args.weights)
     options = ReconstructionOptions(
-        steps=args.steps, samples=args.samples, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-        target_spacing=args.target_spacing, use_retrieval=not args.no_retrieval, use_controlnet=not args.no_controlnet, method=args.method,
-        brain_extraction=not args.no_brain_extraction, alignment=not args.no_alignment,
+        steps=args.steps,
+        samples=args.samples,
+        eta=args.eta,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        target_spacing=args.target_spacing,
+        use_retrieval=not args.no_retrieval,
+        use_controlnet=not args.no_controlnet,
+        method=args.method,
+        brain_extraction=not args.no_brain_extraction,
+        alignment=not args.no_alignment,
     )
     with naming_input(args.input):
         volume = read_volume(args.input, modality=preset.input_modality)
@@ -216,6 +285,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
             volume = simulate_sparse_volume(volume, factor=args.simulate_sparsity)
     pipeline = ReBrainPipeline(preset, device=args.device)
     with tqdm(total=1, desc="reconstruct", unit="step", disable=args.quiet) as bar, naming_input(args.input):
+
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.n = done
@@ -238,11 +308,21 @@ def _batch(args: argparse.Namespace) -> int:
 
     pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
     options = ReconstructionOptions(
-        steps=args.steps, seed=args.seed, batch_size=args.batch_size, brain_extraction=not args.no_brain_extraction, alignment=not args.no_alignment,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        brain_extraction=not args.no_brain_extraction,
+        alignment=not args.no_alignment,
     )
     outcomes = run_batch(
-        args.input_root, args.output_root, pipeline, options, resume=args.resume, push_url=args.push_dicomweb,
-        sparsity=args.simulate_sparsity, progress=not args.quiet,
+        args.input_root,
+        args.output_root,
+        pipeline,
+        options,
+        resume=args.resume,
+        push_url=args.push_dicomweb,
+        sparsity=args.simulate_sparsity,
+        progress=not args.quiet,
     )
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "complete", "skipped", "failed")}
     print(
@@ -259,10 +339,20 @@ def _make_preset(args: argparse.Namespace) -> None:
     from lib.presets import assemble_preset
 
     preset = assemble_preset(
-        args.out, args.name, args.description, args.data, args.bbdm, args.encoder, args.kb, args.controlnet,
-        steps=args.steps, position_tolerance=args.position_tolerance,
+        args.out,
+        args.name,
+        args.description,
+        args.data,
+        args.bbdm,
+        args.encoder,
+        args.kb,
+        args.controlnet,
+        steps=args.steps,
+        position_tolerance=args.position_tolerance,
     )
-    print(f"wrote preset {preset.name!r} in {preset.root}: {preset.source} -> {preset.target}, files {preset.fingerprint()}")
+    print(
+        f"wrote preset {preset.name!r} in {preset.root}: {preset.source} -> {preset.target}, files {preset.fingerprint()}"
+    )
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -276,7 +366,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     import shlex
     from pathlib import Path
 
-    from lib.evaluation.harness import EvaluationConfig, EvaluationSubject, Variant, evaluate_subjects, held_out_subjects
+    from lib.evaluation.harness import (
+        EvaluationConfig,
+        EvaluationSubject,
+        Variant,
+        evaluate_subjects,
+        held_out_subjects,
+    )
     from lib.evaluation.report import check_report_folder, write_report
     from lib.io import read_volume
     from lib.pipeline import ReBrainPipeline
@@ -284,13 +380,25 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     check_report_folder(args.out)  # before hours of evaluation, not after
     config = EvaluationConfig(
-        methods=tuple(args.methods), sparsities=tuple(args.sparsity), seeds=tuple(args.seeds), steps=args.steps, eta=args.eta,
-        batch_size=args.batch_size, uncertainty_samples=args.uncertainty_samples,
+        methods=tuple(args.methods),
+        sparsities=tuple(args.sparsity),
+        seeds=tuple(args.seeds),
+        steps=args.steps,
+        eta=args.eta,
+        batch_size=args.batch_size,
+        uncertainty_samples=args.uncertainty_samples,
         variants=(
             Variant(),
-            *(Variant(name=f"kb={fraction:g}", kb_fraction=fraction) for fraction in args.kb_fractions if fraction != 1),
+            *(
+                Variant(name=f"kb={fraction:g}", kb_fraction=fraction)
+                for fraction in args.kb_fractions
+                if fraction != 1
+            ),
             *(Variant(name=f"bbdm={Path(path).resolve().parent.name}", bbdm=path) for path in args.bbdm_variants),
-            *(Variant(name=f"encoder={Path(path).resolve().parent.name}", encoder=path, data=args.data) for path in args.encoder_variants),
+            *(
+                Variant(name=f"encoder={Path(path).resolve().parent.name}", encoder=path, data=args.data)
+                for path in args.encoder_variants
+            ),
         ),
     )
     pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
@@ -304,7 +412,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     header = {
         "command": "python main.py " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else "evaluate",
         "preset": f"{pipeline.preset.name} ({pipeline.preset.description}); weights {pipeline.versions}",
-        "data": f"input scan (no ground truth): {len(subjects)}" if args.input else f"layout {args.layout}, {len(subjects)} held-out subject(s)",
+        "data": f"input scan (no ground truth): {len(subjects)}"
+        if args.input
+        else f"layout {args.layout}, {len(subjects)} held-out subject(s)",
     }
     out = write_report(args.out, result, header)
     print(f"wrote {out}/{{metrics.csv, report.md, figures/}}: {len(result.rows)} runs")
@@ -324,12 +434,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = commands.add_parser("prepare", help="preprocess a dataset layout into normalised brain slices")
     prepare.add_argument("--layout", required=True, choices=["brats", "synthrad", "open"])
-    prepare.add_argument("--src", help="dataset folder (brats, synthrad); for open: optional folder of BraTS cases whose T1 volumes are used as extra bases")
+    prepare.add_argument(
+        "--src",
+        help="dataset folder (brats, synthrad); for open: optional folder of BraTS cases whose T1 volumes are used as extra bases",
+    )
     prepare.add_argument("--out", required=True, help="output folder (written atomically)")
     prepare.add_argument("--source", default="t2f", help="brats: source contrast (default t2f)")
     prepare.add_argument("--target", default="t1n", help="brats: target contrast (default t1n)")
     prepare.add_argument("--size", type=int, default=128, help="in-plane size in pixels (default 128)")
-    prepare.add_argument("--subjects", type=int, default=DEFAULT_OPEN_COUNT, help=f"open: number of pseudo-subjects (default {DEFAULT_OPEN_COUNT})")
+    prepare.add_argument(
+        "--subjects",
+        type=int,
+        default=DEFAULT_OPEN_COUNT,
+        help=f"open: number of pseudo-subjects (default {DEFAULT_OPEN_COUNT})",
+    )
     prepare.add_argument("--max-subjects", type=int, help="use at most this many subjects")
     prepare.add_argument("--val-fraction", type=float, default=0.2)
     prepare.add_argument("--test-fraction", type=float, default=0.2)
@@ -338,11 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
     prepare.set_defaults(run=_prepare)
 
-    inspect = commands.add_parser("inspect", help="read a NIfTI file or DICOM folder and report its geometry and acquired slices")
+    inspect = commands.add_parser(
+        "inspect", help="read a NIfTI file or DICOM folder and report its geometry and acquired slices"
+    )
     inspect.add_argument("input", help="a .nii/.nii.gz file or a DICOM folder")
     inspect.add_argument("--series-uid", help="DICOM: the SeriesInstanceUID to read (default: the CT series)")
     inspect.add_argument("--modality", default="unknown", help="NIfTI: what the values are (CT for HU)")
-    inspect.add_argument("--target-spacing", type=bounded(float, 0, strict=True), default=1.0, help="dense grid spacing in mm (default 1)")
+    inspect.add_argument(
+        "--target-spacing",
+        type=bounded(float, 0, strict=True),
+        default=1.0,
+        help="dense grid spacing in mm (default 1)",
+    )
     inspect.set_defaults(run=_inspect)
 
     bbdm = commands.add_parser("train-bbdm", help="train the CT-to-MRI Brownian-bridge denoiser on a prepared dataset")
@@ -354,8 +479,16 @@ def build_parser() -> argparse.ArgumentParser:
     bbdm.add_argument("--batch-size", type=int, default=8)
     bbdm.add_argument("--lr", type=float, default=1e-4)
     bbdm.add_argument("--seed", type=int, default=0)
-    bbdm.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256], help="UNet channels per level (attention at the last)")
-    bbdm.add_argument("--neighbours", type=int, default=0, help="CT slices on each side as extra input channels (2.5-D)")
+    bbdm.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=[32, 64, 128, 256],
+        help="UNet channels per level (attention at the last)",
+    )
+    bbdm.add_argument(
+        "--neighbours", type=int, default=0, help="CT slices on each side as extra input channels (2.5-D)"
+    )
     bbdm.add_argument("--min-brain-fraction", type=float, default=0.05, help="skip training slices with less brain")
     bbdm.add_argument("--val-every", type=int, default=250)
     bbdm.add_argument("--val-slices", type=int, default=16)
@@ -365,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
     bbdm.add_argument("--quiet", action="store_true", help="no progress bar")
     bbdm.set_defaults(run=_train_bbdm)
 
-    retrieval = commands.add_parser("train-retrieval", help="train the ViT retrieval encoder (contrastive + perceptual loss)")
+    retrieval = commands.add_parser(
+        "train-retrieval", help="train the ViT retrieval encoder (contrastive + perceptual loss)"
+    )
     retrieval.add_argument("--data", required=True, help="prepared dataset folder")
     retrieval.add_argument("--out", required=True, help="run folder: checkpoint.pt, encoder.pt, logs")
     retrieval.add_argument("--iters", type=int, default=1000)
@@ -375,7 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--depth", type=int, default=6)
     retrieval.add_argument("--heads", type=int, default=3)
     retrieval.add_argument("--embedding-dim", type=int, default=128)
-    retrieval.add_argument("--perceptual-blocks", type=int, nargs="+", default=[1, 3], help="transformer blocks whose features feed the perceptual term")
+    retrieval.add_argument(
+        "--perceptual-blocks",
+        type=int,
+        nargs="+",
+        default=[1, 3],
+        help="transformer blocks whose features feed the perceptual term",
+    )
     retrieval.add_argument("--subjects-per-batch", type=int, default=4)
     retrieval.add_argument("--run-length", type=int, default=8, help="adjacent slices per subject in a batch")
     retrieval.add_argument("--positives", type=int, default=2, help="K: slices p+1..p+K are positives of p")
@@ -388,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--quiet", action="store_true")
     retrieval.set_defaults(run=_train_retrieval)
 
-    controlnet = commands.add_parser("train-controlnet", help="train the ControlNet guidance on a frozen BBDM with retrieved references")
+    controlnet = commands.add_parser(
+        "train-controlnet", help="train the ControlNet guidance on a frozen BBDM with retrieved references"
+    )
     controlnet.add_argument("--data", required=True, help="prepared dataset folder")
     controlnet.add_argument("--bbdm", required=True, help="the trained BBDM's model.pt (kept frozen)")
     controlnet.add_argument("--kb", required=True, help="knowledge base folder (python main.py build-kb)")
@@ -398,10 +541,21 @@ def build_parser() -> argparse.ArgumentParser:
     controlnet.add_argument("--resume", action="store_true", help="continue the run in --out")
     controlnet.add_argument("--batch-size", type=int, default=8)
     controlnet.add_argument("--lr", type=float, default=1e-4)
-    controlnet.add_argument("--slerp-fraction", type=float, default=0.25, help="share of each batch trained on the SLERP fallback control")
-    controlnet.add_argument("--target", choices=["reference", "own"], default="reference", help="x0 of a retrieval triplet: the reference's MRI (METHOD) or the slice's own")
-    controlnet.add_argument("--position-tolerance", type=float, default=0.1, help="retrieval position window (normalised position)")
-    controlnet.add_argument("--min-brain-fraction", type=float, default=0.05, help="skip training slices with less brain")
+    controlnet.add_argument(
+        "--slerp-fraction", type=float, default=0.25, help="share of each batch trained on the SLERP fallback control"
+    )
+    controlnet.add_argument(
+        "--target",
+        choices=["reference", "own"],
+        default="reference",
+        help="x0 of a retrieval triplet: the reference's MRI (METHOD) or the slice's own",
+    )
+    controlnet.add_argument(
+        "--position-tolerance", type=float, default=0.1, help="retrieval position window (normalised position)"
+    )
+    controlnet.add_argument(
+        "--min-brain-fraction", type=float, default=0.05, help="skip training slices with less brain"
+    )
     controlnet.add_argument("--val-every", type=int, default=250)
     controlnet.add_argument("--val-slices", type=int, default=16)
     controlnet.add_argument("--val-steps", type=int, default=10, help="sampling steps used for validation")
@@ -411,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     controlnet.add_argument("--quiet", action="store_true", help="no progress bar")
     controlnet.set_defaults(run=_train_controlnet)
 
-    evaluate = commands.add_parser("eval-retrieval", help="retrieval accuracy of an encoder on held-out subjects (METHOD.md protocol)")
+    evaluate = commands.add_parser(
+        "eval-retrieval", help="retrieval accuracy of an encoder on held-out subjects (METHOD.md protocol)"
+    )
     evaluate.add_argument("--data", required=True, help="prepared dataset folder")
     evaluate.add_argument("--encoder", required=True, help="encoder.pt")
     evaluate.add_argument("--split", default="test", help="held-out split (default: test)")
@@ -423,49 +579,98 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--encoder", required=True, help="encoder.pt from train-retrieval")
     kb.add_argument("--out", required=True, help="knowledge base folder (written atomically)")
     kb.add_argument("--split", default="train", help="which subjects go in (default: train)")
-    kb.add_argument("--tau-percentile", type=float, default=5.0, help="tau = similarity at the top p %% of random pairs")
+    kb.add_argument(
+        "--tau-percentile", type=float, default=5.0, help="tau = similarity at the top p %% of random pairs"
+    )
     kb.add_argument("--overwrite", action="store_true")
     kb.set_defaults(run=_build_kb)
 
-    recon = commands.add_parser("reconstruct", help="reconstruct a dense synthetic MRI from a sparse CT (NIfTI file or DICOM folder)")
+    recon = commands.add_parser(
+        "reconstruct", help="reconstruct a dense synthetic MRI from a sparse CT (NIfTI file or DICOM folder)"
+    )
     recon.add_argument("input", help="a NIfTI file or a DICOM folder")
     recon.add_argument("out_dir", help="output folder (written atomically)")
-    recon.add_argument("--preset", default="ct2mri", help="preset name in --weights, or a preset folder (default ct2mri)")
+    recon.add_argument(
+        "--preset", default="ct2mri", help="preset name in --weights, or a preset folder (default ct2mri)"
+    )
     recon.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
-    recon.add_argument("--simulate-sparsity", type=bounded(int, 2), default=None, metavar="K", help="keep every K-th input slice first (K >= 2; for dense inputs)")
-    recon.add_argument("--target-spacing", type=bounded(float, 0, strict=True), default=None, metavar="MM", help="output slice spacing (default: the preset's, 1 mm)")
-    recon.add_argument("--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)")
-    recon.add_argument("--samples", type=bounded(int, 1), default=1, help="samples per slice; > 1 gives a mean and an uncertainty map")
-    recon.add_argument("--eta", type=bounded(float, 0), default=None, help="sampler noise (default 0 for one sample, 1 for several)")
+    recon.add_argument(
+        "--simulate-sparsity",
+        type=bounded(int, 2),
+        default=None,
+        metavar="K",
+        help="keep every K-th input slice first (K >= 2; for dense inputs)",
+    )
+    recon.add_argument(
+        "--target-spacing",
+        type=bounded(float, 0, strict=True),
+        default=None,
+        metavar="MM",
+        help="output slice spacing (default: the preset's, 1 mm)",
+    )
+    recon.add_argument(
+        "--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)"
+    )
+    recon.add_argument(
+        "--samples", type=bounded(int, 1), default=1, help="samples per slice; > 1 gives a mean and an uncertainty map"
+    )
+    recon.add_argument(
+        "--eta", type=bounded(float, 0), default=None, help="sampler noise (default 0 for one sample, 1 for several)"
+    )
     recon.add_argument("--seed", type=int, default=0)
     recon.add_argument("--batch-size", type=bounded(int, 1), default=8, help="slices per network call")
-    recon.add_argument("--no-retrieval", action="store_true", help="skip the knowledge base (every slice uses the SLERP control)")
+    recon.add_argument(
+        "--no-retrieval", action="store_true", help="skip the knowledge base (every slice uses the SLERP control)"
+    )
     recon.add_argument("--no-controlnet", action="store_true", help="BBDM alone, without the ControlNet branch")
     recon.add_argument("--no-brain-extraction", action="store_true", help=NO_BRAIN_EXTRACTION_HELP)
     recon.add_argument("--no-alignment", action="store_true", help=NO_ALIGNMENT_HELP)
-    recon.add_argument("--method", default="rebrain", choices=METHODS, help="how gap slices are made: the method (default) or an evaluation baseline (see lib/pipeline.py)")
+    recon.add_argument(
+        "--method",
+        default="rebrain",
+        choices=METHODS,
+        help="how gap slices are made: the method (default) or an evaluation baseline (see lib/pipeline.py)",
+    )
     recon.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     recon.add_argument("--quiet", action="store_true", help="no progress bar")
     recon.set_defaults(run=_reconstruct)
 
-    batch = commands.add_parser("batch", help="every CT series under a folder tree -> synthetic MRI DICOM series, NIfTI, provenance and preview")
+    batch = commands.add_parser(
+        "batch", help="every CT series under a folder tree -> synthetic MRI DICOM series, NIfTI, provenance and preview"
+    )
     batch.add_argument("input_root", help="folder tree of DICOM files (read only)")
     batch.add_argument("output_root", help="one folder per series, plus manifest.csv and manifest.json")
     batch.add_argument("--preset", default="ct2mri", help="preset name or folder (default ct2mri)")
     batch.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
-    batch.add_argument("--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)")
+    batch.add_argument(
+        "--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)"
+    )
     batch.add_argument("--seed", type=int, default=0)
     batch.add_argument("--batch-size", type=bounded(int, 1), default=8)
-    batch.add_argument("--simulate-sparsity", type=bounded(int, 2), default=None, help="keep every k-th slice of each series first (k >= 2)")
-    batch.add_argument("--resume", action="store_true", help="skip series whose outputs are complete; redo half-written ones")
-    batch.add_argument("--push-dicomweb", default=None, metavar="URL", help="send each synthetic series to this DICOMweb server (STOW-RS)")
+    batch.add_argument(
+        "--simulate-sparsity",
+        type=bounded(int, 2),
+        default=None,
+        help="keep every k-th slice of each series first (k >= 2)",
+    )
+    batch.add_argument(
+        "--resume", action="store_true", help="skip series whose outputs are complete; redo half-written ones"
+    )
+    batch.add_argument(
+        "--push-dicomweb",
+        default=None,
+        metavar="URL",
+        help="send each synthetic series to this DICOMweb server (STOW-RS)",
+    )
     batch.add_argument("--no-brain-extraction", action="store_true", help=NO_BRAIN_EXTRACTION_HELP)
     batch.add_argument("--no-alignment", action="store_true", help=NO_ALIGNMENT_HELP)
     batch.add_argument("--device", default="auto")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     batch.set_defaults(run=_batch)
 
-    make_preset = commands.add_parser("make-preset", help="assemble trained weights and a knowledge base into a preset folder")
+    make_preset = commands.add_parser(
+        "make-preset", help="assemble trained weights and a knowledge base into a preset folder"
+    )
     make_preset.add_argument("--name", required=True)
     make_preset.add_argument("--description", required=True)
     make_preset.add_argument("--data", required=True, help="the prepared dataset the models were trained on")
@@ -478,31 +683,77 @@ def build_parser() -> argparse.ArgumentParser:
     make_preset.add_argument("--out", required=True, help="preset folder, e.g. model_weights/ct2mri")
     make_preset.set_defaults(run=_make_preset)
 
-    score = commands.add_parser("score", help="NRMSE, PSNR, SSIM and I-SSIM of a reconstructed MRI against a ground-truth MRI")
+    score = commands.add_parser(
+        "score", help="NRMSE, PSNR, SSIM and I-SSIM of a reconstructed MRI against a ground-truth MRI"
+    )
     score.add_argument("reconstruction", help="mri.nii.gz written by reconstruct")
     score.add_argument("reference", help="the ground-truth MRI on the same grid (skull-stripped: 0 outside the brain)")
     score.set_defaults(run=_score)
 
-    evaluate = commands.add_parser("evaluate", help="the evaluation protocol: methods x sparsity x seeds on held-out subjects, with a report")
+    evaluate = commands.add_parser(
+        "evaluate", help="the evaluation protocol: methods x sparsity x seeds on held-out subjects, with a report"
+    )
     where = evaluate.add_mutually_exclusive_group(required=True)
-    where.add_argument("--layout", choices=["brats", "synthrad", "open"], help="dataset layout with ground truth (see prepare)")
-    where.add_argument("--input", help="one real scan without ground truth (NIfTI or DICOM folder): continuity and retrieval only")
+    where.add_argument(
+        "--layout", choices=["brats", "synthrad", "open"], help="dataset layout with ground truth (see prepare)"
+    )
+    where.add_argument(
+        "--input", help="one real scan without ground truth (NIfTI or DICOM folder): continuity and retrieval only"
+    )
     evaluate.add_argument("--src", help="dataset folder (brats, synthrad; optional for open)")
     evaluate.add_argument("--preset", default="ct2mri", help="preset name in --weights, or a preset folder")
     evaluate.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
-    evaluate.add_argument("--sparsity", type=bounded(int, 1), nargs="+", default=[2], help="keep every k-th slice (default 2); 1 keeps all (a real sparse scan)")
+    evaluate.add_argument(
+        "--sparsity",
+        type=bounded(int, 1),
+        nargs="+",
+        default=[2],
+        help="keep every k-th slice (default 2); 1 keeps all (a real sparse scan)",
+    )
     evaluate.add_argument("--seeds", type=bounded(int, 0), nargs="+", default=[0, 1, 2])
     evaluate.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
-    evaluate.add_argument("--max-subjects", type=bounded(int, 1), default=None, help="evaluate at most this many held-out subjects")
-    evaluate.add_argument("--open-count", type=bounded(int, 1), default=16, help=f"open: pseudo-subjects to generate; those beyond the {DEFAULT_OPEN_COUNT} of prepare are unseen")
-    evaluate.add_argument("--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)")
+    evaluate.add_argument(
+        "--max-subjects", type=bounded(int, 1), default=None, help="evaluate at most this many held-out subjects"
+    )
+    evaluate.add_argument(
+        "--open-count",
+        type=bounded(int, 1),
+        default=16,
+        help=f"open: pseudo-subjects to generate; those beyond the {DEFAULT_OPEN_COUNT} of prepare are unseen",
+    )
+    evaluate.add_argument(
+        "--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)"
+    )
     evaluate.add_argument("--eta", type=bounded(float, 0), default=0.0, help="sampler noise (default 0: deterministic)")
     evaluate.add_argument("--batch-size", type=bounded(int, 1), default=8)
-    evaluate.add_argument("--uncertainty-samples", type=bounded(int, 0), default=0, help="> 1: one extra rebrain run with that many samples for the uncertainty figure")
-    evaluate.add_argument("--kb-fractions", type=bounded(float, 0, strict=True), nargs="+", default=[], help="ablation: shares of the knowledge base's subjects kept, e.g. 0.7 0.5 0.3 (Table 5)")
-    evaluate.add_argument("--bbdm-variants", nargs="+", default=[], help="ablation: other BBDM model.pt files, e.g. the other objective's (Table 2); named by their folder")
-    evaluate.add_argument("--encoder-variants", nargs="+", default=[], help="ablation: other retrieval encoder.pt files (Table 3); needs --data; named by their folder")
-    evaluate.add_argument("--data", default=None, help="the prepared dataset the preset was trained on (for --encoder-variants)")
+    evaluate.add_argument(
+        "--uncertainty-samples",
+        type=bounded(int, 0),
+        default=0,
+        help="> 1: one extra rebrain run with that many samples for the uncertainty figure",
+    )
+    evaluate.add_argument(
+        "--kb-fractions",
+        type=bounded(float, 0, strict=True),
+        nargs="+",
+        default=[],
+        help="ablation: shares of the knowledge base's subjects kept, e.g. 0.7 0.5 0.3 (Table 5)",
+    )
+    evaluate.add_argument(
+        "--bbdm-variants",
+        nargs="+",
+        default=[],
+        help="ablation: other BBDM model.pt files, e.g. the other objective's (Table 2); named by their folder",
+    )
+    evaluate.add_argument(
+        "--encoder-variants",
+        nargs="+",
+        default=[],
+        help="ablation: other retrieval encoder.pt files (Table 3); needs --data; named by their folder",
+    )
+    evaluate.add_argument(
+        "--data", default=None, help="the prepared dataset the preset was trained on (for --encoder-variants)"
+    )
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--out", required=True, help="report folder (written atomically)")
     evaluate.set_defaults(run=_evaluate)
@@ -512,7 +763,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", required=True, help="output PNG")
     compare.set_defaults(run=_compare_runs)
 
-    cranium = commands.add_parser("export-cranium", help="write Debian's real head CT (invesalius-examples) as NIfTI in HU")
+    cranium = commands.add_parser(
+        "export-cranium", help="write Debian's real head CT (invesalius-examples) as NIfTI in HU"
+    )
     cranium.add_argument("--inv3", default="/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
     cranium.add_argument("--out", required=True, help="output .nii.gz")
     cranium.set_defaults(run=_export_cranium)
@@ -522,7 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (2 for a user error, with a one-line message)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         code = args.run(args)
     except USER_ERRORS as error:

@@ -34,9 +34,7 @@ _SSIM_WINDOW = 11
 _SSIM_BORDER = (_SSIM_WINDOW - 1) // 2
 
 
-def to_unit_range(
-    volume: np.ndarray, low: float | None = None, high: float | None = None
-) -> np.ndarray:
+def to_unit_range(volume: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
     """Rescale a volume linearly to [0, 1].
 
     Args:
@@ -59,9 +57,7 @@ def to_unit_range(
     low = float(volume.min()) if low is None else float(low)
     high = float(volume.max()) if high is None else float(high)
     if not high > low:
-        raise ValueError(
-            f"cannot rescale to [0, 1]: high ({high}) must be greater than low ({low})"
-        )
+        raise ValueError(f"cannot rescale to [0, 1]: high ({high}) must be greater than low ({low})")
     return np.clip((volume - low) / (high - low), 0.0, 1.0)
 
 
@@ -202,9 +198,7 @@ def issim(volume: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float(np.mean(scores))
 
 
-def volume_metrics(
-    pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None
-) -> dict[str, float]:
+def volume_metrics(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
     """All metrics for one predicted volume.
 
     Args:
@@ -232,9 +226,7 @@ def _validated(
     pred = np.asarray(pred, dtype=np.float64)
     gt = np.asarray(gt, dtype=np.float64)
     if pred.ndim != 3 or gt.ndim != 3:
-        raise ValueError(
-            f"expected 3-D volumes (X, Y, Z), got shapes {pred.shape} and {gt.shape}"
-        )
+        raise ValueError(f"expected 3-D volumes (X, Y, Z), got shapes {pred.shape} and {gt.shape}")
     if pred.shape != gt.shape:
         raise ValueError(f"shape mismatch: pred {pred.shape} vs gt {gt.shape}")
     if not (np.isfinite(pred).all() and np.isfinite(gt).all()):
@@ -262,9 +254,7 @@ def _select(volume: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 def _mean_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None) -> float | None:
     """Mean SSIM map of a and b over the interior (and the mask); None if that is empty."""
     if min(a.shape) < _SSIM_WINDOW:
-        raise ValueError(
-            f"SSIM needs every dimension to be at least {_SSIM_WINDOW}, got shape {a.shape}"
-        )
+        raise ValueError(f"SSIM needs every dimension to be at least {_SSIM_WINDOW}, got shape {a.shape}")
     _, ssim_map = structural_similarity(a, b, full=True, **_SSIM_OPTIONS)
     interior = tuple(slice(_SSIM_BORDER, n - _SSIM_BORDER) for n in a.shape)
     ssim_map = ssim_map[interior]

@@ -37,8 +37,7 @@ from lib.io.volume import DenseGrid, Volume, dense_grid
 from lib.models.controlnet import ControlledDenoiser, load_controlled_denoiser
 from lib.models.denoiser import load_bbdm
 from lib.models.device import resolve_device
-from lib.models.retrieval_encoder import embed_slices, encoder_hash
-from lib.models.retrieval_encoder import load_retrieval_encoder
+from lib.models.retrieval_encoder import embed_slices, encoder_hash, load_retrieval_encoder
 from lib.presets import Preset
 from lib.reconstruction_methods import IGNORING_TAU, METHODS, WITH_CONTROLNET, WITHOUT_RETRIEVAL
 from lib.retrieval.knowledge_base import KnowledgeBase
@@ -106,7 +105,9 @@ class ReconstructionOptions:
         if self.steps is not None and self.steps < 2:
             raise ValueError(f"steps must be >= 2 (None: the preset's), got {self.steps}")
         if self.target_spacing is not None and not 0 < self.target_spacing < math.inf:
-            raise ValueError(f"target_spacing must be a positive number of mm (None: the preset's), got {self.target_spacing}")
+            raise ValueError(
+                f"target_spacing must be a positive number of mm (None: the preset's), got {self.target_spacing}"
+            )
         if self.position_tolerance is not None and not 0 <= self.position_tolerance < math.inf:
             raise ValueError(f"position_tolerance must be >= 0 (None: the preset's), got {self.position_tolerance}")
         if self.eta is not None and not 0 <= self.eta < math.inf:
@@ -227,7 +228,9 @@ class ReBrainPipeline:
         self.encoder, _ = load_retrieval_encoder(preset.required("encoder"), self.device)
         self.kb = KnowledgeBase.load(preset.required("kb"), expected_encoder_hash=encoder_hash(self.encoder))
         if self.kb.manifest["slice_shape"][0] != self.config.image_size:
-            raise ValueError(f"{preset.root}: knowledge base slices are {self.kb.manifest['slice_shape']}, the BBDM works at {self.config.image_size}")
+            raise ValueError(
+                f"{preset.root}: knowledge base slices are {self.kb.manifest['slice_shape']}, the BBDM works at {self.config.image_size}"
+            )
         self.versions = preset.fingerprint()
 
     @property
@@ -242,7 +245,9 @@ class ReBrainPipeline:
             ValueError: naming the input and both modalities, or a "CT" without any air.
         """
         if volume.modality in ("CT", "MR") and volume.modality != self.preset.input_modality:
-            raise ValueError(f"{volume.source}: a {volume.modality} volume, but preset {self.preset.name!r} translates {self.preset.source} input")
+            raise ValueError(
+                f"{volume.source}: a {volume.modality} volume, but preset {self.preset.name!r} translates {self.preset.source} input"
+            )
         # A NIfTI file does not say what it holds: a CT in HU has air (about -1000 HU) around the
         # head, an MR image has no values below zero.
         if self.preset.input_modality == "CT" and float(volume.array.min()) > AIR_CHECK_HU:
@@ -251,7 +256,12 @@ class ReBrainPipeline:
                 f"(no air below {AIR_CHECK_HU:.0f} HU); preset {self.preset.name!r} needs a head CT"
             )
 
-    def reconstruct(self, volume: Volume, options: ReconstructionOptions = ReconstructionOptions(), progress: ProgressFn | None = None) -> Reconstruction:
+    def reconstruct(
+        self,
+        volume: Volume,
+        options: ReconstructionOptions = ReconstructionOptions(),
+        progress: ProgressFn | None = None,
+    ) -> Reconstruction:
         """Reconstruct the dense synthetic MRI of a (sparse) input volume.
 
         Args:
@@ -275,7 +285,9 @@ class ReBrainPipeline:
         else:
             source = volume.array
             mask = foreground_mask(source, modality)
-        frame = ModelFrame.fit(mask, volume.positions, volume.pixel_spacing, self.config.image_size, self.preset.margin_voxels)
+        frame = ModelFrame.fit(
+            mask, volume.positions, volume.pixel_spacing, self.config.image_size, self.preset.margin_voxels
+        )
         unit = normalise_source(source, mask, modality, self.preset.ct_window_hu, self.preset.mri_percentiles)
         acquired, acquired_mask = frame.to_model(unit, mask)
 
@@ -302,7 +314,9 @@ class ReBrainPipeline:
         shape_xy = volume.shape[:2]
         mask_dense = np.where((grid.alpha < 0.5)[None, None, :], mask[:, :, grid.lower], mask[:, :, grid.upper])
         # [-1, 1] -> [0, 1]: the output is an MRI without physical units; std scales by half.
-        mri = np.where(mask_dense, np.clip(frame.from_model((mean + 1.0) / 2.0, shape_xy, 0.0), 0.0, 1.0), 0.0).astype(np.float32)
+        mri = np.where(mask_dense, np.clip(frame.from_model((mean + 1.0) / 2.0, shape_xy, 0.0), 0.0, 1.0), 0.0).astype(
+            np.float32
+        )
         uncertainty = np.where(mask_dense, frame.from_model(std / 2.0, shape_xy, 0.0), 0.0).astype(np.float32)
         for record in records:
             brain = mask_dense[:, :, record.index]
@@ -310,12 +324,25 @@ class ReBrainPipeline:
         ct = grid.interpolate(volume.array, axis=2)
         output_s = time.perf_counter() - started
 
-        summary = self._summary(records, options, {"prepare": prepared_s, "retrieval": retrieval_s, "sampling": sampling_s, "output": output_s})
+        summary = self._summary(
+            records,
+            options,
+            {"prepare": prepared_s, "retrieval": retrieval_s, "sampling": sampling_s, "output": output_s},
+        )
         summary["brain_extraction"] = self._extraction_summary(extraction, options)
         summary["alignment"] = alignment_record
-        return Reconstruction(mri=mri, uncertainty=uncertainty, ct=ct, mask=mask_dense, grid=grid, slices=records, summary=summary)
+        return Reconstruction(
+            mri=mri, uncertainty=uncertainty, ct=ct, mask=mask_dense, grid=grid, slices=records, summary=summary
+        )
 
-    def _positions(self, volume: Volume, extraction: BrainExtraction | None, frame: ModelFrame, grid: DenseGrid, options: ReconstructionOptions) -> tuple[np.ndarray, dict]:
+    def _positions(
+        self,
+        volume: Volume,
+        extraction: BrainExtraction | None,
+        frame: ModelFrame,
+        grid: DenseGrid,
+        options: ReconstructionOptions,
+    ) -> tuple[np.ndarray, dict]:
         """Normalised axial position of every dense-grid slice, and a record of how it was found.
 
         A real head CT (its brain was extracted) is registered to the CT head template, so a
@@ -332,18 +359,35 @@ class ReBrainPipeline:
             why_not = too_short_to_register(volume)
         if why_not is None:
             alignment = align_to_template(volume)
-            return alignment.normalised_positions(volume, grid.positions), {"applied": True, "positions": "CT head template", **alignment.summary()}
+            return alignment.normalised_positions(volume, grid.positions), {
+                "applied": True,
+                "positions": "CT head template",
+                **alignment.summary(),
+            }
         reason = f"{why_not}; positions from the brain extent of this input (right only when it covers the whole brain)"
-        return frame.normalised_positions(grid.positions), {"applied": False, "positions": "brain extent", "reason": reason}
+        return frame.normalised_positions(grid.positions), {
+            "applied": False,
+            "positions": "brain extent",
+            "reason": reason,
+        }
 
     def _retrieve(self, y: np.ndarray, positions: np.ndarray, options: ReconstructionOptions) -> list | None:
         if not options.use_retrieval:
             return None
         embeddings = embed_slices(self.encoder, torch.from_numpy(y[:, None]).to(self.device))
-        tolerance = options.position_tolerance if options.position_tolerance is not None else self.preset.position_tolerance
+        tolerance = (
+            options.position_tolerance if options.position_tolerance is not None else self.preset.position_tolerance
+        )
         return self.kb.query(embeddings, positions, k=1, position_tolerance=tolerance)
 
-    def _controls(self, y: np.ndarray, grid: DenseGrid, positions: np.ndarray, retrieval: list | None, options: ReconstructionOptions) -> tuple[np.ndarray, list[SliceRecord]]:
+    def _controls(
+        self,
+        y: np.ndarray,
+        grid: DenseGrid,
+        positions: np.ndarray,
+        retrieval: list | None,
+        options: ReconstructionOptions,
+    ) -> tuple[np.ndarray, list[SliceRecord]]:
         """The control image of every slice and its provenance record (see :data:`lib.reconstruction_methods.METHODS`)."""
         # The fallback control is the SLERP of the neighbours: y itself for a gap slice, and
         # the slice itself for an acquired one.
@@ -378,7 +422,9 @@ class ReBrainPipeline:
                     normalised_position=float(positions[z]),
                     acquired=acquired,
                     source_slice=int(grid.source_index[z]) if acquired else None,
-                    similarity=float(result.similarity) if result is not None and np.isfinite(result.similarity) else None,
+                    similarity=float(result.similarity)
+                    if result is not None and np.isfinite(result.similarity)
+                    else None,
                     success=success,
                     control=kind,
                     fallback=not use_reference and not acquired and method not in WITHOUT_RETRIEVAL,
@@ -388,7 +434,14 @@ class ReBrainPipeline:
         return control, records
 
     def _sample_methods(
-        self, y: np.ndarray, control: np.ndarray, grid: DenseGrid, retrieval: list | None, records: list[SliceRecord], options: ReconstructionOptions, progress: ProgressFn | None
+        self,
+        y: np.ndarray,
+        control: np.ndarray,
+        grid: DenseGrid,
+        retrieval: list | None,
+        records: list[SliceRecord],
+        options: ReconstructionOptions,
+        progress: ProgressFn | None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation of every dense slice for the diffusion-based methods."""
         method = options.method
@@ -404,7 +457,9 @@ class ReBrainPipeline:
         for z in pasted:
             mean[z] = self.kb.mri_slice(retrieval[z].entry_id)
         if len(sampled):
-            mean[sampled], std[sampled] = self._sample(condition[sampled], control[sampled], options, progress, self._uses_controlnet(options))
+            mean[sampled], std[sampled] = self._sample(
+                condition[sampled], control[sampled], options, progress, self._uses_controlnet(options)
+            )
         return mean, std
 
     def _condition(self, y: np.ndarray) -> np.ndarray:
@@ -417,7 +472,14 @@ class ReBrainPipeline:
         """Whether this reconstruction is guided by the ControlNet branch."""
         return self.has_controlnet and options.use_controlnet and options.method in WITH_CONTROLNET
 
-    def _sample(self, y: np.ndarray, control: np.ndarray, options: ReconstructionOptions, progress: ProgressFn | None, use_control: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _sample(
+        self,
+        y: np.ndarray,
+        control: np.ndarray,
+        options: ReconstructionOptions,
+        progress: ProgressFn | None,
+        use_control: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation over samples of the translated slices, (Z, S, S) each.
 
         ``y`` is a run of adjacent slices (its neighbours feed a 2.5-D model); ``use_control``
@@ -436,13 +498,20 @@ class ReBrainPipeline:
             generator = torch.Generator(device=self.device).manual_seed(options.seed + sample)
             out = np.empty(y.shape, dtype=np.float32)
             for chunk in chunks:
+
                 def step(done_steps: int, _steps: int, base: int = done) -> None:
                     if progress is not None:
                         progress(base + done_steps, total)
 
                 translated = translate_slices(
-                    model, self.config, condition[chunk].to(self.device), steps=steps, eta=options.effective_eta, generator=generator,
-                    progress=step, control=control_tensor[chunk].to(self.device) if use_control else None,
+                    model,
+                    self.config,
+                    condition[chunk].to(self.device),
+                    steps=steps,
+                    eta=options.effective_eta,
+                    generator=generator,
+                    progress=step,
+                    control=control_tensor[chunk].to(self.device) if use_control else None,
                 )
                 out[chunk] = translated[:, 0].float().cpu().numpy()
                 done += steps
@@ -478,7 +547,9 @@ class ReBrainPipeline:
             "acquired_slices": len(records) - len(generated),
             "generated_slices": len(generated),
             "retrieval_success_rate": float(np.mean([r.success for r in records])) if retrieved else None,
-            "generated_retrieval_success_rate": float(np.mean([r.success for r in generated])) if retrieved and generated else None,
+            "generated_retrieval_success_rate": float(np.mean([r.success for r in generated]))
+            if retrieved and generated
+            else None,
             "fallback_count": sum(r.fallback for r in records),
             "mean_similarity": float(np.mean(similarities)) if similarities else None,
             "tau": self.kb.tau,

@@ -56,7 +56,9 @@ class Preset:
     slice_spacing_mm: float = 1.0
     position_tolerance: float = 0.1
     steps: int = 10
-    files: dict[str, str] = field(default_factory=lambda: {"bbdm": "bbdm.pt", "controlnet": "controlnet.pt", "encoder": "encoder.pt", "kb": "kb"})
+    files: dict[str, str] = field(
+        default_factory=lambda: {"bbdm": "bbdm.pt", "controlnet": "controlnet.pt", "encoder": "encoder.pt", "kb": "kb"}
+    )
 
     @property
     def source_modality(self) -> str:
@@ -96,7 +98,9 @@ class Preset:
         return out
 
 
-def resolve_preset_root(name_or_path: str | os.PathLike[str], weights_dir: str | os.PathLike[str] | None = None) -> Path:
+def resolve_preset_root(
+    name_or_path: str | os.PathLike[str], weights_dir: str | os.PathLike[str] | None = None
+) -> Path:
     """A preset name (looked up in ``weights_dir``) or a folder path -> the folder."""
     candidate = Path(name_or_path)
     if (candidate / PRESET_FILE).is_file():
@@ -104,8 +108,12 @@ def resolve_preset_root(name_or_path: str | os.PathLike[str], weights_dir: str |
     root = Path(weights_dir or DEFAULT_WEIGHTS_DIR) / str(name_or_path)
     if (root / PRESET_FILE).is_file():
         return root
-    available = sorted(p.name for p in Path(weights_dir or DEFAULT_WEIGHTS_DIR).glob(f"*/{PRESET_FILE}") for p in [p.parent])
-    raise ValueError(f"unknown preset {str(name_or_path)!r}: no {PRESET_FILE} there or in {weights_dir or DEFAULT_WEIGHTS_DIR} (available: {', '.join(available) or 'none'})")
+    available = sorted(
+        p.name for p in Path(weights_dir or DEFAULT_WEIGHTS_DIR).glob(f"*/{PRESET_FILE}") for p in [p.parent]
+    )
+    raise ValueError(
+        f"unknown preset {str(name_or_path)!r}: no {PRESET_FILE} there or in {weights_dir or DEFAULT_WEIGHTS_DIR} (available: {', '.join(available) or 'none'})"
+    )
 
 
 def load_preset(name_or_path: str | os.PathLike[str], weights_dir: str | os.PathLike[str] | None = None) -> Preset:
@@ -119,13 +127,19 @@ def load_preset(name_or_path: str | os.PathLike[str], weights_dir: str | os.Path
         values = json.loads((root / PRESET_FILE).read_text())
         return Preset(
             root=root,
-            **{**values, "ct_window_hu": tuple(values.get("ct_window_hu", CT_WINDOW_HU)), "mri_percentiles": tuple(values.get("mri_percentiles", MRI_PERCENTILES))},
+            **{
+                **values,
+                "ct_window_hu": tuple(values.get("ct_window_hu", CT_WINDOW_HU)),
+                "mri_percentiles": tuple(values.get("mri_percentiles", MRI_PERCENTILES)),
+            },
         )
     except (json.JSONDecodeError, TypeError) as error:
         raise ValueError(f"{root / PRESET_FILE}: not a valid preset file ({error})") from error
 
 
-def write_preset(root: str | os.PathLike[str], name: str, description: str, prepared_manifest: dict, **options: object) -> Preset:
+def write_preset(
+    root: str | os.PathLike[str], name: str, description: str, prepared_manifest: dict, **options: object
+) -> Preset:
     """Write ``preset.json`` in ``root`` from the training data's manifest (atomically)."""
     config = prepared_manifest["config"]
     preset = Preset(

@@ -48,7 +48,10 @@ def _row(axes, volume, name: str, template) -> None:
     alignment = align_to_template(volume)
     moved = sitk.GetArrayFromImage(alignment.resample_to_template(volume, fill=-1000.0))
     reference = sitk.GetArrayFromImage(template.image)
-    z_index = [template.image.TransformPhysicalPointToContinuousIndex((0.0, 0.0, z))[2] for z in (alignment.brain_inferior_mm, alignment.brain_superior_mm)]
+    z_index = [
+        template.image.TransformPhysicalPointToContinuousIndex((0.0, 0.0, z))[2]
+        for z in (alignment.brain_inferior_mm, alignment.brain_superior_mm)
+    ]
     axes[0].imshow(_sagittal(moved), origin="lower", cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1])
     axes[0].set_title("CT in template space (mid-sagittal)", fontsize=8)
     axes[1].imshow(_sagittal(moved), origin="lower", cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1])
@@ -66,10 +69,15 @@ def _row(axes, volume, name: str, template) -> None:
     axes[2].set_title(f"template axial z = {z_mm:.0f} mm + CT bone", fontsize=8)
     summary = alignment.summary()
     axes[0].text(
-        -0.08, 0.5,
+        -0.08,
+        0.5,
         f"{name}\nMI {summary['metric']:.2f}, rotation {np.round(summary['rotation_deg'], 1).tolist()} deg\n"
         f"slice positions {positions[0]:.2f}..{positions[-1]:.2f}, {summary['seconds']:.1f} s",
-        transform=axes[0].transAxes, rotation=90, ha="right", va="center", fontsize=8,
+        transform=axes[0].transAxes,
+        rotation=90,
+        ha="right",
+        va="center",
+        fontsize=8,
     )
     for ax in axes:
         ax.axis("off")

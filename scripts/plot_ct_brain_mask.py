@@ -48,15 +48,25 @@ def _row(axes, volume, name: str) -> None:
         k = int(round(present[0] + fraction * (present[-1] - present[0])))
         # Array axes run towards R, A, S: transpose so that x is horizontal and anterior is up.
         ax.imshow(volume.array[:, :, k].T, origin="lower", cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1])
-        ax.imshow(np.ma.masked_where(~result.mask[:, :, k].T, result.mask[:, :, k].T), origin="lower", cmap="autumn", alpha=0.25)
+        ax.imshow(
+            np.ma.masked_where(~result.mask[:, :, k].T, result.mask[:, :, k].T),
+            origin="lower",
+            cmap="autumn",
+            alpha=0.25,
+        )
         ax.contour(result.mask[:, :, k].T, [0.5], colors="red", linewidths=0.8)
         ax.set_title(f"slice {k} of {volume.shape[2]}", fontsize=9)
         ax.axis("off")
     axes[0].text(
-        -0.05, 0.5,
+        -0.05,
+        0.5,
         f"{name}\n{result.brain_volume_ml:.0f} ml, median {stats['median_hu']:.0f} HU,\n"
         f"{100 * stats['fraction_above_150_hu']:.2f} % > 150 HU, {seconds:.1f} s",
-        transform=axes[0].transAxes, rotation=90, ha="right", va="center", fontsize=9,
+        transform=axes[0].transAxes,
+        rotation=90,
+        ha="right",
+        va="center",
+        fontsize=9,
     )
     print(f"{name}: {result.summary()} stats={ {k: round(v, 4) for k, v in stats.items()} } in {seconds:.1f} s")
 
@@ -64,7 +74,9 @@ def _row(axes, volume, name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Draw the montage and write it to ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "figures" / "ct_brain_mask.png", help="PNG to write")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / "docs" / "figures" / "ct_brain_mask.png", help="PNG to write"
+    )
     parser.add_argument("--dicom", type=Path, default=HEAD_CT_STUDY, help="the real head CT study folder")
     parser.add_argument("--inv3", type=Path, default=CRANIUM_PATH, help="Debian's Cranium.inv3")
     args = parser.parse_args(argv)
@@ -74,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(10.5, 7.4))
     _row(axes[0], study, f"head CT study, {study.slice_steps[0]:.1f} mm")
     _row(axes[1], cranium, "Cranium CT, 1.5 mm")
-    fig.suptitle(f"CT brain mask (lib.data.ct_brain), window {WINDOW_HU[0]:.0f}-{WINDOW_HU[1]:.0f} HU, anterior up", fontsize=11)
+    fig.suptitle(
+        f"CT brain mask (lib.data.ct_brain), window {WINDOW_HU[0]:.0f}-{WINDOW_HU[1]:.0f} HU, anterior up", fontsize=11
+    )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)

@@ -53,7 +53,9 @@ def cranium():
     from lib.data.invesalius import CRANIUM_PATH, read_inv3
 
     if not CRANIUM_PATH.is_file():
-        pytest.skip(f"{CRANIUM_PATH} missing (apt-get install invesalius-examples; make test installs it where apt works)")
+        pytest.skip(
+            f"{CRANIUM_PATH} missing (apt-get install invesalius-examples; make test installs it where apt works)"
+        )
     return read_inv3(CRANIUM_PATH)
 
 
@@ -91,10 +93,18 @@ def server_studies(real_ct_volume, brats_case, tmp_path_factory):
     middle = real_ct_volume.shape[2] // 2
     for name, start in (("head_ct", middle - 8), ("head_ct_upper", middle)):
         cut = real_ct_volume.take_slices(list(range(start, start + 8)))
-        write_nifti(folder / f"{name}.nii.gz", cut.array, cut.voxel_affine(), "real head CT cut for tests", dtype=np.int16)
+        write_nifti(
+            folder / f"{name}.nii.gz", cut.array, cut.voxel_affine(), "real head CT cut for tests", dtype=np.int16
+        )
     # The whole head upside down: brain found, registration to the template refused.
     flipped = real_ct_volume.array[:, :, ::-1]
-    write_nifti(folder / "head_ct_upside_down.nii.gz", flipped, real_ct_volume.voxel_affine(), "real head CT flipped for tests", dtype=np.int16)
+    write_nifti(
+        folder / "head_ct_upside_down.nii.gz",
+        flipped,
+        real_ct_volume.voxel_affine(),
+        "real head CT flipped for tests",
+        dtype=np.int16,
+    )
     t1 = nib.load(brats_case / "t1n.nii.gz").slicer[:, :, 70:80]
     nib.save(t1, folder / "brain_t1.nii.gz")
     return folder
@@ -118,7 +128,15 @@ def server_handle(server_weights, server_studies, tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     tmp = tmp_path_factory.mktemp("server_tmp")
     log = tmp_path_factory.mktemp("log") / "server.log"
-    conf = {"weights": server_weights, "preset": "tinyct", "device": "cpu", "preload": "true", "steps": SERVER_STEPS, "results": results, "keep_results": 4}
+    conf = {
+        "weights": server_weights,
+        "preset": "tinyct",
+        "device": "cpu",
+        "preload": "true",
+        "steps": SERVER_STEPS,
+        "results": results,
+        "keep_results": 4,
+    }
     with running_server(str(server_studies), conf, log, env={"TMPDIR": str(tmp)}) as (process, url):
         yield ServerHandle(url=url, process=process, tmp=tmp, log=log)
 

@@ -76,9 +76,15 @@ def make_bases(ct: Volume, study: Path, folder: Path) -> dict[str, list[Path]]:
     """The files of both bases: ``plain``, four 5 mm slices from the middle of ``ct`` (the real
     2.5 mm CT, downsampled) written into ``folder``; ``jpeg``, the real files in ``study``."""
     middle = ct.shape[2] // 2
-    study_uid, series_uid, frame_uid = (generate_uid(entropy_srcs=["variant base", kind]) for kind in ("study", "series", "frame"))
+    study_uid, series_uid, frame_uid = (
+        generate_uid(entropy_srcs=["variant base", kind]) for kind in ("study", "series", "frame")
+    )
     description = SeriesDescription(
-        modality="CT", series_description="variant base", study_uid=study_uid, series_uid=series_uid, frame_of_reference_uid=frame_uid,
+        modality="CT",
+        series_description="variant base",
+        study_uid=study_uid,
+        series_uid=series_uid,
+        frame_of_reference_uid=frame_uid,
         patient={"PatientName": "Doe^Jane", "PatientID": "PID-4711"},
     )
     plain = write_dicom_series(ct.take_slices([middle + 2 * k for k in range(4)]), folder / "plain", description)
@@ -97,7 +103,9 @@ def copy_as_new_series(files: list[Path], folder: Path) -> list[Path]:
     for source in files:
         ds = pydicom.dcmread(str(source))
         ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[folder.name, source.name])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(
+            entropy_srcs=[folder.name, source.name]
+        )
         ds.save_as(str(folder / source.name))
         copies.append(folder / source.name)
     return copies
@@ -151,7 +159,9 @@ def flip(region: str, seed: int, count: int) -> Damage:
     (after the preamble and DICM, before PixelData)."""
 
     def change(data: bytes) -> bytes:
-        start, stop = (pixel_value_offset(data), len(data)) if region == "pixels" else (132, data.rindex(PIXEL_DATA_TAG))
+        start, stop = (
+            (pixel_value_offset(data), len(data)) if region == "pixels" else (132, data.rindex(PIXEL_DATA_TAG))
+        )
         damaged = bytearray(data)
         for position in random.Random(seed).sample(range(start, stop), count):
             damaged[position] ^= 0xFF
@@ -188,17 +198,27 @@ def copy_position_of(source: int) -> Damage:
 
 def move(offset_lps_mm: tuple[float, float, float]) -> Damage:
     """Shift ImagePositionPatient by ``offset_lps_mm``."""
-    return edit(lambda ds: setattr(ds, "ImagePositionPatient", [float(v) + d for v, d in zip(ds.ImagePositionPatient, offset_lps_mm)]))
+    return edit(
+        lambda ds: setattr(
+            ds, "ImagePositionPatient", [float(v) + d for v, d in zip(ds.ImagePositionPatient, offset_lps_mm)]
+        )
+    )
 
 
 def stretch_positions(factor: float) -> Damage:
     """Multiply the height (S) of ImagePositionPatient by ``factor``: slices 5 mm apart become 5 m apart at 1000."""
-    return edit(lambda ds: setattr(ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) * factor]))
+    return edit(
+        lambda ds: setattr(
+            ds, "ImagePositionPatient", [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) * factor]
+        )
+    )
 
 
 def scale_orientation(factor: float) -> Damage:
     """Multiply ImageOrientationPatient by ``factor`` (non-unit direction vectors)."""
-    return edit(lambda ds: setattr(ds, "ImageOrientationPatient", [float(v) * factor for v in ds.ImageOrientationPatient]))
+    return edit(
+        lambda ds: setattr(ds, "ImageOrientationPatient", [float(v) * factor for v in ds.ImageOrientationPatient])
+    )
 
 
 def keep_half_of_pixel_data(ds: Dataset) -> None:
@@ -262,7 +282,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("meta-vr-corrupt-transfer-syntax", "plain", corrupt_vr((0x0002, 0x0010))),
     Variant("meta-vr-corrupt-implementation", "plain", corrupt_vr((0x0002, 0x0012))),
     Variant("dataset-vr-corrupt-modality", "plain", corrupt_vr((0x0008, 0x0060))),
-    Variant("truncated-to-nothing", "plain", truncate(lambda data: 0)),  # no DICOM at all, but named like its neighbours
+    Variant(
+        "truncated-to-nothing", "plain", truncate(lambda data: 0)
+    ),  # no DICOM at all, but named like its neighbours
     Variant("truncated-in-meta", "plain", truncate(lambda data: 200)),
     Variant("truncated-in-header", "plain", truncate(lambda data: header_end(data) // 2)),
     Variant("truncated-before-pixels", "plain", truncate(header_end)),
@@ -285,7 +307,11 @@ VARIANTS: tuple[Variant, ...] = (
     *(Variant(f"header-flips-{seed}", "plain", flip("header", seed, 2), EITHER) for seed in range(10)),
     # The scanner's own JPEG Lossless files.
     *(Variant(f"jpeg-pixel-flips-{seed}", "jpeg", flip("pixels", seed, 20)) for seed in range(6)),
-    Variant("jpeg-truncated-in-pixels", "jpeg", truncate(lambda data: pixel_value_offset(data) + (len(data) - pixel_value_offset(data)) // 2)),
+    Variant(
+        "jpeg-truncated-in-pixels",
+        "jpeg",
+        truncate(lambda data: pixel_value_offset(data) + (len(data) - pixel_value_offset(data)) // 2),
+    ),
     Variant("jpeg-truncated-near-the-end", "jpeg", truncate(lambda data: len(data) - 100)),
     Variant("jpeg-declared-jpeg-2000", "jpeg", declare_transfer_syntax(JPEGLosslessSV1, JPEG2000Lossless)),
     Variant("jpeg-meta-vr-corrupt", "jpeg", corrupt_vr((0x0002, 0x0010))),

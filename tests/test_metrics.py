@@ -121,9 +121,7 @@ def test_nrmse_matches_definition_and_skimage(t1n: np.ndarray, t2f: np.ndarray) 
     assert nrmse(t2f, t1n) == pytest.approx(reference, rel=1e-12)
 
 
-def test_nrmse_with_mask_uses_masked_error_and_range(
-    t1n: np.ndarray, t2f: np.ndarray, brain: np.ndarray
-) -> None:
+def test_nrmse_with_mask_uses_masked_error_and_range(t1n: np.ndarray, t2f: np.ndarray, brain: np.ndarray) -> None:
     g, p = t1n[brain], t2f[brain]
     assert g.min() > 0  # so the masked range really differs from the full one
     expected = np.sqrt(np.mean((p - g) ** 2)) / (g.max() - g.min())
@@ -134,10 +132,7 @@ def test_nrmse_with_mask_uses_masked_error_and_range(
 
 
 def test_ssim_2d_matches_skimage_per_slice(pred: np.ndarray, t1n: np.ndarray) -> None:
-    per_slice = [
-        structural_similarity(pred[:, :, z], t1n[:, :, z], **SKIMAGE_SSIM)
-        for z in range(t1n.shape[2])
-    ]
+    per_slice = [structural_similarity(pred[:, :, z], t1n[:, :, z], **SKIMAGE_SSIM) for z in range(t1n.shape[2])]
     assert ssim_2d(pred, t1n) == pytest.approx(np.mean(per_slice), abs=1e-9)
 
 
@@ -245,10 +240,7 @@ def test_issim_orders_noise_real_and_repeated(t1n: np.ndarray, brain: np.ndarray
     real_unmasked, real_brain = issim(t1n), issim(t1n, brain)
     assert 0.05 < real_brain < real_unmasked < 1.0
     # Check one term against a direct scikit-image computation.
-    pairs = [
-        structural_similarity(t1n[:, :, z], t1n[:, :, z + 1], **SKIMAGE_SSIM)
-        for z in range(t1n.shape[2] - 1)
-    ]
+    pairs = [structural_similarity(t1n[:, :, z], t1n[:, :, z + 1], **SKIMAGE_SSIM) for z in range(t1n.shape[2] - 1)]
     assert real_unmasked == pytest.approx(np.mean(pairs), abs=1e-9)
 
 

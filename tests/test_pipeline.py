@@ -8,12 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from lib.data.sparse import simulate_sparse_volume
 from lib.diffusion.slerp import slerp
 from lib.io import read_volume
 from lib.io.volume import dense_grid
-from lib.data.sparse import simulate_sparse_volume
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions, dense_slices
-
 from tests.tiny_preset import make_tiny_preset
 
 
@@ -131,8 +130,17 @@ def test_bad_inputs_are_refused(pipeline, dense_volume):
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("steps", 0), ("steps", 1), ("target_spacing", 0.0), ("target_spacing", -1.0), ("target_spacing", float("nan")),
-     ("position_tolerance", -0.1), ("eta", float("nan")), ("samples", 0), ("batch_size", 0)],
+    [
+        ("steps", 0),
+        ("steps", 1),
+        ("target_spacing", 0.0),
+        ("target_spacing", -1.0),
+        ("target_spacing", float("nan")),
+        ("position_tolerance", -0.1),
+        ("eta", float("nan")),
+        ("samples", 0),
+        ("batch_size", 0),
+    ],
 )
 def test_out_of_range_options_are_refused_not_read_as_the_default(field, value):
     """0 used to mean "the preset's" for steps and target_spacing (``x or default``)."""

@@ -4,10 +4,9 @@ cannot be registered is refused by name; the MRI lies in the CT's own frame."""
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
-
-import nibabel as nib
 
 from app.cli import main
 from lib.data.ct_alignment import MAX_METRIC
@@ -17,7 +16,6 @@ from lib.io.dicom_writer import SeriesDescription, write_dicom_series
 from lib.io.nifti import write_nifti
 from lib.io.volume import Volume
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
-
 from tests.tiny_preset import make_tiny_preset
 
 
@@ -38,7 +36,11 @@ def test_real_ct_gets_the_brain_only(pipeline, head_cut):
     assert record["applied"] is True and 0.05 < record["brain_fraction"] < 0.6 and record["brain_volume_ml"] > 100
     # 6 slices over 25 mm cannot pin down the head's pitch: positions from the brain extent, said so.
     alignment = result.summary["alignment"]
-    assert alignment["applied"] is False and "too few to register" in alignment["reason"] and alignment["positions"] == "brain extent"
+    assert (
+        alignment["applied"] is False
+        and "too few to register" in alignment["reason"]
+        and alignment["positions"] == "brain extent"
+    )
     brain = extract_brain(head_cut).mask
     for k in np.flatnonzero(result.grid.acquired):
         # The synthetic MRI exists only inside the intracranial mask (never on skull or scalp).
@@ -62,7 +64,10 @@ def test_a_brain_only_ct_is_used_as_it_is(pipeline):
     array[10:38, 12:44, :] = 32.0
     volume = Volume(array=array, affine=np.diag([2.0, 2.0, 1.0, 1.0]), positions=np.arange(6) * 4.0, modality="CT")
     result = pipeline.reconstruct(volume, ReconstructionOptions(steps=2))
-    assert result.summary["brain_extraction"]["applied"] is False and "no skull" in result.summary["brain_extraction"]["reason"]
+    assert (
+        result.summary["brain_extraction"]["applied"] is False
+        and "no skull" in result.summary["brain_extraction"]["reason"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +98,9 @@ def test_partial_real_ct_takes_its_positions_from_the_template(pipeline, upper_p
 
     # Without the alignment the brain's own extent maps this cut onto the whole 0..1 range.
     unaligned = pipeline.reconstruct(volume, ReconstructionOptions(steps=2, alignment=False))
-    assert unaligned.summary["alignment"]["applied"] is False and "turned off" in unaligned.summary["alignment"]["reason"]
+    assert (
+        unaligned.summary["alignment"]["applied"] is False and "turned off" in unaligned.summary["alignment"]["reason"]
+    )
     brain_extent = np.array([r.normalised_position for r in unaligned.slices])
     assert brain_extent.min() < 0.05
 
@@ -102,7 +109,21 @@ def test_real_ct_dicom_reconstructs_in_the_ct_frame(pipeline, upper_part, tmp_pa
     """CLI on a real CT DICOM series: the MRI's affine is the CT's, on the dense grid along z."""
     volume, _ = upper_part
     write_dicom_series(volume, tmp_path / "ct", SeriesDescription(modality="CT", series_description="head"))
-    assert main(["reconstruct", str(tmp_path / "ct"), str(tmp_path / "out"), "--preset", str(pipeline.preset.root), "--steps", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                str(tmp_path / "ct"),
+                str(tmp_path / "out"),
+                "--preset",
+                str(pipeline.preset.root),
+                "--steps",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     source = read_volume(tmp_path / "ct", modality="CT")
     grid = dense_grid(source, pipeline.preset.slice_spacing_mm)
     image = nib.load(tmp_path / "out" / "mri.nii.gz")
@@ -119,8 +140,21 @@ def test_real_ct_dicom_reconstructs_in_the_ct_frame(pipeline, upper_part, tmp_pa
 def test_a_ct_that_fails_registration_is_refused_by_name(pipeline, real_ct_volume, tmp_path, capsys):
     """The real head turned upside down: brain found, registration rejected, nothing written."""
     flipped = real_ct_volume.array[:, :, ::-1].copy()
-    write_nifti(tmp_path / "upside_down.nii.gz", flipped, real_ct_volume.voxel_affine(), "real head CT, flipped for a test")
-    code = main(["reconstruct", str(tmp_path / "upside_down.nii.gz"), str(tmp_path / "out"), "--preset", str(pipeline.preset.root), "--steps", "2", "--quiet"])
+    write_nifti(
+        tmp_path / "upside_down.nii.gz", flipped, real_ct_volume.voxel_affine(), "real head CT, flipped for a test"
+    )
+    code = main(
+        [
+            "reconstruct",
+            str(tmp_path / "upside_down.nii.gz"),
+            str(tmp_path / "out"),
+            "--preset",
+            str(pipeline.preset.root),
+            "--steps",
+            "2",
+            "--quiet",
+        ]
+    )
     error = capsys.readouterr().err
     assert code == 2 and "upside_down.nii.gz" in error and "registration to the head CT template failed" in error
     assert "Traceback" not in error and not (tmp_path / "out").exists()

@@ -9,7 +9,6 @@ from scipy.ndimage import binary_erosion
 from lib.data.sparse import simulate_sparse_volume
 from lib.io import read_volume
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
-
 from tests.tiny_preset import make_tiny_preset
 
 
@@ -27,7 +26,10 @@ def sparse(brats_case):
 
 @pytest.fixture(scope="module")
 def results(pipeline, sparse):
-    return {method: pipeline.reconstruct(sparse, ReconstructionOptions(steps=2, method=method)) for method in ("bbdm", "interp", "substitute", "r-as-input", "rebrain-noslerp", "rebrain")}
+    return {
+        method: pipeline.reconstruct(sparse, ReconstructionOptions(steps=2, method=method))
+        for method in ("bbdm", "interp", "substitute", "r-as-input", "rebrain-noslerp", "rebrain")
+    }
 
 
 def inside(result, z: int) -> np.ndarray:

@@ -20,7 +20,6 @@ from lib.io import read_volume
 from lib.metrics import psnr, ssim_2d
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
 from lib.presets import DEFAULT_WEIGHTS_DIR, load_preset
-
 from tests.conftest import SHARED_DATA, require
 from tests.data.test_demo_inputs import write_small_inv3
 
@@ -38,8 +37,15 @@ def unit_reference(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_model_card_lists_every_shipped_file_with_its_true_hash():
-    listed = dict((path, digest) for digest, path in re.findall(r"^([0-9a-f]{64})\s+(model_weights/\S+)$", MODEL_CARD.read_text(), re.MULTILINE))
-    shipped = sorted(str(path.relative_to(DEFAULT_WEIGHTS_DIR.parent)) for path in DEFAULT_WEIGHTS_DIR.glob("*/**/*") if path.is_file())
+    listed = dict(
+        (path, digest)
+        for digest, path in re.findall(r"^([0-9a-f]{64})\s+(model_weights/\S+)$", MODEL_CARD.read_text(), re.MULTILINE)
+    )
+    shipped = sorted(
+        str(path.relative_to(DEFAULT_WEIGHTS_DIR.parent))
+        for path in DEFAULT_WEIGHTS_DIR.glob("*/**/*")
+        if path.is_file()
+    )
     assert shipped and sorted(listed) == shipped
     for path, digest in listed.items():
         assert hashlib.sha256((DEFAULT_WEIGHTS_DIR.parent / path).read_bytes()).hexdigest() == digest, path
@@ -57,7 +63,9 @@ def test_shipped_preset_loads_complete(name):
 def test_flair2t1_translates_a_held_out_subject_better_than_identity():
     case = require(HELD_OUT_BRATS_CASE)
     flair = read_volume(case / "t2f.nii.gz", modality="MR").take_slices(list(range(60, 81)))
-    reconstruction = ReBrainPipeline(load_preset("flair2t1")).reconstruct(simulate_sparse_volume(flair, factor=2), ReconstructionOptions(steps=5))
+    reconstruction = ReBrainPipeline(load_preset("flair2t1")).reconstruct(
+        simulate_sparse_volume(flair, factor=2), ReconstructionOptions(steps=5)
+    )
     truth, mask = unit_reference(read_volume(case / "t1n.nii.gz", modality="MR").array[:, :, 60:81])
     identity = np.clip((mri_to_unit(flair.array, mask) + 1.0) / 2.0, 0.0, 1.0)
     # Measured: 14.0 dB against 8.8 dB for the FLAIR itself.
@@ -70,7 +78,9 @@ def test_ct2mri_translates_an_unseen_pseudo_subject_better_than_a_constant(tmp_p
     ct = read_volume(paths["pair_ct"], modality="CT")
     middle = ct.shape[2] // 2
     kept = list(range(middle - 10, middle + 11))
-    reconstruction = ReBrainPipeline(load_preset("ct2mri")).reconstruct(simulate_sparse_volume(ct.take_slices(kept), factor=2), ReconstructionOptions(steps=5))
+    reconstruction = ReBrainPipeline(load_preset("ct2mri")).reconstruct(
+        simulate_sparse_volume(ct.take_slices(kept), factor=2), ReconstructionOptions(steps=5)
+    )
     truth, mask = unit_reference(read_volume(paths["pair_t1"], modality="MR").array[:, :, kept])
     constant = np.where(mask, truth[mask].mean(), 0.0)
     # Measured on these 21 slices: 15.9 dB / SSIM 0.48 against 13.8 dB / 0.35 for the brain's mean.

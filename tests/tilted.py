@@ -18,10 +18,17 @@ def make_tilted(volume: Volume, tilt_deg: float) -> Volume:
     middle = volume.positions[len(volume.positions) // 2]
     spacing_y = volume.pixel_spacing[1]
     array = np.stack(
-        [ndimage.shift(volume.array[:, :, k], (0.0, -(p - middle) * lean / spacing_y), order=1, mode="constant", cval=-3024.0) for k, p in enumerate(volume.positions)],
+        [
+            ndimage.shift(
+                volume.array[:, :, k], (0.0, -(p - middle) * lean / spacing_y), order=1, mode="constant", cval=-3024.0
+            )
+            for k, p in enumerate(volume.positions)
+        ],
         axis=2,
     )
     affine = volume.affine.copy()
     affine[:3, 2] = volume.affine[:3, 2] + lean * np.array([0.0, 1.0, 0.0])  # leans along A
     affine[:3, 3] = volume.affine[:3, 3] - middle * lean * np.array([0.0, 1.0, 0.0])
-    return Volume(array=array.astype(np.float32), affine=affine, positions=volume.positions.copy(), modality="CT", source="tilted")
+    return Volume(
+        array=array.astype(np.float32), affine=affine, positions=volume.positions.copy(), modality="CT", source="tilted"
+    )

@@ -18,14 +18,29 @@ from lib.models.denoiser import BBDMConfig, Objective, build_denoiser
 from lib.models.retrieval_encoder import CHECKPOINT_KIND, RetrievalConfig, build_retrieval_encoder
 from lib.presets import Preset, assemble_preset
 from lib.retrieval.build import build_knowledge_base
-
 from tests.conftest import SHARED_DATA, require
 
-TINY_BBDM = BBDMConfig(image_size=32, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8, objective=Objective.PLAIN)
-TINY_ENCODER = RetrievalConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1))
+TINY_BBDM = BBDMConfig(
+    image_size=32,
+    channels=(16, 32),
+    attention_levels=(False, True),
+    num_head_channels=16,
+    norm_num_groups=8,
+    objective=Objective.PLAIN,
+)
+TINY_ENCODER = RetrievalConfig(
+    image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1)
+)
 
 
-def make_tiny_preset(folder: Path, name: str = "tiny", controlnet: bool = True, max_subjects: int = 3, seed: int = 0, layout: str = "brats") -> Preset:
+def make_tiny_preset(
+    folder: Path,
+    name: str = "tiny",
+    controlnet: bool = True,
+    max_subjects: int = 3,
+    seed: int = 0,
+    layout: str = "brats",
+) -> Preset:
     """Prepare ``layout`` at 32 x 32 and assemble a preset from random networks seeded with ``seed``.
 
     ``brats``: real BraTS FLAIR -> T1 (an MR-input preset); ``open``: synthetic CT -> T1
@@ -36,17 +51,38 @@ def make_tiny_preset(folder: Path, name: str = "tiny", controlnet: bool = True, 
     if layout == "open":
         prepare_dataset("open", brats, prepared, config=PrepareConfig(size=32), open_count=max_subjects, progress=False)
     else:
-        prepare_dataset("brats", brats, prepared, config=PrepareConfig(size=32), max_subjects=max_subjects, progress=False)
+        prepare_dataset(
+            "brats", brats, prepared, config=PrepareConfig(size=32), max_subjects=max_subjects, progress=False
+        )
     torch.manual_seed(seed)
     denoiser = build_denoiser(TINY_BBDM)
-    bbdm_path = save_checkpoint(folder / "bbdm.pt", {"kind": "bbdm", "config": TINY_BBDM.to_dict(), "model": denoiser.state_dict()})
+    bbdm_path = save_checkpoint(
+        folder / "bbdm.pt", {"kind": "bbdm", "config": TINY_BBDM.to_dict(), "model": denoiser.state_dict()}
+    )
     encoder = build_retrieval_encoder(TINY_ENCODER)
-    encoder_path = save_checkpoint(folder / "encoder.pt", {"kind": CHECKPOINT_KIND, "config": TINY_ENCODER.to_dict(), "model": encoder.state_dict()})
+    encoder_path = save_checkpoint(
+        folder / "encoder.pt",
+        {"kind": CHECKPOINT_KIND, "config": TINY_ENCODER.to_dict(), "model": encoder.state_dict()},
+    )
     build_knowledge_base(prepared, encoder_path, folder / "kb")
     controlnet_path = None
     if controlnet:
         controlnet_path = folder / "controlnet.pt"
-        save_controlnet(controlnet_path, controlnet_from_denoiser(denoiser, TINY_BBDM), TINY_BBDM, state_dict_hash(denoiser.state_dict()), {})
+        save_controlnet(
+            controlnet_path,
+            controlnet_from_denoiser(denoiser, TINY_BBDM),
+            TINY_BBDM,
+            state_dict_hash(denoiser.state_dict()),
+            {},
+        )
     return assemble_preset(
-        folder / name, name, f"tiny untrained test preset ({'synthetic CT' if layout == 'open' else 'BraTS FLAIR'} -> T1, 32 x 32)", prepared, bbdm_path, encoder_path, folder / "kb", controlnet_path, steps=3,
+        folder / name,
+        name,
+        f"tiny untrained test preset ({'synthetic CT' if layout == 'open' else 'BraTS FLAIR'} -> T1, 32 x 32)",
+        prepared,
+        bbdm_path,
+        encoder_path,
+        folder / "kb",
+        controlnet_path,
+        steps=3,
     )

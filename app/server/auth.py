@@ -26,7 +26,9 @@ class _PyJWTNamingAlgorithms:
 
     @staticmethod
     def decode(token: str, key: Any, **kwargs: Any) -> dict:
-        return jwt.decode(token, key, algorithms=list(ASYMMETRIC_ALGORITHMS), **{k: v for k, v in kwargs.items() if k != "algorithms"})
+        return jwt.decode(
+            token, key, algorithms=list(ASYMMETRIC_ALGORITHMS), **{k: v for k, v in kwargs.items() if k != "algorithms"}
+        )
 
 
 def name_token_algorithms() -> None:

@@ -106,7 +106,9 @@ class ServerConfig:
         if not self.weights.is_dir():
             raise ValueError(f"--conf weights {self.weights}: no such folder")
         if self.preset not in self.available_presets():
-            raise ValueError(f"--conf preset {self.preset!r}: not in {self.weights} (available: {', '.join(self.available_presets()) or 'none'})")
+            raise ValueError(
+                f"--conf preset {self.preset!r}: not in {self.weights} (available: {', '.join(self.available_presets()) or 'none'})"
+            )
         if self.kb is not None and not (self.kb / "manifest.json").is_file():
             raise ValueError(f"--conf kb {self.kb}: not a knowledge-base folder (no manifest.json)")
 
@@ -123,4 +125,3 @@ class ServerConfig:
     def available_presets(self) -> list[str]:
         """The preset names in the weights folder."""
         return sorted(path.parent.name for path in self.weights.glob(f"*/{PRESET_FILE}"))
-

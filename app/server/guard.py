@@ -56,7 +56,9 @@ READ_ONLY_MESSAGE = (
 
 def is_public(method: str, path: str) -> bool:
     """True for an endpoint every user may call (``OPTIONS``: a browser's CORS preflight of one)."""
-    return any((method in methods or method == "OPTIONS") and pattern.match(path) for methods, pattern in PUBLIC_ENDPOINTS)
+    return any(
+        (method in methods or method == "OPTIONS") and pattern.match(path) for methods, pattern in PUBLIC_ENDPOINTS
+    )
 
 
 def bearer_token(scope: Scope) -> str | None:
@@ -177,4 +179,4 @@ class ServerGuard:
     @staticmethod
     def _path(scope: Scope) -> str:
         path, root = scope["path"], scope.get("root_path", "")
-        return path[len(root):] if root and path.startswith(root) else path
+        return path[len(root) :] if root and path.startswith(root) else path

@@ -59,14 +59,19 @@ def input_error(error: Exception, image: str | None = None, name: str = "image")
     """An input or parameter problem as the HTTP error the client sees: 413 for an image over the
     size limit, else 422; the message (without server paths) as detail."""
     status = 413 if isinstance(error, VolumeTooLarge) else 422
-    return HTTPException(status_code=status, detail=f"ReBrain cannot use this request: {public_message(error, image, name)}")
+    return HTTPException(
+        status_code=status, detail=f"ReBrain cannot use this request: {public_message(error, image, name)}"
+    )
 
 
 class ShuttingDown(HTTPException):
     """The server is stopping: the request is cancelled (503)."""
 
     def __init__(self) -> None:
-        super().__init__(status_code=503, detail="the ReBrain server is shutting down; the reconstruction was cancelled, send it again")
+        super().__init__(
+            status_code=503,
+            detail="the ReBrain server is shutting down; the reconstruction was cancelled, send it again",
+        )
 
 
 class ReBrainInferTask(BasicInferTask):
@@ -87,10 +92,24 @@ class ReBrainInferTask(BasicInferTask):
         self._loading = threading.Lock()
         self._volume_slots = threading.BoundedSemaphore(VOLUMES_IN_MEMORY)
         self._stopping = threading.Event()
-        defaults = {"preset": config.preset, "steps": config.steps or "", "samples": 1, "seed": 0, "target_spacing": "", "simulate_sparsity": 0, "method": "rebrain", "output": "mri"}
+        defaults = {
+            "preset": config.preset,
+            "steps": config.steps or "",
+            "samples": 1,
+            "seed": 0,
+            "target_spacing": "",
+            "simulate_sparsity": 0,
+            "method": "rebrain",
+            "output": "mri",
+        }
         super().__init__(
-            path=str(config.weights / config.preset), network=None, type=InferType.OTHERS, labels=None, dimension=3,
-            description=DESCRIPTION, config=defaults,
+            path=str(config.weights / config.preset),
+            network=None,
+            type=InferType.OTHERS,
+            labels=None,
+            dimension=3,
+            description=DESCRIPTION,
+            config=defaults,
         )
         if config.preload:
             self.pipeline(config.preset)
@@ -118,8 +137,12 @@ class ReBrainInferTask(BasicInferTask):
             for name in self.server_config.available_presets():
                 preset = self.preset(name)
                 self._preset_info[name] = {
-                    "description": preset.description, "input": preset.input_modality, "source": preset.source, "target": preset.target,
-                    "steps": preset.steps, "versions": preset.fingerprint(),
+                    "description": preset.description,
+                    "input": preset.input_modality,
+                    "source": preset.source,
+                    "target": preset.target,
+                    "steps": preset.steps,
+                    "versions": preset.fingerprint(),
                 }
         return {
             **super().info(),
@@ -165,7 +188,10 @@ class ReBrainInferTask(BasicInferTask):
             raise input_error(error, request.get("image"), str(request.get("image_name") or "image")) from None
         except MemoryError:
             logger.warning("out of memory on %s", request.get("image_name"))
-            raise HTTPException(status_code=503, detail="the ReBrain server ran out of memory on this request; send a smaller image or ask for fewer samples") from None
+            raise HTTPException(
+                status_code=503,
+                detail="the ReBrain server ran out of memory on this request; send a smaller image or ask for fewer samples",
+            ) from None
 
     def fetch(self, result_id: str, output: str) -> tuple[str, dict]:
         """One output of an earlier result, without recomputing it."""
@@ -183,7 +209,9 @@ class ReBrainInferTask(BasicInferTask):
 
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
         """Read the image, reconstruct it and keep the result (``device`` is the server's --conf)."""
-        params = parse_infer_params(data, self.server_config.preset, self.server_config.steps, self.server_config.available_presets())
+        params = parse_infer_params(
+            data, self.server_config.preset, self.server_config.steps, self.server_config.available_presets()
+        )
         image = data.get("image")
         if not image:
             raise RequestError("no image: the request names no image file, upload or datastore entry")
@@ -193,7 +221,9 @@ class ReBrainInferTask(BasicInferTask):
         self.check_header_size(image)
         self._acquire(self._volume_slots)
         try:
-            volume = read_volume(image, modality=pipeline.preset.input_modality, max_bytes=self.server_config.max_image_bytes)
+            volume = read_volume(
+                image, modality=pipeline.preset.input_modality, max_bytes=self.server_config.max_image_bytes
+            )
             if params.simulate_sparsity:
                 volume = simulate_sparse_volume(volume, factor=params.simulate_sparsity)
             grid = dense_grid(volume, params.options.target_spacing or pipeline.preset.slice_spacing_mm)

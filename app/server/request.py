@@ -8,8 +8,9 @@ checked and a bad value is refused with a message that names it.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from app.server.config import parse_bool
 from lib.pipeline import ReconstructionOptions
@@ -77,14 +78,23 @@ class InferParams:
     output: str
 
 
-def _value(request: dict, name: str, convert: Callable[[Any], Any], default: Any, check: Callable[[Any], bool] = lambda _: True, rule: str = "") -> Any:
+def _value(
+    request: dict,
+    name: str,
+    convert: Callable[[Any], Any],
+    default: Any,
+    check: Callable[[Any], bool] = lambda _: True,
+    rule: str = "",
+) -> Any:
     raw = request.get(name)
     if raw is None or raw == "":
         return default
     try:
         value = convert(raw)
     except (TypeError, ValueError):
-        raise RequestError(f"parameter {name!r}: {raw!r} is not a valid {convert.__name__}{'; ' + rule if rule else ''}") from None
+        raise RequestError(
+            f"parameter {name!r}: {raw!r} is not a valid {convert.__name__}{'; ' + rule if rule else ''}"
+        ) from None
     if not check(value):
         raise RequestError(f"parameter {name!r}: {raw!r} is out of range; {rule}")
     return value
@@ -113,11 +123,15 @@ def result_id_of(request: dict) -> str | None:
     if result_id in (None, ""):
         return None
     if not isinstance(result_id, str) or not RESULT_ID_PATTERN.match(result_id):
-        raise RequestError(f"parameter 'result_id': {result_id!r} is not a result id (32 hex digits, as returned in 'result_id')")
+        raise RequestError(
+            f"parameter 'result_id': {result_id!r} is not a result id (32 hex digits, as returned in 'result_id')"
+        )
     return result_id
 
 
-def parse_infer_params(request: dict, default_preset: str, default_steps: int | None, presets: list[str]) -> InferParams:
+def parse_infer_params(
+    request: dict, default_preset: str, default_steps: int | None, presets: list[str]
+) -> InferParams:
     """Validate a request's parameters.
 
     Args:
@@ -131,7 +145,9 @@ def parse_infer_params(request: dict, default_preset: str, default_steps: int | 
     """
     preset = str(request.get("preset") or default_preset)
     if preset not in presets:
-        raise RequestError(f"parameter 'preset': {preset!r} is not available on this server (available: {', '.join(presets) or 'none'})")
+        raise RequestError(
+            f"parameter 'preset': {preset!r} is not available on this server (available: {', '.join(presets) or 'none'})"
+        )
     method = str(request.get("method") or "rebrain")
     if method not in METHODS:
         raise RequestError(f"parameter 'method': {method!r} is not one of {', '.join(METHODS)}")
@@ -140,7 +156,9 @@ def parse_infer_params(request: dict, default_preset: str, default_steps: int | 
     seed = _value(request, "seed", _whole, 0, lambda v: 0 <= v < 2**31, "0 to 2^31 - 1")
     eta = _value(request, "eta", float, None, lambda v: 0.0 <= v <= 1.0, "0 to 1")
     spacing = _value(request, "target_spacing", float, None, lambda v: 0.1 <= v <= 20.0, "0.1 to 20 mm")
-    sparsity = _value(request, "simulate_sparsity", _whole, None, lambda v: v == 0 or 2 <= v <= 16, "0 (off) or 2 to 16")
+    sparsity = _value(
+        request, "simulate_sparsity", _whole, None, lambda v: v == 0 or 2 <= v <= 16, "0 (off) or 2 to 16"
+    )
     switches = {}
     for name in ("brain_extraction", "alignment"):
         try:
@@ -148,7 +166,11 @@ def parse_infer_params(request: dict, default_preset: str, default_steps: int | 
         except ValueError as error:
             raise RequestError(f"parameter {name!r}: {error}") from None
     try:
-        options = ReconstructionOptions(steps=steps, samples=samples, eta=eta, seed=seed, target_spacing=spacing, method=method, **switches)
+        options = ReconstructionOptions(
+            steps=steps, samples=samples, eta=eta, seed=seed, target_spacing=spacing, method=method, **switches
+        )
     except ValueError as error:
         raise RequestError(f"parameters: {error}") from None
-    return InferParams(preset=preset, options=options, simulate_sparsity=sparsity or None, output=output_choice(request))
+    return InferParams(
+        preset=preset, options=options, simulate_sparsity=sparsity or None, output=output_choice(request)
+    )

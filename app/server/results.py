@@ -70,7 +70,13 @@ class ResultStore:
                 description = f"SYNTHETIC ReBrain {name} per slice (see provenance.json)"
                 write_nifti(staging / f"{name}.nii.gz", volume, affine, description, dtype=volume.dtype.type)
             provenance = json.loads((staging / "provenance.json").read_text())
-            response = {"result_id": result_id, "outputs": list(OUTPUTS), "status_codes": STATUS_CODES, "slice_status": slice_status(reconstruction), **provenance}
+            response = {
+                "result_id": result_id,
+                "outputs": list(OUTPUTS),
+                "status_codes": STATUS_CODES,
+                "slice_status": slice_status(reconstruction),
+                **provenance,
+            }
             (staging / RESPONSE_FILE).write_text(json.dumps(response))
         self._evict()
         return result_id
@@ -85,7 +91,9 @@ class ResultStore:
             raise RequestError(f"parameter 'result_id': {result_id!r} is not a result id")
         folder = self.root / result_id
         if not (folder / RESPONSE_FILE).is_file():
-            raise RequestError(f"parameter 'result_id': result {result_id} is not kept on this server (it keeps the last {self.keep}); run the reconstruction again")
+            raise RequestError(
+                f"parameter 'result_id': result {result_id} is not kept on this server (it keeps the last {self.keep}); run the reconstruction again"
+            )
         return folder
 
     def response(self, result_id: str, output: str) -> dict:

@@ -19,11 +19,10 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
+import monailabel
 from fastapi import BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.routing import APIRoute
-import monailabel
 from monailabel.config import settings
 from monailabel.endpoints.infer import ResultType, send_response
 from monailabel.endpoints.user.auth import RBAC, User
@@ -68,7 +67,9 @@ def save_upload(file: UploadFile, folder: Path) -> Path:
     name = (file.filename or "").lower()
     suffix = next((s for s in UPLOAD_SUFFIXES if name.endswith(s)), None)
     if suffix is None:
-        raise refuse("the uploaded file must be a NIfTI image (.nii or .nii.gz); send DICOM series through the studies datastore")
+        raise refuse(
+            "the uploaded file must be a NIfTI image (.nii or .nii.gz); send DICOM series through the studies datastore"
+        )
     path = folder / f"upload{suffix}"
     with open(path, "wb") as out:
         shutil.copyfileobj(file.file, out)
@@ -83,7 +84,7 @@ def run_inference(
     params: str = Form("{}"),
     file: UploadFile = File(None),
     label: UploadFile = File(None),
-    output: Optional[ResultType] = None,
+    output: ResultType | None = None,
     user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
 ):
     """Run the ``model`` infer task on a datastore image or an uploaded one (see the module)."""
@@ -115,7 +116,12 @@ def replace_infer_route(routes: list) -> None:
     for index, route in enumerate(routes):
         if isinstance(route, APIRoute) and route.path == INFER_PATH and "POST" in route.methods:
             routes[index] = APIRoute(
-                INFER_PATH, run_inference, methods=["POST"], summary=route.summary, tags=route.tags, responses=route.responses,
+                INFER_PATH,
+                run_inference,
+                methods=["POST"],
+                summary=route.summary,
+                tags=route.tags,
+                responses=route.responses,
             )
             return
     raise RuntimeError(f"MONAI Label {monailabel.__version__} has no POST {INFER_PATH} route to replace")

@@ -150,7 +150,9 @@ def load_ct_template(folder: str | Path | None = None) -> CtTemplate:
     paths = [folder / TEMPLATE_FILE, folder / TEMPLATE_BRAIN_FILE]
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"CT head template not found: {path} (shipped in model_weights/ct_template; restore it from the repository)")
+            raise FileNotFoundError(
+                f"CT head template not found: {path} (shipped in model_weights/ct_template; restore it from the repository)"
+            )
     raw = sitk.ReadImage(str(paths[0]), sitk.sitkFloat64)
     image = sitk.GetImageFromArray(cormack_to_hu(sitk.GetArrayFromImage(raw)).astype(np.float32))
     image.CopyInformation(raw)
@@ -212,7 +214,9 @@ def _regular_array(volume: Volume, array: np.ndarray, order: int, fill: float) -
         origin = origin + middle * lean
         shifted = np.empty(regular.shape, dtype=np.float32)
         for k, p in enumerate(grid_positions):
-            shifted[:, :, k] = ndimage.shift(regular[:, :, k].astype(np.float32), (p - middle) * in_plane, order=order, mode="constant", cval=fill)
+            shifted[:, :, k] = ndimage.shift(
+                regular[:, :, k].astype(np.float32), (p - middle) * in_plane, order=order, mode="constant", cval=fill
+            )
         regular = shifted
     voxel_affine = np.eye(4)
     voxel_affine[:3, :2] = affine[:3, :2]
@@ -346,13 +350,19 @@ class RigidAlignment:
         z = self.template_z(volume, positions_mm)
         return (z - self.brain_inferior_mm) / max(self.brain_superior_mm - self.brain_inferior_mm, 1e-6)
 
-    def resample_to_template(self, volume: Volume, fill: float = -1000.0, template: CtTemplate | None = None) -> sitk.Image:
+    def resample_to_template(
+        self, volume: Volume, fill: float = -1000.0, template: CtTemplate | None = None
+    ) -> sitk.Image:
         """The volume resampled (linear) onto the template grid (2 mm, MNI)."""
         template = template or load_ct_template()
         inverse = self.transform.GetInverse()  # template points -> CT points, as Resample wants
-        return sitk.Resample(volume_to_sitk(volume, fill), template.image, inverse, sitk.sitkLinear, fill, sitk.sitkFloat32)
+        return sitk.Resample(
+            volume_to_sitk(volume, fill), template.image, inverse, sitk.sitkLinear, fill, sitk.sitkFloat32
+        )
 
-    def template_to_volume(self, image: sitk.Image, volume: Volume, order: int = 1, fill: float = -1000.0) -> np.ndarray:
+    def template_to_volume(
+        self, image: sitk.Image, volume: Volume, order: int = 1, fill: float = -1000.0
+    ) -> np.ndarray:
         """A template-space image sampled at every voxel of ``volume``: (X, Y, Z) float32.
 
         The way back: works for tilted and irregular volumes alike, since it maps the true
@@ -367,7 +377,9 @@ class RigidAlignment:
             world = volume_world_points(volume, k).reshape(-1, 3)
             template_lps = self.ct_points_to_template(world) @ RAS_TO_LPS.T
             continuous = ((template_lps - origin) @ direction) / spacing  # ITK index; direction is orthonormal
-            out[:, :, k] = ndimage.map_coordinates(data, continuous.T, order=order, mode="constant", cval=fill).reshape(volume.shape[:2])
+            out[:, :, k] = ndimage.map_coordinates(data, continuous.T, order=order, mode="constant", cval=fill).reshape(
+                volume.shape[:2]
+            )
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -403,7 +415,11 @@ def _euler(transform: sitk.Transform) -> sitk.Euler3DTransform:
 
 
 def _parts(transform: sitk.Euler3DTransform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return np.asarray(transform.GetMatrix()).reshape(3, 3), np.asarray(transform.GetCenter()), np.asarray(transform.GetTranslation())
+    return (
+        np.asarray(transform.GetMatrix()).reshape(3, 3),
+        np.asarray(transform.GetCenter()),
+        np.asarray(transform.GetTranslation()),
+    )
 
 
 def _like(array_zyx: np.ndarray, reference: sitk.Image, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
@@ -412,7 +428,9 @@ def _like(array_zyx: np.ndarray, reference: sitk.Image, pixel_type: int = sitk.s
     return image
 
 
-def _registration_input(volume: Volume, mask: np.ndarray | None) -> tuple[sitk.Image, sitk.Image, sitk.Image, list[int]]:
+def _registration_input(
+    volume: Volume, mask: np.ndarray | None
+) -> tuple[sitk.Image, sitk.Image, sitk.Image, list[int]]:
     """The CT at ~2 mm in HU with unmeasured voxels filled, the measured mask and the head mask.
 
     Voxels that were never measured (padding below -1500 HU, e.g. -2000/-3024 outside the
@@ -475,7 +493,9 @@ def _final_metric(fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
     return float(method.MetricEvaluate(fixed, moving))
 
 
-def _multiresolution(fixed, moving, fixed_mask, initial, seed) -> tuple[sitk.Euler3DTransform, sitk.ImageRegistrationMethod]:
+def _multiresolution(
+    fixed, moving, fixed_mask, initial, seed
+) -> tuple[sitk.Euler3DTransform, sitk.ImageRegistrationMethod]:
     """Stage 1: the classic pyramid (shrink 4/2/1, smoothing 2/1/0 voxels of ~2 mm), random
     sampling (all voxels at the coarsest level, half, then a tenth), gradient descent with the
     step estimated each iteration (at most 1 mm of physical shift)."""
@@ -483,8 +503,12 @@ def _multiresolution(fixed, moving, fixed_mask, initial, seed) -> tuple[sitk.Eul
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentagePerLevel([1.0, 0.5, 0.1], seed)
     method.SetOptimizerAsGradientDescent(
-        learningRate=1.0, numberOfIterations=100, convergenceMinimumValue=1e-6, convergenceWindowSize=10,
-        estimateLearningRate=method.EachIteration, maximumStepSizeInPhysicalUnits=1.0,
+        learningRate=1.0,
+        numberOfIterations=100,
+        convergenceMinimumValue=1e-6,
+        convergenceWindowSize=10,
+        estimateLearningRate=method.EachIteration,
+        maximumStepSizeInPhysicalUnits=1.0,
     )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([4, 2, 1])
@@ -509,7 +533,9 @@ def _refine(fixed, moving, fixed_mask, transform) -> tuple[sitk.Euler3DTransform
     binned_mask = sitk.BinaryThreshold(sitk.BinShrink(sitk.Cast(fixed_mask, sitk.sitkFloat32), factors), 0.5, 2.0, 1, 0)
     method = _mattes(binned_mask)
     method.SetMetricSamplingStrategy(method.NONE)
-    method.SetOptimizerAsPowell(numberOfIterations=10, maximumLineIterations=10, stepLength=0.5, stepTolerance=0.1, valueTolerance=1e-5)
+    method.SetOptimizerAsPowell(
+        numberOfIterations=10, maximumLineIterations=10, stepLength=0.5, stepTolerance=0.1, valueTolerance=1e-5
+    )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetInitialTransform(transform, inPlace=False)
     return _euler(method.Execute(binned, moving)), method
@@ -541,7 +567,9 @@ def _symmetry(fixed, fixed_mask, transform, seed) -> tuple[sitk.Euler3DTransform
     method.SetInterpolator(sitk.sitkLinear)
     method.SetMetricSamplingStrategy(method.RANDOM)
     method.SetMetricSamplingPercentagePerLevel([0.5, 0.2], seed)
-    method.SetOptimizerAsRegularStepGradientDescent(1.0, 1e-3, 200, relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+    method.SetOptimizerAsRegularStepGradientDescent(
+        1.0, 1e-3, 200, relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8
+    )
     method.SetOptimizerScalesFromPhysicalShift()
     method.SetShrinkFactorsPerLevel([2, 1])
     method.SetSmoothingSigmasPerLevel([1, 0])
@@ -570,7 +598,9 @@ def _z_range(mask: sitk.Image) -> tuple[float, float]:
     return float(z.min()), float(z.max())
 
 
-def _end_aligned_starts(head: sitk.Image, template_head: sitk.Image, initial: sitk.Transform) -> list[sitk.Euler3DTransform]:
+def _end_aligned_starts(
+    head: sitk.Image, template_head: sitk.Image, initial: sitk.Transform
+) -> list[sitk.Euler3DTransform]:
     """The centred start shifted along z so the CT head's top, then its bottom, meets the template head's.
 
     For a scan of part of the head (the vertex only, the skull base only) the moments start puts
@@ -671,7 +701,10 @@ def align_to_template(
                     coarse, stage1, coarse_metric = candidate, method, candidate_metric
         if not coarse_metric <= max_metric * EARLY_REJECT_FRACTION:
             # Far from any head (noise: ~0.00): stop before the slower stages.
-            raise _fail(volume, f"Mattes mutual information {coarse_metric:.3f} after the coarse stage is far worse than {max_metric:.3f}: not a head CT")
+            raise _fail(
+                volume,
+                f"Mattes mutual information {coarse_metric:.3f} after the coarse stage is far worse than {max_metric:.3f}: not a head CT",
+            )
         refined, stage2 = _refine(fixed, moving, fixed_mask, coarse)
         for _ in range(REFINE_RESTARTS):
             if _stopped_by_tolerance(stage2):
@@ -690,7 +723,11 @@ def align_to_template(
         symmetry_used = True
     # Stage 1 may end on its iteration cap: stage 2 finishes its descent. Stages 2 and 3 must
     # stop on their tolerances.
-    capped = [name for name, stage, used in (("refinement", stage2, True), ("symmetry", stage3, symmetry_used)) if used and not _stopped_by_tolerance(stage)]
+    capped = [
+        name
+        for name, stage, used in (("refinement", stage2, True), ("symmetry", stage3, symmetry_used))
+        if used and not _stopped_by_tolerance(stage)
+    ]
     converged = not capped
     metric = _final_metric(fixed, moving, fixed_mask, transform)
 
@@ -722,9 +759,15 @@ def align_to_template(
         },
     )
     if not converged:
-        raise _fail(volume, f"the optimiser did not converge (the {' and '.join(capped)} stage hit its iteration cap; metric {metric:.3f})")
+        raise _fail(
+            volume,
+            f"the optimiser did not converge (the {' and '.join(capped)} stage hit its iteration cap; metric {metric:.3f})",
+        )
     if not metric <= max_metric:
-        raise _fail(volume, f"final Mattes mutual information {metric:.3f} is worse than {max_metric:.3f}: not a head CT or badly misaligned")
+        raise _fail(
+            volume,
+            f"final Mattes mutual information {metric:.3f} is worse than {max_metric:.3f}: not a head CT or badly misaligned",
+        )
     if rotation > MAX_ROTATION_DEG:
         raise _fail(volume, f"implausible rotation of {rotation:.1f} degrees to the template")
     return alignment

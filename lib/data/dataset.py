@@ -29,9 +29,15 @@ class PreparedDataset:
             raise ValueError(f"{self.root}: not a prepared dataset (no manifest.json); run `python main.py prepare`")
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format_version") != PREPARED_FORMAT_VERSION:
-            raise ValueError(f"{manifest_path}: format version {self.manifest.get('format_version')}, expected {PREPARED_FORMAT_VERSION}")
+            raise ValueError(
+                f"{manifest_path}: format version {self.manifest.get('format_version')}, expected {PREPARED_FORMAT_VERSION}"
+            )
         self.slices = pd.read_csv(self.root / "slices.csv")
-        missing = [s["key"] for s in self.manifest["subjects"] if not (self.root / "subjects" / s["key"] / "target.npy").is_file()]
+        missing = [
+            s["key"]
+            for s in self.manifest["subjects"]
+            if not (self.root / "subjects" / s["key"] / "target.npy").is_file()
+        ]
         if missing:
             raise ValueError(f"{self.root}: incomplete prepared dataset, missing arrays of {missing}")
 
@@ -73,7 +79,9 @@ class PreparedSlices(Dataset):
             table = table[table["split"] == split]
         table = table[table["brain_fraction"] >= min_brain_fraction] if min_brain_fraction > 0 else table
         if table.empty:
-            raise ValueError(f"{self.dataset.root}: no slices in split {split!r} with brain fraction >= {min_brain_fraction}")
+            raise ValueError(
+                f"{self.dataset.root}: no slices in split {split!r} with brain fraction >= {min_brain_fraction}"
+            )
         self.table = table.reset_index(drop=True)
         self.neighbours = neighbours
 
@@ -84,11 +92,17 @@ class PreparedSlices(Dataset):
         row = self.table.iloc[index]
         subject, slice_index = str(row["subject"]), int(row["slice"])
         source = self.dataset.array(subject, "source")
-        picks = np.clip(np.arange(slice_index - self.neighbours, slice_index + self.neighbours + 1), 0, source.shape[0] - 1)
+        picks = np.clip(
+            np.arange(slice_index - self.neighbours, slice_index + self.neighbours + 1), 0, source.shape[0] - 1
+        )
         return {
             "source": torch.from_numpy(np.array(source[picks], dtype=np.float32)),
-            "target": torch.from_numpy(np.array(self.dataset.array(subject, "target")[slice_index : slice_index + 1], dtype=np.float32)),
-            "mask": torch.from_numpy(np.array(self.dataset.array(subject, "mask")[slice_index : slice_index + 1], dtype=np.float32)),
+            "target": torch.from_numpy(
+                np.array(self.dataset.array(subject, "target")[slice_index : slice_index + 1], dtype=np.float32)
+            ),
+            "mask": torch.from_numpy(
+                np.array(self.dataset.array(subject, "mask")[slice_index : slice_index + 1], dtype=np.float32)
+            ),
             "subject": subject,
             "slice": slice_index,
             "position": float(row["position"]),

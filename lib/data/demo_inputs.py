@@ -138,9 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write the demo inputs into a folder and print their paths."""
     parser = argparse.ArgumentParser(prog="python -m lib.data.demo_inputs", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="output folder")
-    parser.add_argument("--seed", type=int, default=0, help=f"pseudo-subject (synthesis seed {DEMO_SEED_OFFSET} + SEED)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help=f"pseudo-subject (synthesis seed {DEMO_SEED_OFFSET} + SEED)"
+    )
     parser.add_argument("--downsample", type=int, default=1, help="keep every K-th voxel (1 = 1 mm, the demo default)")
-    parser.add_argument("--cranium", default=str(CRANIUM_PATH), help="the InVesalius Cranium project (invesalius-examples)")
+    parser.add_argument(
+        "--cranium", default=str(CRANIUM_PATH), help="the InVesalius Cranium project (invesalius-examples)"
+    )
     args = parser.parse_args(argv)
     try:
         paths = make_demo_inputs(args.out_dir, args.seed, downsample=args.downsample, cranium_path=args.cranium)

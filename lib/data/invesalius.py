@@ -58,7 +58,9 @@ def read_inv3(path: str | os.PathLike[str] = CRANIUM_PATH) -> Volume:
     shape = tuple(int(n) for n in matrix["shape"])
     dtype = np.dtype(matrix["dtype"])
     if len(raw) != int(np.prod(shape)) * dtype.itemsize:
-        raise VolumeReadError(path, f"matrix holds {len(raw)} bytes, {shape} {dtype} needs {int(np.prod(shape)) * dtype.itemsize}")
+        raise VolumeReadError(
+            path, f"matrix holds {len(raw)} bytes, {shape} {dtype} needs {int(np.prod(shape)) * dtype.itemsize}"
+        )
     zyx = np.frombuffer(raw, dtype=dtype).reshape(shape)
     xyz = np.transpose(zyx, (2, 1, 0)).astype(np.float32)
     check_finite_3d(xyz, path)

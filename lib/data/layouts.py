@@ -65,11 +65,18 @@ def file_sha256(path: Path) -> str:
 
 def _same_grid(reference: Volume, other: Volume) -> None:
     if reference.shape != other.shape or not np.allclose(reference.affine, other.affine, atol=1e-3):
-        raise VolumeReadError(other.source, f"not on the same voxel grid as {reference.source} (shape {other.shape} vs {reference.shape})")
+        raise VolumeReadError(
+            other.source, f"not on the same voxel grid as {reference.source} (shape {other.shape} vs {reference.shape})"
+        )
 
 
 def _find_contrast(case: Path, contrast: str) -> Path | None:
-    for name in (f"{case.name}-{contrast}.nii.gz", f"{contrast}.nii.gz", f"{case.name}-{contrast}.nii", f"{contrast}.nii"):
+    for name in (
+        f"{case.name}-{contrast}.nii.gz",
+        f"{contrast}.nii.gz",
+        f"{case.name}-{contrast}.nii",
+        f"{contrast}.nii",
+    ):
         if (case / name).is_file():
             return case / name
     return None
@@ -132,7 +139,9 @@ def _tissue_model(base: str) -> synthesis.TissueModel:
 def _load_pseudo_subject(base: str, seed: int) -> SubjectPair:
     model = _tissue_model(base)
     subject = synthesis.make_pseudo_subject(model, seed)
-    ct = volume_from_voxel_affine(subject.ct, model.affine, source=f"open:{Path(base).parent.name or base}:{seed}", modality="CT")
+    ct = volume_from_voxel_affine(
+        subject.ct, model.affine, source=f"open:{Path(base).parent.name or base}:{seed}", modality="CT"
+    )
     t1 = volume_from_voxel_affine(subject.t1, model.affine, source=ct.source, modality="MR")
     mask = volume_from_voxel_affine(subject.mask.astype(np.float32), model.affine).array > 0.5
     return SubjectPair(source=ct, target=t1, mask=mask, source_is_ct=True)

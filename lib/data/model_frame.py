@@ -74,7 +74,14 @@ class ModelFrame:
     high_mm: float
 
     @classmethod
-    def fit(cls, mask: np.ndarray, positions_mm: np.ndarray, pixel_spacing: tuple[float, float], size: int, margin_voxels: int = 4) -> ModelFrame:
+    def fit(
+        cls,
+        mask: np.ndarray,
+        positions_mm: np.ndarray,
+        pixel_spacing: tuple[float, float],
+        size: int,
+        margin_voxels: int = 4,
+    ) -> ModelFrame:
         """The frame of a volume from its (X, Y, Z) brain mask and slice positions.
 
         The box is square in millimetres (in-plane spacing may differ between axes) with the
@@ -107,10 +114,15 @@ class ModelFrame:
 
     def crop(self, array: np.ndarray, fill: float) -> np.ndarray:
         """(X, Y, N) -> (N, box_x, box_y), padding with ``fill`` outside the image."""
-        box = np.full((self.rows[1] - self.rows[0], self.cols[1] - self.cols[0], array.shape[2]), fill, dtype=np.float32)
+        box = np.full(
+            (self.rows[1] - self.rows[0], self.cols[1] - self.cols[0], array.shape[2]), fill, dtype=np.float32
+        )
         src_r = slice(max(self.rows[0], 0), min(self.rows[1], array.shape[0]))
         src_c = slice(max(self.cols[0], 0), min(self.cols[1], array.shape[1]))
-        box[src_r.start - self.rows[0] : src_r.stop - self.rows[0], src_c.start - self.cols[0] : src_c.stop - self.cols[0]] = array[src_r, src_c]
+        box[
+            src_r.start - self.rows[0] : src_r.stop - self.rows[0],
+            src_c.start - self.cols[0] : src_c.stop - self.cols[0],
+        ] = array[src_r, src_c]
         return np.moveaxis(box, 2, 0)
 
     def to_model(self, unit: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,11 +141,20 @@ class ModelFrame:
         out = np.full((*shape_xy, slices.shape[0]), fill, dtype=np.float32)
         dst_r = slice(max(self.rows[0], 0), min(self.rows[1], shape_xy[0]))
         dst_c = slice(max(self.cols[0], 0), min(self.cols[1], shape_xy[1]))
-        out[dst_r, dst_c] = np.moveaxis(box, 0, 2)[dst_r.start - self.rows[0] : dst_r.stop - self.rows[0], dst_c.start - self.cols[0] : dst_c.stop - self.cols[0]]
+        out[dst_r, dst_c] = np.moveaxis(box, 0, 2)[
+            dst_r.start - self.rows[0] : dst_r.stop - self.rows[0],
+            dst_c.start - self.cols[0] : dst_c.stop - self.cols[0],
+        ]
         return out
 
 
-def normalise_source(array: np.ndarray, mask: np.ndarray, modality: str, ct_window: tuple[float, float] = CT_WINDOW_HU, mri_percentiles: tuple[float, float] = MRI_PERCENTILES) -> np.ndarray:
+def normalise_source(
+    array: np.ndarray,
+    mask: np.ndarray,
+    modality: str,
+    ct_window: tuple[float, float] = CT_WINDOW_HU,
+    mri_percentiles: tuple[float, float] = MRI_PERCENTILES,
+) -> np.ndarray:
     """The source volume in [-1, 1] as prepare normalises it, -1 outside the mask."""
     unit = ct_to_unit(array, ct_window) if modality == "ct" else mri_to_unit(array, mask, mri_percentiles)
     return np.where(mask, unit, -1.0).astype(np.float32)

@@ -22,7 +22,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +31,10 @@ import torch
 from scipy import ndimage
 from tqdm import tqdm
 
-from lib.data.model_frame import resize_slices
 from lib.data.layouts import DEFAULT_OPEN_COUNT, Layout, SubjectPair, SubjectRecord, discover_subjects, file_sha256
-from lib.io.atomic import atomic_directory
+from lib.data.model_frame import resize_slices
 from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, ct_to_unit, mri_to_unit
+from lib.io.atomic import atomic_directory
 
 PREPARED_FORMAT_VERSION = 1
 SLICE_COLUMNS = ["subject", "split", "slice", "position", "brain_fraction"]
@@ -75,7 +75,9 @@ def split_subjects(keys: list[str], val_fraction: float, test_fraction: float, s
     return splits
 
 
-def _resample_to_spacing(array: np.ndarray, spacing: tuple[float, float, float], target: float, order: int) -> np.ndarray:
+def _resample_to_spacing(
+    array: np.ndarray, spacing: tuple[float, float, float], target: float, order: int
+) -> np.ndarray:
     """Resample to isotropic ``target`` mm (skipped when already there)."""
     factors = [s / target for s in spacing]
     if np.allclose(factors, 1.0, atol=1e-3):
@@ -124,7 +126,11 @@ def prepare_subject(pair: SubjectPair, config: PrepareConfig) -> dict[str, np.nd
         raise ValueError(f"{pair.target.source}: empty brain mask")
     spacing = (*pair.source.pixel_spacing, float(np.median(pair.source.slice_steps)))
     mask = pair.mask.astype(np.float32)
-    source_norm = ct_to_unit(pair.source.array, config.ct_window_hu) if pair.source_is_ct else mri_to_unit(pair.source.array, pair.mask, config.mri_percentiles)
+    source_norm = (
+        ct_to_unit(pair.source.array, config.ct_window_hu)
+        if pair.source_is_ct
+        else mri_to_unit(pair.source.array, pair.mask, config.mri_percentiles)
+    )
     target_norm = mri_to_unit(pair.target.array, pair.mask, config.mri_percentiles)
     source_norm = _resample_to_spacing(source_norm, spacing, config.z_spacing_mm, order=1)
     target_norm = _resample_to_spacing(target_norm, spacing, config.z_spacing_mm, order=1)
@@ -142,8 +148,12 @@ def prepare_subject(pair: SubjectPair, config: PrepareConfig) -> dict[str, np.nd
     low, high = brain_slices.min(), brain_slices.max()
     positions = (np.arange(mask.shape[2]) - low) / max(high - low, 1)
     return {
-        "source": np.where(resized_mask, np.clip(_resize_slices(source_crop, config.size), -1, 1), -1.0).astype(np.float32),
-        "target": np.where(resized_mask, np.clip(_resize_slices(target_crop, config.size), -1, 1), -1.0).astype(np.float32),
+        "source": np.where(resized_mask, np.clip(_resize_slices(source_crop, config.size), -1, 1), -1.0).astype(
+            np.float32
+        ),
+        "target": np.where(resized_mask, np.clip(_resize_slices(target_crop, config.size), -1, 1), -1.0).astype(
+            np.float32
+        ),
         "mask": resized_mask.astype(np.uint8),
         "position": positions.astype(np.float32),
         "brain_fraction": resized_mask.mean(axis=(1, 2)).astype(np.float32),
@@ -221,11 +231,15 @@ def prepare_dataset(
         )
         manifest = {
             "format_version": PREPARED_FORMAT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "layout": layout.value,
             "source": "ct" if layout is not Layout.BRATS else source,
             "target": "t1" if layout is not Layout.BRATS else target,
-            "config": {**config.__dict__, "ct_window_hu": list(config.ct_window_hu), "mri_percentiles": list(config.mri_percentiles)},
+            "config": {
+                **config.__dict__,
+                "ct_window_hu": list(config.ct_window_hu),
+                "mri_percentiles": list(config.mri_percentiles),
+            },
             "array_axes": "(slice, R, A); slice runs inferior to superior",
             "value_range": [-1.0, 1.0],
             "subjects": subjects,

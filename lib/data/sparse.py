@@ -9,7 +9,9 @@ import numpy as np
 from lib.io.volume import Volume
 
 
-def sparse_indices(slice_count: int, factor: int | None = None, offset: int = 0, indices: Sequence[int] | None = None) -> np.ndarray:
+def sparse_indices(
+    slice_count: int, factor: int | None = None, offset: int = 0, indices: Sequence[int] | None = None
+) -> np.ndarray:
     """The acquired slice indices of a sparse scan of ``slice_count`` dense slices.
 
     Args:
@@ -50,6 +52,8 @@ def simulate_sparsity(
     return volume[..., kept], kept
 
 
-def simulate_sparse_volume(volume: Volume, factor: int | None = None, offset: int = 0, indices: Sequence[int] | None = None) -> Volume:
+def simulate_sparse_volume(
+    volume: Volume, factor: int | None = None, offset: int = 0, indices: Sequence[int] | None = None
+) -> Volume:
     """A :class:`Volume` of the kept slices, at their true positions in the dense volume's frame."""
     return volume.take_slices(sparse_indices(volume.shape[2], factor, offset, indices))

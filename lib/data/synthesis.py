@@ -113,8 +113,7 @@ class TissueModel:
             raise ValueError(f"mask shape {self.mask.shape} differs from t1 shape {self.t1.shape}")
         if self.probabilities.shape != (len(TISSUE_CLASSES), *self.t1.shape):
             raise ValueError(
-                f"probabilities must have shape {(len(TISSUE_CLASSES), *self.t1.shape)}, "
-                f"got {self.probabilities.shape}"
+                f"probabilities must have shape {(len(TISSUE_CLASSES), *self.t1.shape)}, got {self.probabilities.shape}"
             )
         if self.affine.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got shape {self.affine.shape}")
@@ -330,9 +329,7 @@ def synthesise_ct(
 # --------------------------------------------------------------------------- deformations
 
 
-def _smooth_random_field(
-    shape: tuple[int, ...], rng: np.random.Generator, sigma: float, channels: int
-) -> np.ndarray:
+def _smooth_random_field(shape: tuple[int, ...], rng: np.random.Generator, sigma: float, channels: int) -> np.ndarray:
     """Gaussian-smoothed white noise, float32 ``(channels, *shape)``.
 
     The noise lives on a lattice of spacing ``sigma / 2`` reaching ``3 sigma`` beyond the
@@ -409,9 +406,7 @@ def random_smooth_deformation(
     linear = a - np.eye(3, dtype=np.float32)
     # Centred voxel coordinates as broadcastable 1-D axes: no full coordinate grids needed.
     grids = [
-        (np.arange(n, dtype=np.float32) - np.float32((n - 1) / 2.0)).reshape(
-            [-1 if k == axis else 1 for k in range(3)]
-        )
+        (np.arange(n, dtype=np.float32) - np.float32((n - 1) / 2.0)).reshape([-1 if k == axis else 1 for k in range(3)])
         for axis, n in enumerate(shape)
     ]
     out = np.empty_like(field)
@@ -422,9 +417,7 @@ def random_smooth_deformation(
     return out
 
 
-def _sample(
-    volume: np.ndarray, positions: np.ndarray, order: int, cval: float
-) -> np.ndarray:
+def _sample(volume: np.ndarray, positions: np.ndarray, order: int, cval: float) -> np.ndarray:
     """Interpolate a 3-D float volume at voxel positions ``(3, N)``."""
     if order > 1:
         coefficients = ndimage.spline_filter(volume, order=order, output=np.float32, mode="grid-constant")
@@ -478,9 +471,7 @@ def warp(
         index = np.nonzero(where[x0:x1])
         if index[0].size == 0:
             continue
-        positions = np.stack(
-            [index[k] + (x0 if k == 0 else 0) + displacement[k, x0:x1][index] for k in range(3)]
-        )
+        positions = np.stack([index[k] + (x0 if k == 0 else 0) + displacement[k, x0:x1][index] for k in range(3)])
         for source, target in zip(channels, out):
             target[x0:x1][index] = _sample(source, positions, order, cval)
     out = out.reshape(volume.shape)
@@ -568,9 +559,7 @@ def make_pseudo_subject(
     mask = warp(model.mask, displacement, order=0)
     # Maps and T1 are needed only inside the deformed mask: 4-5x less interpolation.
     # One 4-channel warp: the sample positions are computed once for maps and T1.
-    warped = warp(
-        np.concatenate([model.probabilities, model.t1[None]]), displacement, order=1, where=mask
-    )
+    warped = warp(np.concatenate([model.probabilities, model.t1[None]]), displacement, order=1, where=mask)
     probabilities = _normalise_probabilities(warped[:3], mask)
     t1 = warped[3]
     deformed = TissueModel(t1=t1, mask=mask, probabilities=probabilities, affine=model.affine)
@@ -584,7 +573,7 @@ def make_pseudo_subject(
     reference = float(np.percentile(brain, 99)) if brain.size else 1.0
     reference = reference if reference > 0 else 1.0
     t1_out = np.zeros_like(t1)
-    t1_out[mask] = (
-        scale * reference * np.power(np.maximum(brain, 0.0) / reference, gamma) * bias[mask]
-    ).astype(np.float32)
+    t1_out[mask] = (scale * reference * np.power(np.maximum(brain, 0.0) / reference, gamma) * bias[mask]).astype(
+        np.float32
+    )
     return PseudoSubject(ct=ct, t1=t1_out, mask=mask, seed=int(seed), affine=model.affine.copy())

@@ -43,7 +43,9 @@ class BridgeSchedule:
         return m, delta
 
 
-def q_sample(schedule: BridgeSchedule, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def q_sample(
+    schedule: BridgeSchedule, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
     """Forward marginal q(x_t | x0, y): x_t = (1 - m_t) x0 + m_t y + sqrt(delta_t) eps."""
     m, delta = schedule.coefficients(t, x0)
     return (1.0 - m) * x0 + m * y + delta.sqrt() * noise

@@ -127,6 +127,14 @@ def translate_slices(
     else:
         denoise_fn = lambda x, t, c: model(torch.cat([x, c], dim=1), t, control)  # noqa: E731
     return sample_bridge(
-        denoise_fn, y, condition, BridgeSchedule.from_config(config), config.objective,
-        steps=steps, eta=eta, generator=generator, progress=progress, distance_range=config.distance_range,
+        denoise_fn,
+        y,
+        condition,
+        BridgeSchedule.from_config(config),
+        config.objective,
+        steps=steps,
+        eta=eta,
+        generator=generator,
+        progress=progress,
+        distance_range=config.distance_range,
     )

@@ -47,26 +47,40 @@ def slerp(
         ValueError: different types or shapes, a 0-d input, or an alpha of the wrong length.
     """
     is_numpy = isinstance(a, np.ndarray)
-    if is_numpy != isinstance(b, np.ndarray) or not (is_numpy or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))):
-        raise ValueError(f"a and b must both be numpy arrays or both torch tensors, got {type(a).__name__} and {type(b).__name__}")
+    if is_numpy != isinstance(b, np.ndarray) or not (
+        is_numpy or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
+    ):
+        raise ValueError(
+            f"a and b must both be numpy arrays or both torch tensors, got {type(a).__name__} and {type(b).__name__}"
+        )
     if a.shape != b.shape or a.ndim < 1:
         raise ValueError(f"a and b must have the same shape (B, ...), got {tuple(a.shape)} and {tuple(b.shape)}")
     if is_numpy:
         dtype = np.result_type(a.dtype, b.dtype)
         dtype = dtype if np.issubdtype(dtype, np.floating) else np.float32
-        result = _slerp_float64(torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(np.asarray(b, np.float64)), alpha, eps)
+        result = _slerp_float64(
+            torch.from_numpy(np.asarray(a, np.float64)), torch.from_numpy(np.asarray(b, np.float64)), alpha, eps
+        )
         return result.numpy().astype(dtype, copy=False)
     dtype = torch.promote_types(a.dtype, b.dtype)
     return _slerp_float64(a.double(), b.double(), alpha, eps).to(dtype if dtype.is_floating_point else torch.float32)
 
 
-def _slerp_float64(a: torch.Tensor, b: torch.Tensor, alpha: float | Sequence[float] | np.ndarray | torch.Tensor, eps: float) -> torch.Tensor:
+def _slerp_float64(
+    a: torch.Tensor, b: torch.Tensor, alpha: float | Sequence[float] | np.ndarray | torch.Tensor, eps: float
+) -> torch.Tensor:
     batch = a.shape[0]
-    fractions = torch.as_tensor(np.asarray(alpha, dtype=np.float64) if not isinstance(alpha, torch.Tensor) else alpha, dtype=torch.float64, device=a.device)
+    fractions = torch.as_tensor(
+        np.asarray(alpha, dtype=np.float64) if not isinstance(alpha, torch.Tensor) else alpha,
+        dtype=torch.float64,
+        device=a.device,
+    )
     if fractions.ndim == 0:
         fractions = fractions.expand(batch)
     if fractions.shape != (batch,):
-        raise ValueError(f"alpha must be a float or have one value per batch item ({batch}), got shape {tuple(fractions.shape)}")
+        raise ValueError(
+            f"alpha must be a float or have one value per batch item ({batch}), got shape {tuple(fractions.shape)}"
+        )
     flat_a, flat_b = a.reshape(batch, -1), b.reshape(batch, -1)
     norms = flat_a.norm(dim=1) * flat_b.norm(dim=1)
     # A zero norm would make the cosine 0/0; such items take the linear branch below.

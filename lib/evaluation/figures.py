@@ -69,7 +69,9 @@ def _check_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
     try:
         values = tuple(float(s) for s in spacing)
     except (TypeError, ValueError):
-        raise ValueError(f"spacing must be three positive finite millimetre values (sx, sy, sz), got {spacing!r}") from None
+        raise ValueError(
+            f"spacing must be three positive finite millimetre values (sx, sy, sz), got {spacing!r}"
+        ) from None
     if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
         raise ValueError(f"spacing must be three positive finite millimetre values (sx, sy, sz), got {spacing!r}")
     return values  # type: ignore[return-value]
@@ -154,7 +156,9 @@ def plot_slice_psnr(
     for name, values in psnr_by_method.items():
         array = np.asarray(values, dtype=float)
         if array.ndim != 1 or array.size == 0:
-            raise ValueError(f"psnr_by_method[{name!r}] must be a non-empty 1-D per-slice array, got shape {array.shape}")
+            raise ValueError(
+                f"psnr_by_method[{name!r}] must be a non-empty 1-D per-slice array, got shape {array.shape}"
+            )
         curves[name] = array
     lengths = {name: array.size for name, array in curves.items()}
     depth = next(iter(lengths.values()))
@@ -244,7 +248,15 @@ def plot_similarity_histogram(
         # sqrt(n) bins, bounded: enough to see the shape of a few hundred slices, never so many
         # that every bar holds one value.
         bins = int(np.clip(round(math.sqrt(finite.size)), 5, 60))
-        axis.hist(finite, bins=bins, range=(low, high), color="grey", edgecolor="black", linewidth=0.5, label=f"similarity (n = {finite.size})")
+        axis.hist(
+            finite,
+            bins=bins,
+            range=(low, high),
+            color="grey",
+            edgecolor="black",
+            linewidth=0.5,
+            label=f"similarity (n = {finite.size})",
+        )
         above = int((finite >= threshold).sum())
         share = f"{above} of {finite.size} ({100.0 * above / finite.size:.1f} %) >= tau"
         # tau may lie outside the data: widen the axis so that its line is always drawn.
@@ -255,7 +267,18 @@ def plot_similarity_histogram(
         share = "no finite similarity"
         # Boxed and drawn above the tau line, which passes through the middle of the axis.
         note_box = {"facecolor": "white", "edgecolor": "grey", "pad": 4}
-        axis.text(0.5, 0.5, "no retrieval", transform=axis.transAxes, ha="center", va="center", fontsize=14, color="grey", bbox=note_box, zorder=3)
+        axis.text(
+            0.5,
+            0.5,
+            "no retrieval",
+            transform=axis.transAxes,
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="grey",
+            bbox=note_box,
+            zorder=3,
+        )
         axis.set_xlim(threshold - 0.1, threshold + 0.1)
     axis.axvline(threshold, color=TAU_COLOUR, linestyle="--", linewidth=1.5, label=f"tau = {threshold:.3f}: {share}")
     axis.set_xlabel("retrieval similarity")
@@ -318,9 +341,15 @@ def plot_montage(
     return _save(figure, path)
 
 
-def _check_maps(uncertainty: np.ndarray, abs_error: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_maps(
+    uncertainty: np.ndarray, abs_error: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three arrays as float, float, bool on one grid, or a ValueError naming the problem."""
-    uncertainty, abs_error, mask = np.asarray(uncertainty, dtype=float), np.asarray(abs_error, dtype=float), np.asarray(mask)
+    uncertainty, abs_error, mask = (
+        np.asarray(uncertainty, dtype=float),
+        np.asarray(abs_error, dtype=float),
+        np.asarray(mask),
+    )
     if not uncertainty.shape == abs_error.shape == mask.shape:
         raise ValueError(
             f"uncertainty {uncertainty.shape}, abs_error {abs_error.shape} and mask {mask.shape} must have the same shape"
@@ -330,7 +359,9 @@ def _check_maps(uncertainty: np.ndarray, abs_error: np.ndarray, mask: np.ndarray
     # signed error (or a variance offset) was passed, and its correlation would mean something else.
     for name, values in (("uncertainty", uncertainty), ("abs_error", abs_error)):
         if np.any(values[inside] < 0):
-            raise ValueError(f"{name} has negative values inside the mask; pass a standard deviation and an absolute error")
+            raise ValueError(
+                f"{name} has negative values inside the mask; pass a standard deviation and an absolute error"
+            )
     return uncertainty, abs_error, inside
 
 
@@ -430,6 +461,8 @@ def plot_uncertainty_and_error(
         figure.colorbar(artist, ax=axes, fraction=0.025, pad=0.01, label=name)
     usable = int((inside & np.isfinite(uncertainty) & np.isfinite(abs_error)).sum())
     correlation = f"r = {r:.3f}" if math.isfinite(r) else "r undefined (a constant map or too few voxels)"
-    heading = f"Pearson correlation of uncertainty and absolute error inside the mask: {correlation} (n = {usable} voxels)"
+    heading = (
+        f"Pearson correlation of uncertainty and absolute error inside the mask: {correlation} (n = {usable} voxels)"
+    )
     figure.suptitle(f"{title}\n{heading}" if title else heading, fontsize=11)
     return _save(figure, path)

@@ -37,8 +37,24 @@ from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.knowledge_base import KnowledgeBase
 
 METRIC_COLUMNS = (
-    "subject", "split", "variant", "method", "sparsity", "seed", "kb_fraction", "nrmse", "psnr", "ssim", "ssim3d", "issim", "issim_reference",
-    "retrieval_success_rate", "fallback_rate", "slices", "generated_slices", "seconds",
+    "subject",
+    "split",
+    "variant",
+    "method",
+    "sparsity",
+    "seed",
+    "kb_fraction",
+    "nrmse",
+    "psnr",
+    "ssim",
+    "ssim3d",
+    "issim",
+    "issim_reference",
+    "retrieval_success_rate",
+    "fallback_rate",
+    "slices",
+    "generated_slices",
+    "seconds",
 )
 ProgressFn = Callable[[str], None]
 
@@ -143,8 +159,14 @@ class EvaluationResult:
 
 
 def held_out_subjects(
-    pipeline: ReBrainPipeline, layout: str, src: str | None, max_subjects: int | None = None, open_count: int = 16,
-    val_fraction: float = 0.2, test_fraction: float = 0.2, split_seed: int = 0,
+    pipeline: ReBrainPipeline,
+    layout: str,
+    src: str | None,
+    max_subjects: int | None = None,
+    open_count: int = 16,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
 ) -> list[EvaluationSubject]:
     """The subjects of a dataset that the preset's knowledge base does not hold.
 
@@ -167,18 +189,31 @@ def held_out_subjects(
             continue
         pair = record.load()
         pipeline.check_modality(pair.source)  # before any work, not at the first reconstruction
-        subjects.append(EvaluationSubject(key=key, split=splits.get(key, "unseen"), source=pair.source, target=pair.target.array, mask=pair.mask))
+        subjects.append(
+            EvaluationSubject(
+                key=key, split=splits.get(key, "unseen"), source=pair.source, target=pair.target.array, mask=pair.mask
+            )
+        )
         if max_subjects is not None and len(subjects) >= max_subjects:
             break
     if not subjects:
-        raise ValueError(f"{src or layout}: every subject is in the knowledge base of preset {pipeline.preset.name!r}; nothing held out to evaluate")
+        raise ValueError(
+            f"{src or layout}: every subject is in the knowledge base of preset {pipeline.preset.name!r}; nothing held out to evaluate"
+        )
     return subjects
 
 
 def per_slice_psnr(prediction: np.ndarray, truth_unit: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """PSNR of each slice inside the brain; NaN for slices without brain."""
     # lib.metrics works on volumes: each slice is passed as a one-slice volume.
-    return np.array([psnr(prediction[:, :, z : z + 1], truth_unit[:, :, z : z + 1], mask[:, :, z : z + 1]) if mask[:, :, z].any() else np.nan for z in range(prediction.shape[2])])
+    return np.array(
+        [
+            psnr(prediction[:, :, z : z + 1], truth_unit[:, :, z : z + 1], mask[:, :, z : z + 1])
+            if mask[:, :, z].any()
+            else np.nan
+            for z in range(prediction.shape[2])
+        ]
+    )
 
 
 def reference_slices(source: Volume, reconstruction: Reconstruction) -> np.ndarray:
@@ -191,11 +226,18 @@ def reference_slices(source: Volume, reconstruction: Reconstruction) -> np.ndarr
     index = np.searchsorted(positions, reconstruction.grid.positions)
     index = np.clip(index, 0, len(positions) - 1)
     if not np.allclose(positions[index], reconstruction.grid.positions, atol=1e-3):
-        raise ValueError("the reconstruction's grid does not lie on the source's slices; evaluate at the source's own slice spacing")
+        raise ValueError(
+            "the reconstruction's grid does not lie on the source's slices; evaluate at the source's own slice spacing"
+        )
     return index
 
 
-def evaluate_subjects(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubject], config: EvaluationConfig, progress: ProgressFn | None = None) -> EvaluationResult:
+def evaluate_subjects(
+    pipeline: ReBrainPipeline,
+    subjects: Sequence[EvaluationSubject],
+    config: EvaluationConfig,
+    progress: ProgressFn | None = None,
+) -> EvaluationResult:
     """Run every method x sparsity x seed on every subject; see the module docstring."""
     result = EvaluationResult()
     for variant in config.variants:
@@ -207,9 +249,18 @@ def evaluate_subjects(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSu
     if config.uncertainty_samples > 1:
         first = subjects[0]
         spacing = source_spacing(first.source)
-        sparse = simulate_sparse_volume(first.source, factor=config.sparsities[0], offset=config.seeds[0] % config.sparsities[0])
+        sparse = simulate_sparse_volume(
+            first.source, factor=config.sparsities[0], offset=config.seeds[0] % config.sparsities[0]
+        )
         # Several samples need noise: eta 1 unless the evaluation already samples with some.
-        options = ReconstructionOptions(steps=config.steps, seed=config.seeds[0], samples=config.uncertainty_samples, eta=config.eta or 1.0, batch_size=config.batch_size, target_spacing=spacing)
+        options = ReconstructionOptions(
+            steps=config.steps,
+            seed=config.seeds[0],
+            samples=config.uncertainty_samples,
+            eta=config.eta or 1.0,
+            batch_size=config.batch_size,
+            target_spacing=spacing,
+        )
         result.uncertainty = pipeline.reconstruct(sparse, options)
     return result
 
@@ -242,7 +293,14 @@ def kb_subset(kb: KnowledgeBase, fraction: float, seed: int = 0) -> list[str]:
     return sorted(np.random.default_rng(seed).permutation(subjects)[:keep].tolist())
 
 
-def _evaluate_all(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubject], config: EvaluationConfig, variant: Variant, result: EvaluationResult, progress: ProgressFn | None) -> None:
+def _evaluate_all(
+    pipeline: ReBrainPipeline,
+    subjects: Sequence[EvaluationSubject],
+    config: EvaluationConfig,
+    variant: Variant,
+    result: EvaluationResult,
+    progress: ProgressFn | None,
+) -> None:
     """One pass over subjects x sparsities x seeds x methods with the pipeline as the variant set it."""
     spacing = source_spacing(subjects[0].source)
     for number, subject in enumerate(subjects):
@@ -251,14 +309,24 @@ def _evaluate_all(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubjec
                 sparse = simulate_sparse_volume(subject.source, factor=sparsity, offset=seed % sparsity)
                 for method in config.methods:
                     options = ReconstructionOptions(
-                        steps=config.steps, seed=seed, eta=config.eta, batch_size=config.batch_size, method=method, target_spacing=spacing,
+                        steps=config.steps,
+                        seed=seed,
+                        eta=config.eta,
+                        batch_size=config.batch_size,
+                        method=method,
+                        target_spacing=spacing,
                     )
                     started = time.perf_counter()
                     reconstruction = pipeline.reconstruct(sparse, options)
                     seconds = time.perf_counter() - started
                     row = _row(subject, method, sparsity, seed, reconstruction, seconds)
                     row.update(variant=variant.name, kb_fraction=variant.kb_fraction)
-                    example = number == 0 and sparsity == config.sparsities[0] and seed == config.seeds[0] and variant == config.variants[0]
+                    example = (
+                        number == 0
+                        and sparsity == config.sparsities[0]
+                        and seed == config.seeds[0]
+                        and variant == config.variants[0]
+                    )
                     if subject.target is not None:
                         index = reference_slices(subject.source, reconstruction)
                         truth, mask = subject.target[:, :, index], subject.mask[:, :, index]
@@ -273,7 +341,11 @@ def _evaluate_all(pipeline: ReBrainPipeline, subjects: Sequence[EvaluationSubjec
                         result.example[method] = reconstruction
                     result.rows.append(row)
                     if progress is not None:
-                        progress(f"{subject.key} x{sparsity} seed {seed} {variant.name} {method}: " + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}") + f" ({seconds:.1f} s)")
+                        progress(
+                            f"{subject.key} x{sparsity} seed {seed} {variant.name} {method}: "
+                            + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}")
+                            + f" ({seconds:.1f} s)"
+                        )
 
 
 def source_spacing(volume: Volume) -> float:
@@ -281,12 +353,22 @@ def source_spacing(volume: Volume) -> float:
     return float(np.median(np.diff(volume.positions))) if volume.shape[2] > 1 else 1.0
 
 
-def _row(subject: EvaluationSubject, method: str, sparsity: int, seed: int, reconstruction: Reconstruction, seconds: float) -> dict:
+def _row(
+    subject: EvaluationSubject, method: str, sparsity: int, seed: int, reconstruction: Reconstruction, seconds: float
+) -> dict:
     summary = reconstruction.summary
     generated = summary["generated_slices"]
     return {
-        "subject": subject.key, "split": subject.split, "method": method, "sparsity": sparsity, "seed": seed,
+        "subject": subject.key,
+        "split": subject.split,
+        "method": method,
+        "sparsity": sparsity,
+        "seed": seed,
         "retrieval_success_rate": summary["generated_retrieval_success_rate"],
-        "fallback_rate": summary["fallback_count"] / generated if generated and summary["generated_retrieval_success_rate"] is not None else None,
-        "slices": summary["slices"], "generated_slices": generated, "seconds": round(seconds, 2),
+        "fallback_rate": summary["fallback_count"] / generated
+        if generated and summary["generated_retrieval_success_rate"] is not None
+        else None,
+        "slices": summary["slices"],
+        "generated_slices": generated,
+        "seconds": round(seconds, 2),
     }

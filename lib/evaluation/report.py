@@ -34,7 +34,9 @@ def group_columns(metrics: pd.DataFrame) -> list[str]:
 
 def summary_table(metrics: pd.DataFrame, columns=TABLE_METRICS) -> pd.DataFrame:
     """Mean +- std over seeds of the per-seed subject means, per sparsity and method (strings)."""
-    available = [(name, label, digits) for name, label, digits in columns if name in metrics and metrics[name].notna().any()]
+    available = [
+        (name, label, digits) for name, label, digits in columns if name in metrics and metrics[name].notna().any()
+    ]
     groups = group_columns(metrics)
     per_seed = metrics.groupby([*groups, "seed"], sort=False)[[name for name, _, _ in available]].mean()
     grouped = per_seed.groupby(level=groups, sort=False)
@@ -47,14 +49,18 @@ def summary_table(metrics: pd.DataFrame, columns=TABLE_METRICS) -> pd.DataFrame:
 
 def _markdown(table: pd.DataFrame) -> str:
     header = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
-    return header + "".join("| " + " | ".join(str(value) for value in row) + " |\n" for row in table.itertuples(index=False))
+    return header + "".join(
+        "| " + " | ".join(str(value) for value in row) + " |\n" for row in table.itertuples(index=False)
+    )
 
 
 def is_report_folder(folder: Path) -> bool:
     """True for a report folder :func:`write_report` wrote and nothing else."""
     entries = {entry.name: entry for entry in folder.iterdir()}
     return (
-        (folder / "metrics.csv").is_file() and (folder / "report.md").is_file() and set(entries) <= {"metrics.csv", "report.md", "figures"}
+        (folder / "metrics.csv").is_file()
+        and (folder / "report.md").is_file()
+        and set(entries) <= {"metrics.csv", "report.md", "figures"}
         and all(not entry.is_symlink() for entry in entries.values())
         and all(f.is_file() and f.suffix == ".png" and not f.is_symlink() for f in (folder / "figures").glob("*"))
     )
@@ -69,7 +75,9 @@ def check_report_folder(out_dir: str | os.PathLike[str]) -> Path:
         FileExistsError: a file, a link, or a folder holding anything else.
         OSError: the folder cannot be created or written.
     """
-    return check_replaceable_folder(out_dir, is_report_folder, "an earlier ReBrain report (metrics.csv, report.md, figures/)")
+    return check_replaceable_folder(
+        out_dir, is_report_folder, "an earlier ReBrain report (metrics.csv, report.md, figures/)"
+    )
 
 
 def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, header: dict[str, str]) -> Path:
@@ -88,17 +96,38 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
         figures = staging / "figures"
         figures.mkdir()
         lines = ["# ReBrain evaluation", ""] + [f"- {key}: {value}" for key, value in header.items()] + [""]
-        lines += [f"{len(metrics)} runs: {metrics['subject'].nunique()} subject(s) ({', '.join(sorted(metrics['split'].unique()))}), "
-                  f"methods {', '.join(metrics['method'].unique())}, sparsity {sorted(metrics['sparsity'].unique())}, seeds {sorted(metrics['seed'].unique())}.", ""]
+        lines += [
+            f"{len(metrics)} runs: {metrics['subject'].nunique()} subject(s) ({', '.join(sorted(metrics['split'].unique()))}), "
+            f"methods {', '.join(metrics['method'].unique())}, sparsity {sorted(metrics['sparsity'].unique())}, seeds {sorted(metrics['seed'].unique())}.",
+            "",
+        ]
         lines += ["## Results", "", _markdown(summary_table(metrics)), DEFINITIONS, ""]
         if metrics["issim_reference"].notna().any():
             lines += [f"Ground truth I-SSIM (mean over runs): {metrics['issim_reference'].mean():.3f}.", ""]
-        rates = metrics.groupby(group_columns(metrics), sort=False)[["retrieval_success_rate", "fallback_rate", "seconds"]].mean().reset_index()
-        rates = rates.map(lambda v: "-" if isinstance(v, float) and np.isnan(v) else (f"{v:.3f}" if isinstance(v, float) else v))
-        kb_note = (" Variants: `preset` is the shipped setting; `kb=F` keeps a share F of the knowledge base's subjects (METHOD.md Table 5), "
-                   "`bbdm=NAME` uses another BBDM without ControlNet (Table 2), `encoder=NAME` another retrieval encoder (Table 3).") if "variant" in rates else ""
-        lines += ["## Retrieval and time", "", "Mean over runs: share of generated slices whose retrieval passed tau, share that fell back to the SLERP "
-                  "control, seconds per volume." + kb_note, "", _markdown(rates)]
+        rates = (
+            metrics.groupby(group_columns(metrics), sort=False)[["retrieval_success_rate", "fallback_rate", "seconds"]]
+            .mean()
+            .reset_index()
+        )
+        rates = rates.map(
+            lambda v: "-" if isinstance(v, float) and np.isnan(v) else (f"{v:.3f}" if isinstance(v, float) else v)
+        )
+        kb_note = (
+            (
+                " Variants: `preset` is the shipped setting; `kb=F` keeps a share F of the knowledge base's subjects (METHOD.md Table 5), "
+                "`bbdm=NAME` uses another BBDM without ControlNet (Table 2), `encoder=NAME` another retrieval encoder (Table 3)."
+            )
+            if "variant" in rates
+            else ""
+        )
+        lines += [
+            "## Retrieval and time",
+            "",
+            "Mean over runs: share of generated slices whose retrieval passed tau, share that fell back to the SLERP "
+            "control, seconds per volume." + kb_note,
+            "",
+            _markdown(rates),
+        ]
         lines += ["## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in _figures(figures, result)] + [""]
         (staging / "report.md").write_text("\n".join(lines))
     return Path(out_dir)
@@ -116,16 +145,31 @@ def _figures(folder: Path, result: EvaluationResult) -> list[str]:
         plot_slice_psnr(folder / "slice_psnr.png", result.slice_psnr, acquired, title="PSNR per slice (first subject)")
         names.append("slice_psnr")
     retrieval = next((r for method, r in result.example.items() if method == "rebrain"), None) or first
-    plot_similarity_histogram(folder / "similarity.png", retrieval.similarities, float(retrieval.summary["tau"]), title="retrieval similarity (first subject)")
+    plot_similarity_histogram(
+        folder / "similarity.png",
+        retrieval.similarities,
+        float(retrieval.summary["tau"]),
+        title="retrieval similarity (first subject)",
+    )
     names.append("similarity")
-    volumes = ({"ground truth": result.example_truth * result.example_mask} if result.example_truth is not None else {"input (SLERP-filled)": _unit(first.ct)})
+    volumes = (
+        {"ground truth": result.example_truth * result.example_mask}
+        if result.example_truth is not None
+        else {"input (SLERP-filled)": _unit(first.ct)}
+    )
     volumes.update({method: reconstruction.mri for method, reconstruction in result.example.items()})
     plot_montage(folder / "montage.png", volumes, spacing, title="SYNTHETIC reconstructions (first subject)")
     names.append("montage")
     if result.uncertainty is not None and result.example_truth is not None:
         error = np.abs(result.uncertainty.mri - result.example_truth) * result.example_mask
-        plot_uncertainty_and_error(folder / "uncertainty.png", result.uncertainty.uncertainty, error, result.example_mask, spacing,
-                                   title=f"rebrain, {result.uncertainty.summary['samples']} samples")
+        plot_uncertainty_and_error(
+            folder / "uncertainty.png",
+            result.uncertainty.uncertainty,
+            error,
+            result.example_mask,
+            spacing,
+            title=f"rebrain, {result.uncertainty.summary['samples']} samples",
+        )
         names.append("uncertainty")
     return names
 

@@ -25,7 +25,10 @@ __all__ = [
 
 
 def read_volume(
-    path: str | os.PathLike[str], series_uid: str | None = None, modality: str = "unknown", max_bytes: int | None = MAX_VOLUME_BYTES
+    path: str | os.PathLike[str],
+    series_uid: str | None = None,
+    modality: str = "unknown",
+    max_bytes: int | None = MAX_VOLUME_BYTES,
 ) -> Volume:
     """Read a NIfTI file or a DICOM series folder into a canonical :class:`Volume`.
 

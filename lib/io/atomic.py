@@ -87,7 +87,9 @@ def check_writable_folder(path: str | os.PathLike[str]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target.parent))
     except OSError as error:
-        raise type(error)(f"{target}: cannot write the folder: no folder can be made in {existing} ({error.strerror or error})") from error
+        raise type(error)(
+            f"{target}: cannot write the folder: no folder can be made in {existing} ({error.strerror or error})"
+        ) from error
     return target
 
 
@@ -109,7 +111,9 @@ def check_replaceable_folder(path: str | os.PathLike[str], is_ours: Callable[[Pa
     """
     target = Path(path)
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise FileExistsError(f"{target}: exists and is not a folder (a file or a link); choose a new or empty output folder")
+        raise FileExistsError(
+            f"{target}: exists and is not a folder (a file or a link); choose a new or empty output folder"
+        )
     if target.is_dir() and any(target.iterdir()) and not is_ours(target):
         raise FileExistsError(
             f"{target}: the output folder is not empty and not {ours} (a result replaces the whole folder, and nothing "

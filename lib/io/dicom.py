@@ -162,7 +162,11 @@ def _header_damage(header: Dataset) -> str | None:
         if not sop_class or (media_class and media_class != sop_class):
             return f"SOP class {sop_class or 'missing'} in the data set, {media_class or 'missing'} in the meta header: a truncated or damaged header"
         if sop_class in PLANE_IMAGE_CLASSES:
-            missing = [tag for tag in ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient") if tag not in header]
+            missing = [
+                tag
+                for tag in ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient")
+                if tag not in header
+            ]
             return f"a {UID(sop_class).name} file without {', '.join(missing)}: a truncated or damaged header"
         return None
     uid = header.get("SeriesInstanceUID")
@@ -203,8 +207,12 @@ def scan_dicom_folder(folder: str | os.PathLike[str]) -> DicomFolderScan:
         except OSError as error:
             unreadable.append((path, None, f"cannot be read ({error})"))
             continue
-        except Exception as error:  # pydicom raises many types for damaged bytes (NotImplementedError for an unknown VR, ...)
-            unreadable.append((path, _series_uid_in_bytes(path), f"a damaged DICOM file ({type(error).__name__}: {error})"))
+        except (
+            Exception
+        ) as error:  # pydicom raises many types for damaged bytes (NotImplementedError for an unknown VR, ...)
+            unreadable.append(
+                (path, _series_uid_in_bytes(path), f"a damaged DICOM file ({type(error).__name__}: {error})")
+            )
             continue
         damage = _header_damage(header)
         uid = str(header.get("SeriesInstanceUID", ""))
@@ -217,7 +225,11 @@ def scan_dicom_folder(folder: str | os.PathLike[str]) -> DicomFolderScan:
             entry.files.append(path)
             entry.headers.append(header)
     for path, uid, reason in unreadable:
-        owners = [series[uid]] if uid in series else [s for s in series.values() if any(_named_alike(f, path) for f in s.files)]
+        owners = (
+            [series[uid]]
+            if uid in series
+            else [s for s in series.values() if any(_named_alike(f, path) for f in s.files)]
+        )
         for owner in owners:
             owner.damaged[path] = reason
         if not owners:
@@ -253,7 +265,9 @@ def _numbers(path: Path, header: Dataset, keyword: str, count: int) -> np.ndarra
     except (TypeError, ValueError):
         numbers = np.array([np.nan])
     if len(numbers) != count or not np.all(np.isfinite(numbers)):
-        raise VolumeReadError(path, f"{keyword} {reprlib.repr(values)} is not {count} finite number{'s' if count > 1 else ''}")
+        raise VolumeReadError(
+            path, f"{keyword} {reprlib.repr(values)} is not {count} finite number{'s' if count > 1 else ''}"
+        )
     return numbers
 
 
@@ -285,7 +299,10 @@ def check_slice(path: Path, header: Dataset) -> SliceGeometry:
     if not np.allclose(np.linalg.norm([row_direction, column_direction], axis=1), 1.0, atol=UNIT_VECTOR_TOLERANCE):
         raise VolumeReadError(path, f"ImageOrientationPatient {orientation.tolist()} does not hold two unit vectors")
     if abs(row_direction @ column_direction) > UNIT_VECTOR_TOLERANCE:
-        raise VolumeReadError(path, f"ImageOrientationPatient {orientation.tolist()}: the row and column directions are not at right angles")
+        raise VolumeReadError(
+            path,
+            f"ImageOrientationPatient {orientation.tolist()}: the row and column directions are not at right angles",
+        )
     position = _numbers(path, header, "ImagePositionPatient", 3)
     spacing = _numbers(path, header, "PixelSpacing", 2)
     low, high = PIXEL_SPACING_RANGE_MM
@@ -295,15 +312,21 @@ def check_slice(path: Path, header: Dataset) -> SliceGeometry:
     if rows < 1 or columns < 1:
         raise VolumeReadError(path, f"an image of {rows}x{columns} pixels")
     if _integer(path, header, "SamplesPerPixel") != 1:
-        raise VolumeReadError(path, f"a colour image (SamplesPerPixel {header.SamplesPerPixel}); greyscale slices are needed")
+        raise VolumeReadError(
+            path, f"a colour image (SamplesPerPixel {header.SamplesPerPixel}); greyscale slices are needed"
+        )
     bits_allocated, bits_stored = _integer(path, header, "BitsAllocated"), _integer(path, header, "BitsStored")
     is_ct = header.get("Modality") == "CT"
     if bits_allocated not in ((16, 32) if is_ct else (8, 16, 32)):
-        raise VolumeReadError(path, f"BitsAllocated {bits_allocated}: {'CT needs 16 or 32' if is_ct else 'needs 8, 16 or 32'}")
+        raise VolumeReadError(
+            path, f"BitsAllocated {bits_allocated}: {'CT needs 16 or 32' if is_ct else 'needs 8, 16 or 32'}"
+        )
     if not 1 <= bits_stored <= bits_allocated:
         raise VolumeReadError(path, f"BitsStored {bits_stored} does not fit BitsAllocated {bits_allocated}")
     if _integer(path, header, "PixelRepresentation") not in (0, 1):
-        raise VolumeReadError(path, f"PixelRepresentation {header.PixelRepresentation} is neither 0 (unsigned) nor 1 (signed)")
+        raise VolumeReadError(
+            path, f"PixelRepresentation {header.PixelRepresentation} is neither 0 (unsigned) nor 1 (signed)"
+        )
     # CT's rescale is mandatory (it makes HU); other modalities may store values as they are.
     if is_ct or "RescaleSlope" in header or "RescaleIntercept" in header:
         if _numbers(path, header, "RescaleSlope", 1)[0] == 0:
@@ -337,7 +360,9 @@ def why_unusable(series: DicomSeries, modality: str) -> str | None:
     return None
 
 
-def choose_series(scan: DicomFolderScan, series_uid: str | None = None, modality: str = "CT") -> tuple[DicomSeries, dict[str, str]]:
+def choose_series(
+    scan: DicomFolderScan, series_uid: str | None = None, modality: str = "CT"
+) -> tuple[DicomSeries, dict[str, str]]:
     """Pick the series to read and say why every other one was skipped.
 
     Without ``series_uid`` the choice is among ``modality`` (DICOM Modality: CT, MR) series
@@ -395,13 +420,22 @@ def check_consistent(series: DicomSeries) -> list[SliceGeometry]:
     first, first_name = geometries[0], series.files[0].name
     for path, header, geometry in zip(series.files, series.headers, geometries):
         if str(header.get("Modality", "")) != series.modality:
-            raise VolumeReadError(path, f"Modality {header.get('Modality') or 'missing'} differs from {series.modality or 'missing'} of {first_name} in the same series")
+            raise VolumeReadError(
+                path,
+                f"Modality {header.get('Modality') or 'missing'} differs from {series.modality or 'missing'} of {first_name} in the same series",
+            )
         if not np.allclose(geometry.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
             raise NotOneStackError(path, f"mixed orientations in {series.describe()}: slices are not parallel")
         if geometry.shape != first.shape:
-            raise VolumeReadError(path, f"image size {geometry.shape[0]}x{geometry.shape[1]} differs from {first.shape[0]}x{first.shape[1]} of {first_name} in the same series")
+            raise VolumeReadError(
+                path,
+                f"image size {geometry.shape[0]}x{geometry.shape[1]} differs from {first.shape[0]}x{first.shape[1]} of {first_name} in the same series",
+            )
         if not np.allclose(geometry.spacing, first.spacing, atol=1e-4):
-            raise VolumeReadError(path, f"pixel spacing {geometry.spacing.tolist()} differs from {first.spacing.tolist()} of {first_name} in the same series")
+            raise VolumeReadError(
+                path,
+                f"pixel spacing {geometry.spacing.tolist()} differs from {first.spacing.tolist()} of {first_name} in the same series",
+            )
     return geometries
 
 
@@ -429,7 +463,9 @@ def _read_pixels(path: Path) -> np.ndarray:
     except Exception as error:  # pixel decoding raises many types for truncated or odd data
         raise VolumeReadError(path, f"cannot decode the pixel data ({type(error).__name__}: {error})") from error
     if values.ndim != 2:
-        raise VolumeReadError(path, f"a multi-frame or colour image of shape {values.shape}; single-frame greyscale slices are needed")
+        raise VolumeReadError(
+            path, f"a multi-frame or colour image of shape {values.shape}; single-frame greyscale slices are needed"
+        )
     if not np.all(np.isfinite(values)):
         raise VolumeReadError(path, f"{int(np.size(values) - np.isfinite(values).sum())} pixels are NaN or infinite")
     implausible = _implausible_ct(values) if dataset.get("Modality") == "CT" else None
@@ -439,7 +475,10 @@ def _read_pixels(path: Path) -> np.ndarray:
 
 
 def read_dicom_series(
-    folder: str | os.PathLike[str], series_uid: str | None = None, modality: str = "CT", max_bytes: int | None = MAX_VOLUME_BYTES
+    folder: str | os.PathLike[str],
+    series_uid: str | None = None,
+    modality: str = "CT",
+    max_bytes: int | None = MAX_VOLUME_BYTES,
 ) -> Volume:
     """Read one series of a DICOM folder into a canonical :class:`Volume`.
 
@@ -470,7 +509,10 @@ def read_dicom_series(
 
 
 def read_series(
-    series: DicomSeries, folder: str | os.PathLike[str], skipped_series: dict[str, str] | None = None, skipped_files: dict[str, str] | None = None,
+    series: DicomSeries,
+    folder: str | os.PathLike[str],
+    skipped_series: dict[str, str] | None = None,
+    skipped_files: dict[str, str] | None = None,
     max_bytes: int | None = MAX_VOLUME_BYTES,
 ) -> Volume:
     """Read one scanned series (see :func:`scan_dicom_folder`) into a canonical :class:`Volume`.
@@ -486,9 +528,14 @@ def read_series(
     """
     if series.damaged:
         path, reason = next(iter(series.damaged.items()))
-        raise VolumeReadError(path, f"{reason}; it belongs to (or lies among the slices of) {series.describe()}, which is incomplete without it")
+        raise VolumeReadError(
+            path,
+            f"{reason}; it belongs to (or lies among the slices of) {series.describe()}, which is incomplete without it",
+        )
     if len(series.files) < 2:
-        raise VolumeReadError(series.files[0], f"{series.describe()} is a single 2-D image; a volume needs at least 2 slices")
+        raise VolumeReadError(
+            series.files[0], f"{series.describe()} is a single 2-D image; a volume needs at least 2 slices"
+        )
     geometries = check_consistent(series)
     first, names = geometries[0], [path.name for path in series.files]
     check_volume_bytes(folder, (*first.shape, len(series.files)), max_bytes)
@@ -502,11 +549,14 @@ def read_series(
     steps = np.diff(distances)
     if np.any(steps < POSITION_TOLERANCE_MM):
         duplicate = series.files[order[int(np.argmin(steps)) + 1]]
-        raise VolumeReadError(duplicate, f"two slices of {series.describe()} lie at the same position (repeated acquisition?)")
+        raise VolumeReadError(
+            duplicate, f"two slices of {series.describe()} lie at the same position (repeated acquisition?)"
+        )
     if np.any(steps > MAX_SLICE_GAP_MM):
         gap = int(np.argmax(steps))
         raise VolumeReadError(
-            series.files[order[gap + 1]], f"{steps[gap]:.1f} mm from {names[order[gap]]}, the slice before it: slices over {MAX_SLICE_GAP_MM:.0f} mm apart are not one scan"
+            series.files[order[gap + 1]],
+            f"{steps[gap]:.1f} mm from {names[order[gap]]}, the slice before it: slices over {MAX_SLICE_GAP_MM:.0f} mm apart are not one scan",
         )
 
     # Direction in which slice origins move per mm of normal distance: equals the normal
@@ -517,7 +567,10 @@ def read_series(
     offsets = np.linalg.norm(sorted_origins - (sorted_origins[0] + np.outer(distances - distances[0], motion)), axis=1)
     if offsets.max() > first.spacing.max():
         stray = int(np.argmax(offsets))
-        raise VolumeReadError(series.files[order[stray]], f"its origin lies {offsets[stray]:.1f} mm off the line through the other slices' origins: not one stack")
+        raise VolumeReadError(
+            series.files[order[stray]],
+            f"its origin lies {offsets[stray]:.1f} mm off the line through the other slices' origins: not one stack",
+        )
     tilt_deg = float(np.degrees(np.arccos(np.clip(motion @ normal / np.linalg.norm(motion), -1.0, 1.0))))
     if tilt_deg > 0.5:
         logger.warning("%s: gantry tilt of %.1f degrees", folder, tilt_deg)
@@ -533,7 +586,11 @@ def read_series(
     affine[:3] = LPS_TO_RAS @ affine_lps[:3]
 
     header = series.first
-    thickness = _numbers(series.files[0], header, "SliceThickness", 1)[0] if header.get("SliceThickness") not in (None, "") else 0.0
+    thickness = (
+        _numbers(series.files[0], header, "SliceThickness", 1)[0]
+        if header.get("SliceThickness") not in (None, "")
+        else 0.0
+    )
     stack = np.stack([_read_pixels(series.files[index]) for index in order], axis=-1)
     try:
         volume = volume_from_slices(

@@ -87,7 +87,9 @@ def write_dicom_series(
     elif stored.min() >= -32768 and stored.max() <= 32767:
         stored, pixel_representation = stored.astype(np.int16), 1
     else:
-        raise ValueError(f"values {volume.array.min()}..{volume.array.max()} do not fit 16 bits with slope {description.rescale_slope}, intercept {description.rescale_intercept}")
+        raise ValueError(
+            f"values {volume.array.min()}..{volume.array.max()} do not fit 16 bits with slope {description.rescale_slope}, intercept {description.rescale_intercept}"
+        )
 
     x_size, y_size = volume.shape[:2]
     axis_i, axis_j = RAS_TO_LPS @ volume.affine[:3, 0], RAS_TO_LPS @ volume.affine[:3, 1]
@@ -143,4 +145,3 @@ def write_dicom_series(
             pydicom.dcmwrite(str(temporary), ds, write_like_original=False)
         paths.append(path)
     return paths
-

@@ -24,7 +24,9 @@ class VolumeTooLarge(VolumeReadError):
     """A volume whose header announces more than the size limit (the server answers 413)."""
 
 
-def check_volume_bytes(path: str | os.PathLike[str], shape: tuple[int, ...], max_bytes: int | None = MAX_VOLUME_BYTES) -> None:
+def check_volume_bytes(
+    path: str | os.PathLike[str], shape: tuple[int, ...], max_bytes: int | None = MAX_VOLUME_BYTES
+) -> None:
     """Refuse a volume whose header announces more than ``max_bytes`` as float32.
 
     Args:
@@ -38,5 +40,6 @@ def check_volume_bytes(path: str | os.PathLike[str], shape: tuple[int, ...], max
     announced = int(np.prod([int(n) for n in shape], dtype=np.float64)) * 4
     if max_bytes is not None and announced > max_bytes:
         raise VolumeTooLarge(
-            path, f"the image would take {announced / 1024**2:.0f} MiB in memory (shape {tuple(int(n) for n in shape)}), over the limit of {max_bytes / 1024**2:.0f} MiB"
+            path,
+            f"the image would take {announced / 1024**2:.0f} MiB in memory (shape {tuple(int(n) for n in shape)}), over the limit of {max_bytes / 1024**2:.0f} MiB",
         )

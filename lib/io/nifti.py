@@ -34,7 +34,9 @@ def check_finite_3d(array: np.ndarray, path: str | os.PathLike[str]) -> None:
         raise VolumeReadError(path, f"{bad} voxels are NaN or infinite")
 
 
-def read_nifti(path: str | os.PathLike[str], modality: str = "unknown", max_bytes: int | None = MAX_VOLUME_BYTES) -> Volume:
+def read_nifti(
+    path: str | os.PathLike[str], modality: str = "unknown", max_bytes: int | None = MAX_VOLUME_BYTES
+) -> Volume:
     """Read a NIfTI file into a canonical :class:`Volume`.
 
     The header is checked before any image data is read: a small ``.nii.gz`` can decompress to
@@ -67,7 +69,8 @@ def read_nifti(path: str | os.PathLike[str], modality: str = "unknown", max_byte
     except Exception as error:
         announced = int(np.prod(image.shape)) * image.get_data_dtype().itemsize
         raise VolumeReadError(
-            path, f"not a readable NIfTI image: its data are corrupt or shorter than the {announced} bytes its header announces ({one_line(error)})"
+            path,
+            f"not a readable NIfTI image: its data are corrupt or shorter than the {announced} bytes its header announces ({one_line(error)})",
         ) from error
     # Trailing singleton dimensions (a 4-D file holding one volume) carry no information.
     while data.ndim > 3 and data.shape[-1] == 1:

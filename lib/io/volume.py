@@ -62,9 +62,7 @@ class Volume:
         if self.array.ndim != 3:
             raise ValueError(f"a Volume array must be 3-D, got shape {self.array.shape}")
         if len(self.positions) != self.array.shape[2]:
-            raise ValueError(
-                f"{len(self.positions)} slice positions for {self.array.shape[2]} slices"
-            )
+            raise ValueError(f"{len(self.positions)} slice positions for {self.array.shape[2]} slices")
         if len(self.positions) > 1 and np.any(np.diff(self.positions) <= POSITION_TOLERANCE_MM):
             raise ValueError("slice positions must be strictly increasing")
 
@@ -123,9 +121,7 @@ class Volume:
         )
 
 
-def volume_from_voxel_affine(
-    array: np.ndarray, affine: np.ndarray, **fields: Any
-) -> Volume:
+def volume_from_voxel_affine(array: np.ndarray, affine: np.ndarray, **fields: Any) -> Volume:
     """Make a canonical :class:`Volume` from a regular array and its voxel-to-RAS affine.
 
     The array is reoriented to the closest RAS+ axes (no resampling: only axis flips and
@@ -156,9 +152,7 @@ def _from_regular_canonical(array: np.ndarray, voxel_affine: np.ndarray, **field
     return Volume(array=np.ascontiguousarray(array, dtype=np.float32), affine=affine, positions=positions, **fields)
 
 
-def volume_from_slices(
-    array: np.ndarray, affine: np.ndarray, positions: np.ndarray, **fields: Any
-) -> Volume:
+def volume_from_slices(array: np.ndarray, affine: np.ndarray, positions: np.ndarray, **fields: Any) -> Volume:
     """Make a canonical :class:`Volume` from a slice stack with possibly irregular positions.
 
     Args:

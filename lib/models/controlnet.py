@@ -26,8 +26,7 @@ from monai.networks.nets import ControlNet, DiffusionModelUNet
 from torch import nn
 
 from lib.io.checkpoint import load_checkpoint, save_checkpoint
-from lib.models.denoiser import BBDMConfig
-from lib.models.denoiser import load_bbdm
+from lib.models.denoiser import BBDMConfig, load_bbdm
 from lib.models.weights_hash import state_dict_hash
 
 CONTROLNET_KIND = "controlnet"
@@ -70,9 +69,15 @@ def controlnet_from_denoiser(denoiser: DiffusionModelUNet, config: BBDMConfig) -
     """
     controlnet = build_controlnet(config)
     # The decoder (up_blocks, out) has no counterpart: the ControlNet ends at the middle block.
-    source = {name: tensor for name, tensor in denoiser.state_dict().items() if not name.startswith(("up_blocks.", "out."))}
+    source = {
+        name: tensor for name, tensor in denoiser.state_dict().items() if not name.startswith(("up_blocks.", "out."))
+    }
     wanted = controlnet.state_dict()
-    reshaped = [f"{name}: {tuple(tensor.shape)} vs {tuple(wanted[name].shape)}" for name, tensor in source.items() if name in wanted and tensor.shape != wanted[name].shape]
+    reshaped = [
+        f"{name}: {tuple(tensor.shape)} vs {tuple(wanted[name].shape)}"
+        for name, tensor in source.items()
+        if name in wanted and tensor.shape != wanted[name].shape
+    ]
     missing = [name for name in wanted if name not in source and not name.startswith(CONTROLNET_ONLY_PREFIXES)]
     unexpected = [name for name in source if name not in wanted]
     if reshaped or missing or unexpected:
@@ -106,7 +111,9 @@ class ControlledDenoiser(nn.Module):
         self.denoiser.eval()
         return self
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, control: torch.Tensor, conditioning_scale: float = 1.0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, control: torch.Tensor, conditioning_scale: float = 1.0
+    ) -> torch.Tensor:
         """The guided network output.
 
         Args:
@@ -123,7 +130,9 @@ class ControlledDenoiser(nn.Module):
         return self.controlnet.parameters()
 
 
-def controlnet_checkpoint(controlnet: ControlNet, config: BBDMConfig, bbdm_hash: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def controlnet_checkpoint(
+    controlnet: ControlNet, config: BBDMConfig, bbdm_hash: str, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The content of a ControlNet weights file (what :func:`save_controlnet` writes).
 
     Raises:
@@ -133,11 +142,21 @@ def controlnet_checkpoint(controlnet: ControlNet, config: BBDMConfig, bbdm_hash:
     clashes = sorted(set(extra) & set(_RESERVED_KEYS))
     if clashes:
         raise ValueError(f"extra keys {clashes} are reserved for the ControlNet checkpoint")
-    return {**extra, "kind": CONTROLNET_KIND, "config": config.to_dict(), "bbdm_hash": bbdm_hash, "model": controlnet.state_dict()}
+    return {
+        **extra,
+        "kind": CONTROLNET_KIND,
+        "config": config.to_dict(),
+        "bbdm_hash": bbdm_hash,
+        "model": controlnet.state_dict(),
+    }
 
 
 def save_controlnet(
-    path: str | os.PathLike[str], controlnet: ControlNet, config: BBDMConfig, bbdm_hash: str, extra: Mapping[str, Any] | None = None
+    path: str | os.PathLike[str],
+    controlnet: ControlNet,
+    config: BBDMConfig,
+    bbdm_hash: str,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a ControlNet weights file atomically.
 

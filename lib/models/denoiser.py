@@ -71,7 +71,9 @@ class BBDMConfig:
         if any(c % self.norm_num_groups for c in self.channels):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every channel count {self.channels}")
         if self.image_size % 2 ** (len(self.channels) - 1):
-            raise ValueError(f"image_size {self.image_size} must be divisible by {2 ** (len(self.channels) - 1)} for {len(self.channels)} levels")
+            raise ValueError(
+                f"image_size {self.image_size} must be divisible by {2 ** (len(self.channels) - 1)} for {len(self.channels)} levels"
+            )
 
     @property
     def condition_channels(self) -> int:
@@ -120,7 +122,9 @@ def build_denoiser(config: BBDMConfig) -> DiffusionModelUNet:
     )
 
 
-def denoise(model: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+def denoise(
+    model: torch.nn.Module, x_t: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor
+) -> torch.Tensor:
     """Run the denoiser on the concatenation [x_t, y] (METHOD.md: the network sees y)."""
     return model(torch.cat([x_t, condition], dim=1), timesteps)
 

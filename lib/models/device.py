@@ -16,4 +16,6 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast_context(device: torch.device) -> torch.autocast:
     """bfloat16 mixed precision on CUDA, full precision on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )

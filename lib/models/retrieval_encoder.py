@@ -59,8 +59,12 @@ class RetrievalConfig:
             raise ValueError(f"heads {self.heads} must divide width {self.width}")
         if not self.perceptual_blocks:
             raise ValueError("perceptual_blocks must name at least one block")
-        if any(not 0 <= b < self.depth for b in self.perceptual_blocks) or len(set(self.perceptual_blocks)) != len(self.perceptual_blocks):
-            raise ValueError(f"perceptual_blocks {self.perceptual_blocks} must be distinct block indices in 0..{self.depth - 1}")
+        if any(not 0 <= b < self.depth for b in self.perceptual_blocks) or len(set(self.perceptual_blocks)) != len(
+            self.perceptual_blocks
+        ):
+            raise ValueError(
+                f"perceptual_blocks {self.perceptual_blocks} must be distinct block indices in 0..{self.depth - 1}"
+            )
 
     @property
     def tokens(self) -> int:
@@ -135,7 +139,9 @@ class RetrievalEncoder(nn.Module):
         size = self.config.image_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (1, size, size):
             raise ValueError(f"expected slices of shape (B, 1, {size}, {size}), got {tuple(x.shape)}")
-        final, intermediates = self.backbone.forward_intermediates(x, indices=list(self.config.perceptual_blocks), output_fmt="NLC")
+        final, intermediates = self.backbone.forward_intermediates(
+            x, indices=list(self.config.perceptual_blocks), output_fmt="NLC"
+        )
         embedding = F.normalize(self.projection(self.backbone.forward_head(final, pre_logits=True)), dim=1)
         features = [F.normalize(F.layer_norm(tokens, tokens.shape[-1:]).flatten(1), dim=1) for tokens in intermediates]
         return embedding, features
@@ -149,11 +155,15 @@ def _state_dict_from_file(path: str | os.PathLike[str], config: RetrievalConfig)
     if state.get("kind") != CHECKPOINT_KIND:
         raise ValueError(f"{path}: a {state.get('kind')!r} checkpoint, expected {CHECKPOINT_KIND!r}")
     if "config" in state and RetrievalConfig.from_dict(state["config"]) != config:
-        raise ValueError(f"{path}: weights of a retrieval encoder with config {state['config']}, expected {config.to_dict()}")
+        raise ValueError(
+            f"{path}: weights of a retrieval encoder with config {state['config']}, expected {config.to_dict()}"
+        )
     return state["model"]
 
 
-def build_retrieval_encoder(config: RetrievalConfig, weights_path: str | os.PathLike[str] | None = None) -> RetrievalEncoder:
+def build_retrieval_encoder(
+    config: RetrievalConfig, weights_path: str | os.PathLike[str] | None = None
+) -> RetrievalEncoder:
     """Build the encoder from random init (``torch`` RNG) or a local weights file.
 
     Args:
@@ -176,7 +186,11 @@ def build_retrieval_encoder(config: RetrievalConfig, weights_path: str | os.Path
     expected = model.state_dict()
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
-    reshaped = [f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if k in loaded and loaded[k].shape != v.shape]
+    reshaped = [
+        f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in loaded and loaded[k].shape != v.shape
+    ]
     if missing or unexpected or reshaped:
         raise ValueError(
             f"{weights_path}: weights do not fit the retrieval encoder {config.to_dict()}: "
@@ -188,7 +202,9 @@ def build_retrieval_encoder(config: RetrievalConfig, weights_path: str | os.Path
     return model
 
 
-def encoder_hash(model_or_state_dict: RetrievalEncoder | Mapping[str, torch.Tensor], config: RetrievalConfig | None = None) -> str:
+def encoder_hash(
+    model_or_state_dict: RetrievalEncoder | Mapping[str, torch.Tensor], config: RetrievalConfig | None = None
+) -> str:
     """SHA-256 of an encoder's weights and config: equal hashes mean identical embeddings.
 
     Tensors are hashed in sorted key order with their dtype and shape, so the hash does not
@@ -235,7 +251,10 @@ def embed_slices(model: RetrievalEncoder, slices: torch.Tensor, batch_size: int 
     was_training = model.training
     model.eval()
     try:
-        chunks = [model(slices[start : start + batch_size].to(device))[0].float().cpu() for start in range(0, len(slices), batch_size)]
+        chunks = [
+            model(slices[start : start + batch_size].to(device))[0].float().cpu()
+            for start in range(0, len(slices), batch_size)
+        ]
     finally:
         model.train(was_training)
     if not chunks:
@@ -243,7 +262,9 @@ def embed_slices(model: RetrievalEncoder, slices: torch.Tensor, batch_size: int 
     return torch.cat(chunks).numpy()
 
 
-def load_retrieval_encoder(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[RetrievalEncoder, RetrievalConfig]:
+def load_retrieval_encoder(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[RetrievalEncoder, RetrievalConfig]:
     """Load an ``encoder.pt`` (weights and config) in eval mode.
 
     Raises:

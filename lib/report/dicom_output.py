@@ -23,7 +23,15 @@ from lib.pipeline import Reconstruction
 
 # The MRI (0..1, no physical unit) is stored as integers 0..MRI_SCALE.
 MRI_SCALE = 1000.0
-PATIENT_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge", "IssuerOfPatientID", "OtherPatientIDs")
+PATIENT_TAGS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "IssuerOfPatientID",
+    "OtherPatientIDs",
+)
 STUDY_TAGS = ("StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription")
 # Added to the input's SeriesNumber so the synthetic series sorts after the CT in viewers.
 SERIES_NUMBER_OFFSET = 1000
@@ -64,7 +72,9 @@ def synthetic_series_description(reference: Dataset, preset: str, mri: np.ndarra
     )
 
 
-def write_synthetic_mri_series(reconstruction: Reconstruction, source: Volume, folder: str | os.PathLike[str], reference: Dataset) -> SeriesDescription:
+def write_synthetic_mri_series(
+    reconstruction: Reconstruction, source: Volume, folder: str | os.PathLike[str], reference: Dataset
+) -> SeriesDescription:
     """Write the MRI as DICOM files in ``folder``, on the dense grid in the input's frame.
 
     Args:
@@ -77,7 +87,12 @@ def write_synthetic_mri_series(reconstruction: Reconstruction, source: Volume, f
         The tags written (its ``series_uid`` is the new series).
     """
     description = synthetic_series_description(reference, reconstruction.summary["preset"], reconstruction.mri)
-    stored = Volume(array=np.round(reconstruction.mri * MRI_SCALE).astype(np.float32), affine=source.affine, positions=reconstruction.grid.positions, modality="MR")
+    stored = Volume(
+        array=np.round(reconstruction.mri * MRI_SCALE).astype(np.float32),
+        affine=source.affine,
+        positions=reconstruction.grid.positions,
+        modality="MR",
+    )
     names = [f"mri_{k:04d}.dcm" for k in range(stored.shape[2])]
     write_dicom_series(stored, Path(folder), description, names)
     return description

@@ -82,7 +82,9 @@ def check_output_folder(out_dir: str | os.PathLike[str], inputs: Iterable[str | 
     for source in inputs:
         source_path = Path(source).resolve()
         if source_path == resolved or resolved in source_path.parents:
-            raise ValueError(f"{out}: the output folder holds the input {source}, and a result replaces the whole folder; choose another output folder")
+            raise ValueError(
+                f"{out}: the output folder holds the input {source}, and a result replaces the whole folder; choose another output folder"
+            )
     return check_replaceable_folder(out, is_rebrain_output, f"a ReBrain output ({', '.join(OUTPUT_FILES)})")
 
 
@@ -124,20 +126,37 @@ def write_outputs(out_dir: str | os.PathLike[str], reconstruction: Reconstructio
     source = contrast_label(summary["source"])
     affine = reconstruction.grid.affine
     with atomic_directory(out_dir) as staging:
-        write_nifti(staging / "mri.nii.gz", reconstruction.mri, affine, MRI_DESCRIPTION.format(preset=summary["preset"])[:80])
-        write_nifti(staging / "uncertainty.nii.gz", reconstruction.uncertainty, affine, UNCERTAINTY_DESCRIPTION.format(samples=summary["samples"])[:80])
+        write_nifti(
+            staging / "mri.nii.gz", reconstruction.mri, affine, MRI_DESCRIPTION.format(preset=summary["preset"])[:80]
+        )
+        write_nifti(
+            staging / "uncertainty.nii.gz",
+            reconstruction.uncertainty,
+            affine,
+            UNCERTAINTY_DESCRIPTION.format(samples=summary["samples"])[:80],
+        )
         provenance = {
             "synthetic": True,
             "notice": f"Synthetic MRI generated from {source} by ReBrain; not an acquired image; not for diagnosis.",
             "input": input_info,
-            "output": {"shape": list(reconstruction.mri.shape), "affine": np.round(affine, 6).tolist(), "slice_spacing_mm": reconstruction.grid.spacing, "value_range": [0.0, 1.0]},
+            "output": {
+                "shape": list(reconstruction.mri.shape),
+                "affine": np.round(affine, 6).tolist(),
+                "slice_spacing_mm": reconstruction.grid.spacing,
+                "value_range": [0.0, 1.0],
+            },
             **reconstruction.provenance(),
         }
         (staging / "provenance.json").write_text(json.dumps(provenance, indent=1))
         write_preview(
-            staging / "preview.png", reconstruction.ct, reconstruction.mri, reconstruction.grid.voxel_spacing, slice_status(reconstruction),
+            staging / "preview.png",
+            reconstruction.ct,
+            reconstruction.mri,
+            reconstruction.grid.voxel_spacing,
+            slice_status(reconstruction),
             reconstruction.similarities,
-            summary["tau"], title=f"ReBrain {summary['preset']}: SYNTHETIC {contrast_label(summary['target'])}; slice positions from the {positions_source(summary, why=False)}",
+            summary["tau"],
+            title=f"ReBrain {summary['preset']}: SYNTHETIC {contrast_label(summary['target'])}; slice positions from the {positions_source(summary, why=False)}",
             source_label=source,
         )
     return Path(out_dir)

@@ -206,7 +206,9 @@ def write_preview(
             draw_orientation_labels(axis, *labels)
             axis.set_xticks([])
             axis.set_yticks([])
-            axis.set_title(f"{row_name}: {view_name}" + (f" ({statuses[cz].value})" if column == 0 else ""), fontsize=10)
+            axis.set_title(
+                f"{row_name}: {view_name}" + (f" ({statuses[cz].value})" if column == 0 else ""), fontsize=10
+            )
 
     strip = figure.add_subplot(grid[2, :])
     strip.imshow(colours[None, :, :], aspect="auto", extent=(-0.5, nz - 0.5, 0.0, 1.0), interpolation="nearest")

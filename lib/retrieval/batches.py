@@ -145,7 +145,9 @@ def load_run_batch(dataset: PreparedDataset, rows: Sequence[int] | np.ndarray) -
     table = dataset.slices.loc[np.asarray(rows)]
     subjects = [str(s) for s in table["subject"]]
     slices = np.array(table["slice"], dtype=np.int64)
-    source = np.stack([dataset.array(subject, "source")[index] for subject, index in zip(subjects, slices)]).astype(np.float32)
+    source = np.stack([dataset.array(subject, "source")[index] for subject, index in zip(subjects, slices)]).astype(
+        np.float32
+    )
     return RunBatch(
         source=torch.from_numpy(source[:, None]),
         subjects=subjects,

@@ -9,8 +9,7 @@ import pandas as pd
 import torch
 
 from lib.data.dataset import PreparedDataset
-from lib.models.retrieval_encoder import embed_slices, encoder_hash
-from lib.models.retrieval_encoder import load_retrieval_encoder
+from lib.models.retrieval_encoder import embed_slices, encoder_hash, load_retrieval_encoder
 from lib.retrieval.knowledge_base import KnowledgeBase
 
 
@@ -33,7 +32,9 @@ def build_knowledge_base(
     """
     dataset = PreparedDataset(data)
     model, config = load_retrieval_encoder(encoder_path)
-    table = dataset.slices[(dataset.slices["split"] == split) & (dataset.slices["brain_fraction"] >= min_brain_fraction)]
+    table = dataset.slices[
+        (dataset.slices["split"] == split) & (dataset.slices["brain_fraction"] >= min_brain_fraction)
+    ]
     if table.empty:
         raise ValueError(f"{data}: no slices in split {split!r} with brain fraction >= {min_brain_fraction}")
     subjects = [str(s) for s in table["subject"]]
@@ -41,7 +42,17 @@ def build_knowledge_base(
     ct = np.stack([dataset.array(s, "source")[i] for s, i in zip(subjects, indices)]).astype(np.float32)
     mri = np.stack([dataset.array(s, "target")[i] for s, i in zip(subjects, indices)]).astype(np.float32)
     embeddings = embed_slices(model, torch.from_numpy(ct[:, None]))
-    entries = pd.DataFrame({"subject": subjects, "slice": indices, "position": table["position"].to_numpy(dtype=np.float64)})
+    entries = pd.DataFrame(
+        {"subject": subjects, "slice": indices, "position": table["position"].to_numpy(dtype=np.float64)}
+    )
     return KnowledgeBase.build(
-        out, embeddings, entries, ct, mri, encoder_hash(model, config), config.to_dict(), tau_percentile=tau_percentile, overwrite=overwrite
+        out,
+        embeddings,
+        entries,
+        ct,
+        mri,
+        encoder_hash(model, config),
+        config.to_dict(),
+        tau_percentile=tau_percentile,
+        overwrite=overwrite,
     )

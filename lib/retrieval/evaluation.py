@@ -21,16 +21,24 @@ from lib.data.dataset import PreparedDataset
 from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices
 
 
-def held_out_slices(dataset: PreparedDataset, split: str, min_brain_fraction: float = 0.05) -> tuple[np.ndarray, list[str], np.ndarray]:
+def held_out_slices(
+    dataset: PreparedDataset, split: str, min_brain_fraction: float = 0.05
+) -> tuple[np.ndarray, list[str], np.ndarray]:
     """The CT slices of a split with enough brain, with their subject keys and positions.
 
     Raises:
         ValueError: when the split has fewer than two subjects (no wrong subject to confuse).
     """
-    table = dataset.slices[(dataset.slices["split"] == split) & (dataset.slices["brain_fraction"] >= min_brain_fraction)]
+    table = dataset.slices[
+        (dataset.slices["split"] == split) & (dataset.slices["brain_fraction"] >= min_brain_fraction)
+    ]
     if table["subject"].nunique() < 2:
-        raise ValueError(f"{dataset.root}: retrieval accuracy needs at least 2 subjects in split {split!r}, found {table['subject'].nunique()}")
-    slices = np.stack([dataset.array(str(s), "source")[int(i)] for s, i in zip(table["subject"], table["slice"])]).astype(np.float32)
+        raise ValueError(
+            f"{dataset.root}: retrieval accuracy needs at least 2 subjects in split {split!r}, found {table['subject'].nunique()}"
+        )
+    slices = np.stack(
+        [dataset.array(str(s), "source")[int(i)] for s, i in zip(table["subject"], table["slice"])]
+    ).astype(np.float32)
     return slices, [str(s) for s in table["subject"]], table["position"].to_numpy(dtype=np.float64)
 
 
@@ -67,6 +75,8 @@ def retrieval_accuracy(
     return {
         "subject_accuracy": float(same_subject.mean()),
         "position_accuracy": float((same_subject & near).mean()),
-        "cross_subject_position_accuracy": float((np.abs(positions[cross_best] - positions) <= position_tolerance).mean()),
+        "cross_subject_position_accuracy": float(
+            (np.abs(positions[cross_best] - positions) <= position_tolerance).mean()
+        ),
         "queries": int(queries.sum()),
     }

@@ -34,7 +34,7 @@ import platform
 import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,9 @@ def normalise_embeddings(embeddings: np.ndarray, dim: int | None = None, what: s
     if (norms == 0).any():
         raise ValueError(f"{what}: zero vector at rows {np.flatnonzero(norms == 0)[:10].tolist()}")
     if np.abs(norms - 1).max(initial=0.0) > NORM_TOLERANCE:
-        warnings.warn(f"{what}: not L2-normalised (norms {norms.min():.4g}..{norms.max():.4g}); normalising", stacklevel=2)
+        warnings.warn(
+            f"{what}: not L2-normalised (norms {norms.min():.4g}..{norms.max():.4g}); normalising", stacklevel=2
+        )
         array = array / norms[:, None]
     return array
 
@@ -221,7 +223,9 @@ class EmbeddingIndex:
         ValueError: unsupported index, or metadata that does not match it.
     """
 
-    def __init__(self, index: faiss.Index, positions: np.ndarray, subjects: Sequence[str], ef_search: int = HNSWParams.ef_search) -> None:
+    def __init__(
+        self, index: faiss.Index, positions: np.ndarray, subjects: Sequence[str], ef_search: int = HNSWParams.ef_search
+    ) -> None:
         if isinstance(index, faiss.IndexHNSWFlat):
             self.kind = IndexKind.HNSW
         elif isinstance(index, faiss.IndexFlatIP):
@@ -247,7 +251,14 @@ class EmbeddingIndex:
         self._vectors = faiss.rev_swig_ptr(storage.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, positions: np.ndarray, subjects: Sequence[str], kind: IndexKind, hnsw: HNSWParams = HNSWParams()) -> EmbeddingIndex:
+    def build(
+        cls,
+        vectors: np.ndarray,
+        positions: np.ndarray,
+        subjects: Sequence[str],
+        kind: IndexKind,
+        hnsw: HNSWParams = HNSWParams(),
+    ) -> EmbeddingIndex:
         """Index normalised ``vectors`` (already sorted by position) with the given kind."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         kind = IndexKind(kind)
@@ -318,7 +329,9 @@ class EmbeddingIndex:
                 for row in rows:
                     results[row] = self._exact_range(vectors[row], low, high, removed, wanted)
                 continue
-            similarities, ids = self.index.search(vectors[rows], wanted, params=self._search_parameters(low, high, removed))
+            similarities, ids = self.index.search(
+                vectors[rows], wanted, params=self._search_parameters(low, high, removed)
+            )
             for row, row_ids, row_similarities in zip(rows, ids, similarities):
                 valid = row_ids >= 0
                 if valid.sum() < wanted:
@@ -329,7 +342,9 @@ class EmbeddingIndex:
                     results[row] = (row_ids[valid].astype(np.int64), row_similarities[valid])
         return results
 
-    def _position_ranges(self, positions: np.ndarray | Sequence[float] | None, tolerance: float, count: int) -> tuple[np.ndarray, np.ndarray]:
+    def _position_ranges(
+        self, positions: np.ndarray | Sequence[float] | None, tolerance: float, count: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per query, the id range [low, high) of entries inside the position window."""
         if positions is None:
             return np.zeros(count, dtype=np.int64), np.full(count, len(self), dtype=np.int64)
@@ -370,18 +385,28 @@ class EmbeddingIndex:
             selectors.append(faiss.IDSelectorRange(low, high))
         if len(removed):
             selectors.append(faiss.IDSelectorNot(faiss.IDSelectorBatch(removed)))
-        parameters = faiss.SearchParametersHNSW(efSearch=self.ef_search) if self.kind is IndexKind.HNSW else faiss.SearchParameters()
+        parameters = (
+            faiss.SearchParametersHNSW(efSearch=self.ef_search)
+            if self.kind is IndexKind.HNSW
+            else faiss.SearchParameters()
+        )
         if len(selectors) == 2:
             parameters.sel = faiss.IDSelectorAnd(*selectors)
         elif selectors:
             parameters.sel = selectors[0]
         return parameters
 
-    def _exact_range(self, query: np.ndarray, low: int, high: int, removed: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+    def _exact_range(
+        self, query: np.ndarray, low: int, high: int, removed: np.ndarray, wanted: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``wanted`` of the id range [low, high) minus ``removed``."""
         similarities = self._vectors[low:high] @ query
         similarities[removed - low] = -np.inf
-        top = np.argpartition(-similarities, wanted - 1)[:wanted] if wanted < len(similarities) else np.arange(len(similarities))
+        top = (
+            np.argpartition(-similarities, wanted - 1)[:wanted]
+            if wanted < len(similarities)
+            else np.arange(len(similarities))
+        )
         # Best first; equal similarities in id order, as FAISS returns them.
         top = top[np.lexsort((top, -similarities[top]))]
         return (top + low).astype(np.int64), similarities[top].astype(np.float32)
@@ -425,7 +450,9 @@ class KnowledgeBase:
         tau: the retrieval threshold.
     """
 
-    def __init__(self, root: Path, manifest: dict, entries: pd.DataFrame, index: EmbeddingIndex, ct: np.ndarray, mri: np.ndarray) -> None:
+    def __init__(
+        self, root: Path, manifest: dict, entries: pd.DataFrame, index: EmbeddingIndex, ct: np.ndarray, mri: np.ndarray
+    ) -> None:
         self.root = root
         self.manifest = manifest
         self.entries = entries
@@ -524,7 +551,13 @@ class KnowledgeBase:
         _check_slices("mri_slices", mri_slices, count)
         if ct_slices.shape != mri_slices.shape:
             raise ValueError(f"ct_slices {ct_slices.shape} and mri_slices {mri_slices.shape} differ in shape")
-        kind = IndexKind(index_kind) if index_kind is not None else IndexKind.HNSW if count >= index_threshold else IndexKind.FLAT
+        kind = (
+            IndexKind(index_kind)
+            if index_kind is not None
+            else IndexKind.HNSW
+            if count >= index_threshold
+            else IndexKind.FLAT
+        )
         tau = compute_tau(vectors, tau_percentile, tau_pairs, seed=0)
 
         order = np.lexsort((table["slice"].to_numpy(), table["subject"].to_numpy(), table["position"].to_numpy()))
@@ -539,15 +572,22 @@ class KnowledgeBase:
             _write_slices(staging / "mri.npy", mri_slices, order, "mri_slices")
             manifest = {
                 "format_version": KB_FORMAT_VERSION,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
                 "encoder": {"hash": encoder_hash, "config": _json_ready(encoder_config)},
                 "count": count,
                 "dim": int(vectors.shape[1]),
                 "slice_shape": list(ct_slices.shape[1:]),
-                "index": {"kind": kind.value, "metric": "inner_product", **({"params": asdict(hnsw)} if kind is IndexKind.HNSW else {})},
+                "index": {
+                    "kind": kind.value,
+                    "metric": "inner_product",
+                    **({"params": asdict(hnsw)} if kind is IndexKind.HNSW else {}),
+                },
                 "sorted_by": "position",
                 "tau": {"value": tau, "percentile": tau_percentile, "pairs": tau_pairs, "seed": 0},
-                "files": {name: {"size": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)} for name in DATA_FILES},
+                "files": {
+                    name: {"size": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
+                    for name in DATA_FILES
+                },
                 "versions": {"python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__},
             }
             (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -572,7 +612,10 @@ class KnowledgeBase:
         """
         root = Path(root)
         if root.name.startswith(STAGING_PREFIX):
-            raise KnowledgeBaseError(root, f"a temporary folder of an unfinished build (name starts with {STAGING_PREFIX!r}); rebuild the knowledge base")
+            raise KnowledgeBaseError(
+                root,
+                f"a temporary folder of an unfinished build (name starts with {STAGING_PREFIX!r}); rebuild the knowledge base",
+            )
         if not root.is_dir():
             raise KnowledgeBaseError(root, "no such folder")
         manifest_path = root / "manifest.json"
@@ -583,11 +626,14 @@ class KnowledgeBase:
         except json.JSONDecodeError as error:
             raise KnowledgeBaseError(root, f"manifest.json is not valid JSON ({error})") from error
         if manifest.get("format_version") != KB_FORMAT_VERSION:
-            raise KnowledgeBaseError(root, f"format version {manifest.get('format_version')!r}, expected {KB_FORMAT_VERSION}")
+            raise KnowledgeBaseError(
+                root, f"format version {manifest.get('format_version')!r}, expected {KB_FORMAT_VERSION}"
+            )
         built_with = manifest["encoder"]["hash"]
         if expected_encoder_hash is not None and built_with != expected_encoder_hash:
             raise KnowledgeBaseError(
-                root, f"built with encoder {built_with}, but the encoder in use is {expected_encoder_hash}; rebuild the knowledge base with this encoder"
+                root,
+                f"built with encoder {built_with}, but the encoder in use is {expected_encoder_hash}; rebuild the knowledge base with this encoder",
             )
         for name in DATA_FILES:
             path = root / name
@@ -597,17 +643,28 @@ class KnowledgeBase:
             if not path.is_file():
                 raise KnowledgeBaseError(root, f"missing file {name}")
             if path.stat().st_size != expected["size"]:
-                raise KnowledgeBaseError(root, f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}")
+                raise KnowledgeBaseError(
+                    root, f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+                )
             if file_sha256(path) != expected["sha256"]:
                 raise KnowledgeBaseError(root, f"checksum mismatch in {name} (the file was modified or damaged)")
 
         count = manifest["count"]
         # The default fast float parser may be off by an ulp; positions must round-trip exactly.
-        entries = pd.read_csv(root / "entries.csv", dtype={"subject": str, "slice": np.int64, "position": np.float64}, float_precision="round_trip")
+        entries = pd.read_csv(
+            root / "entries.csv",
+            dtype={"subject": str, "slice": np.int64, "position": np.float64},
+            float_precision="round_trip",
+        )
         faiss_index = faiss.read_index(str(root / "index.faiss"))
         ct = np.load(root / "ct.npy", mmap_mode="r")
         mri = np.load(root / "mri.npy", mmap_mode="r")
-        counts = {"entries.csv rows": len(entries), "index.faiss vectors": faiss_index.ntotal, "ct.npy slices": ct.shape[0], "mri.npy slices": mri.shape[0]}
+        counts = {
+            "entries.csv rows": len(entries),
+            "index.faiss vectors": faiss_index.ntotal,
+            "ct.npy slices": ct.shape[0],
+            "mri.npy slices": mri.shape[0],
+        }
         wrong = {what: number for what, number in counts.items() if number != count}
         if wrong:
             raise KnowledgeBaseError(root, f"count mismatch: the manifest says {count} entries, but {wrong}")
@@ -621,7 +678,9 @@ class KnowledgeBase:
         except ValueError as error:
             raise KnowledgeBaseError(root, str(error)) from error
         if index.kind.value != manifest["index"]["kind"]:
-            raise KnowledgeBaseError(root, f"index.faiss is a {index.kind.value} index, the manifest says {manifest['index']['kind']}")
+            raise KnowledgeBaseError(
+                root, f"index.faiss is a {index.kind.value} index, the manifest says {manifest['index']['kind']}"
+            )
         return cls(root, manifest, entries, index, ct, mri)
 
     def restricted_to(self, subjects: Collection[str]) -> KnowledgeBase:
@@ -639,8 +698,15 @@ class KnowledgeBase:
             raise ValueError(f"{self.root}: none of the {len(subjects)} subject(s) is in the knowledge base")
         vectors = self.index.index.reconstruct_n(0, len(self)) if len(self) else np.empty((0, self.dim), np.float32)
         entries = self.entries.iloc[ids].reset_index(drop=True)
-        index = EmbeddingIndex.build(vectors[ids], entries["position"].to_numpy(), entries["subject"].tolist(), IndexKind.FLAT)
-        manifest = {**self.manifest, "count": len(ids), "index": {"kind": IndexKind.FLAT.value, "metric": "inner_product"}, "restricted_to_subjects": len(set(entries["subject"]))}
+        index = EmbeddingIndex.build(
+            vectors[ids], entries["position"].to_numpy(), entries["subject"].tolist(), IndexKind.FLAT
+        )
+        manifest = {
+            **self.manifest,
+            "count": len(ids),
+            "index": {"kind": IndexKind.FLAT.value, "metric": "inner_product"},
+            "restricted_to_subjects": len(set(entries["subject"])),
+        }
         return KnowledgeBase(self.root, manifest, entries, index, np.asarray(self._ct[ids]), np.asarray(self._mri[ids]))
 
     def query(

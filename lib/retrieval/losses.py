@@ -53,7 +53,9 @@ def positive_mask(subjects: Sequence[str], slices: torch.Tensor, k: int = 2) -> 
 
 def _check_positives(positives: torch.Tensor, batch: int) -> None:
     if positives.dtype != torch.bool or tuple(positives.shape) != (batch, batch):
-        raise ValueError(f"positives must be a ({batch}, {batch}) bool tensor, got {positives.dtype} of shape {tuple(positives.shape)}")
+        raise ValueError(
+            f"positives must be a ({batch}, {batch}) bool tensor, got {positives.dtype} of shape {tuple(positives.shape)}"
+        )
     if positives.diagonal().any():
         raise ValueError("positives marks an anchor as its own positive; the anchor is never a positive or a negative")
     if not positives.any():
@@ -123,7 +125,9 @@ def perceptual_loss(features: Sequence[torch.Tensor], positives: torch.Tensor, b
         raise ValueError("features must hold at least one (B, F) layer")
     batch = len(features[0])
     if any(f.ndim != 2 or len(f) != batch for f in features):
-        raise ValueError(f"every feature layer must be (B, F) with B = {batch}, got shapes {[tuple(f.shape) for f in features]}")
+        raise ValueError(
+            f"every feature layer must be (B, F) with B = {batch}, got shapes {[tuple(f.shape) for f in features]}"
+        )
     _check_positives(positives, batch)
     losses = []
     for f in features:

@@ -56,7 +56,12 @@ class TrainConfig:
 
 
 def bridge_training_pair(
-    schedule: BridgeSchedule, config: BBDMConfig, condition: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    schedule: BridgeSchedule,
+    config: BBDMConfig,
+    condition: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The network input x_t and its training target for one batch (METHOD.md section 1).
 
@@ -172,7 +177,9 @@ def plot_comparison(runs: Sequence[str | os.PathLike[str]], out: str | os.PathLi
         validation = pd.read_csv(run / "validation.csv")
         for axis, column in zip(axes, ("psnr", "psnr_brain", "ssim")):
             axis.plot(validation.iteration, validation[column], marker="o", markersize=3, label=run.name)
-    for axis, label in zip(axes, ("validation PSNR, whole slice (dB)", "validation PSNR, brain (dB)", "validation SSIM")):
+    for axis, label in zip(
+        axes, ("validation PSNR, whole slice (dB)", "validation PSNR, brain (dB)", "validation SSIM")
+    ):
         axis.set(xlabel="iteration", ylabel=label)
         axis.legend()
     figure.tight_layout()
@@ -228,11 +235,15 @@ def train_bbdm(
     run = TrainingRun(out, "bbdm-train", resume, {"loss": LOSS_COLUMNS, "validation": VALIDATION_COLUMNS})
     if run.state is not None:
         config = BBDMConfig.from_dict(run.state["config"])
-        train_config = TrainConfig(**{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device})
+        train_config = TrainConfig(
+            **{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device}
+        )
     sample = train_set[0]
     expected = (config.condition_channels, config.image_size, config.image_size)
     if tuple(sample["source"].shape) != expected:
-        raise ValueError(f"training slices have shape {tuple(sample['source'].shape)}, the model expects {expected} (image_size, neighbours)")
+        raise ValueError(
+            f"training slices have shape {tuple(sample['source'].shape)}, the model expects {expected} (image_size, neighbours)"
+        )
 
     if config.distance_range is None:
         config = replace(config, distance_range=measure_distance_range(train_set, config.neighbours))
@@ -250,8 +261,14 @@ def train_bbdm(
     def save(iteration: int) -> None:
         run.save(
             iteration,
-            {"config": config.to_dict(), "train_config": asdict(train_config), "model": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": optimizer.state_dict(), "generator": generator.get_state()},
+            {
+                "config": config.to_dict(),
+                "train_config": asdict(train_config),
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+            },
             "model.pt",
             {"kind": "bbdm", "config": config.to_dict(), "model": ema.module.state_dict()},
         )
@@ -278,9 +295,16 @@ def train_bbdm(
         bar.set_postfix(loss=f"{loss.item():.4g}")
 
         if val_indices and (iteration % train_config.val_every == 0 or iteration == train_config.iters):
-            scores = evaluate(ema.module, config, val_set, val_indices, train_config.val_steps, device, seed=train_config.seed)
-            run.log("validation", [iteration, f"{scores['psnr']:.4f}", f"{scores['ssim']:.4f}", f"{scores['psnr_brain']:.4f}"])
-            bar.write(f"iteration {iteration}: validation PSNR {scores['psnr']:.2f} dB (brain {scores['psnr_brain']:.2f}), SSIM {scores['ssim']:.4f}")
+            scores = evaluate(
+                ema.module, config, val_set, val_indices, train_config.val_steps, device, seed=train_config.seed
+            )
+            run.log(
+                "validation",
+                [iteration, f"{scores['psnr']:.4f}", f"{scores['ssim']:.4f}", f"{scores['psnr_brain']:.4f}"],
+            )
+            bar.write(
+                f"iteration {iteration}: validation PSNR {scores['psnr']:.2f} dB (brain {scores['psnr_brain']:.2f}), SSIM {scores['ssim']:.4f}"
+            )
         if iteration % train_config.checkpoint_every == 0 or iteration == train_config.iters:
             save(iteration)
     if run.start >= train_config.iters:

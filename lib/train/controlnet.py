@@ -63,7 +63,16 @@ from lib.train.run_folder import TrainingRun
 CHECKPOINT_KIND = "controlnet-train"
 VALIDATION_COLUMNS = ["iteration", "psnr", "ssim", "psnr_brain", "bbdm_psnr", "bbdm_ssim", "bbdm_psnr_brain"]
 TRIPLET_COLUMNS = [
-    "row", "subject", "slice", "position", "reference_id", "reference_subject", "reference_slice", "reference_position", "similarity", "success",
+    "row",
+    "subject",
+    "slice",
+    "position",
+    "reference_id",
+    "reference_subject",
+    "reference_slice",
+    "reference_position",
+    "similarity",
+    "success",
 ]
 # As for BBDM validation (app/cli.py): validation slices need a substantial brain area.
 VALIDATION_MIN_BRAIN_FRACTION = 0.2
@@ -138,13 +147,28 @@ def retrieve_references(
         subjects = [str(subject) for subject in table["subject"].iloc[part]]
         indices = table["slice"].iloc[part].to_numpy(dtype=int)
         positions = table["position"].iloc[part].to_numpy(dtype=np.float64)
-        ct = np.stack([slices.dataset.array(subject, "source")[index] for subject, index in zip(subjects, indices)]).astype(np.float32)
+        ct = np.stack(
+            [slices.dataset.array(subject, "source")[index] for subject, index in zip(subjects, indices)]
+        ).astype(np.float32)
         embeddings = embed_slices(encoder, torch.from_numpy(ct[:, None]))
-        results = knowledge_base.query(embeddings, positions, k=1, position_tolerance=position_tolerance, exclude_subject=subjects)
+        results = knowledge_base.query(
+            embeddings, positions, k=1, position_tolerance=position_tolerance, exclude_subject=subjects
+        )
         for row, subject, index, position, result in zip(part, subjects, indices, positions, results):
             if result.entry_id is not None:
                 records.append(
-                    (row, subject, int(index), float(position), result.entry_id, result.subject, result.slice_index, result.position, result.similarity, result.success)
+                    (
+                        row,
+                        subject,
+                        int(index),
+                        float(position),
+                        result.entry_id,
+                        result.subject,
+                        result.slice_index,
+                        result.position,
+                        result.similarity,
+                        result.success,
+                    )
                 )
     return pd.DataFrame(records, columns=TRIPLET_COLUMNS)
 
@@ -166,7 +190,9 @@ class TripletBatches:
         target: which MRI the retrieval triplets are trained to produce.
     """
 
-    def __init__(self, slices: PreparedSlices, knowledge_base: KnowledgeBase, triplets: pd.DataFrame, target: ControlTarget | str) -> None:
+    def __init__(
+        self, slices: PreparedSlices, knowledge_base: KnowledgeBase, triplets: pd.DataFrame, target: ControlTarget | str
+    ) -> None:
         self.slices = slices
         self.knowledge_base = knowledge_base
         self.triplets = triplets.reset_index(drop=True)
@@ -175,7 +201,9 @@ class TripletBatches:
     def __len__(self) -> int:
         return len(self.triplets)
 
-    def batch(self, picks: Sequence[int], slerp_count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(
+        self, picks: Sequence[int], slerp_count: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stack the triplets ``picks``; the first ``slerp_count`` become SLERP pairs.
 
         Returns:
@@ -191,7 +219,11 @@ class TripletBatches:
             else:
                 reference = int(record["reference_id"])
                 control = torch.from_numpy(self.knowledge_base.ct_slice(reference))[None]
-                target = torch.from_numpy(self.knowledge_base.mri_slice(reference))[None] if self.target is ControlTarget.REFERENCE else item["target"]
+                target = (
+                    torch.from_numpy(self.knowledge_base.mri_slice(reference))[None]
+                    if self.target is ControlTarget.REFERENCE
+                    else item["target"]
+                )
             conditions.append(item["source"])
             controls.append(control)
             targets.append(target)
@@ -227,7 +259,15 @@ def controlnet_step(
     return loss.item()
 
 
-def _check_sizes(size: int, config: BBDMConfig, bbdm: Path, knowledge_base: KnowledgeBase, encoder_size: int, encoder: Path, data: Path) -> None:
+def _check_sizes(
+    size: int,
+    config: BBDMConfig,
+    bbdm: Path,
+    knowledge_base: KnowledgeBase,
+    encoder_size: int,
+    encoder: Path,
+    data: Path,
+) -> None:
     """Every model and the knowledge base must work on the prepared dataset's slice size."""
     found = {
         f"the BBDM {bbdm}": config.image_size,
@@ -240,19 +280,36 @@ def _check_sizes(size: int, config: BBDMConfig, bbdm: Path, knowledge_base: Know
 
 
 def _validation_set(
-    dataset: PreparedDataset, knowledge_base: KnowledgeBase, encoder: RetrievalEncoder, config: BBDMConfig, train_config: ControlNetTrainConfig
+    dataset: PreparedDataset,
+    knowledge_base: KnowledgeBase,
+    encoder: RetrievalEncoder,
+    config: BBDMConfig,
+    train_config: ControlNetTrainConfig,
 ) -> tuple[PreparedSlices | None, list[int], torch.Tensor | None]:
     """Fixed validation slices with a retrieved reference, and their controls (None: no validation)."""
     try:
-        val_set = PreparedSlices(dataset, "val", max(train_config.min_brain_fraction, VALIDATION_MIN_BRAIN_FRACTION), config.neighbours)
+        val_set = PreparedSlices(
+            dataset, "val", max(train_config.min_brain_fraction, VALIDATION_MIN_BRAIN_FRACTION), config.neighbours
+        )
     except ValueError:
         warnings.warn(f"{dataset.root}: no validation slices; training the ControlNet without validation", stacklevel=3)
         return None, [], None
-    table = retrieve_references(val_set, knowledge_base, encoder, train_config.position_tolerance, validation_indices(val_set, train_config.val_slices))
+    table = retrieve_references(
+        val_set,
+        knowledge_base,
+        encoder,
+        train_config.position_tolerance,
+        validation_indices(val_set, train_config.val_slices),
+    )
     if table.empty:
-        warnings.warn("no validation slice found a reference in the knowledge base; training the ControlNet without validation", stacklevel=3)
+        warnings.warn(
+            "no validation slice found a reference in the knowledge base; training the ControlNet without validation",
+            stacklevel=3,
+        )
         return None, [], None
-    control = torch.stack([torch.from_numpy(knowledge_base.ct_slice(int(entry)))[None] for entry in table["reference_id"]])
+    control = torch.stack(
+        [torch.from_numpy(knowledge_base.ct_slice(int(entry)))[None] for entry in table["reference_id"]]
+    )
     return val_set, table["row"].tolist(), control
 
 
@@ -296,7 +353,9 @@ def train_controlnet(
     out = Path(out)
     run = TrainingRun(out, CHECKPOINT_KIND, resume, {"loss": LOSS_COLUMNS, "validation": VALIDATION_COLUMNS})
     if run.state is not None:
-        train_config = ControlNetTrainConfig(**{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device})
+        train_config = ControlNetTrainConfig(
+            **{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device}
+        )
     device = resolve_device(train_config.device)
     dataset = PreparedDataset(data)
     denoiser, config = load_bbdm(bbdm, device)
@@ -306,12 +365,22 @@ def train_controlnet(
     encoder_model, encoder_config = load_retrieval_encoder(encoder, device)
     encoder_digest = encoder_hash(encoder_model, encoder_config)
     knowledge_base = KnowledgeBase.load(kb, expected_encoder_hash=encoder_digest)
-    _check_sizes(int(dataset.manifest["config"]["size"]), config, Path(bbdm), knowledge_base, encoder_config.image_size, Path(encoder), Path(data))
+    _check_sizes(
+        int(dataset.manifest["config"]["size"]),
+        config,
+        Path(bbdm),
+        knowledge_base,
+        encoder_config.image_size,
+        Path(encoder),
+        Path(data),
+    )
 
     train_set = PreparedSlices(dataset, "train", train_config.min_brain_fraction, config.neighbours)
     triplets = retrieve_references(train_set, knowledge_base, encoder_model, train_config.position_tolerance)
     if triplets.empty:
-        raise ValueError(f"no training slice of {data} found a reference from another subject in {kb} (position tolerance {train_config.position_tolerance})")
+        raise ValueError(
+            f"no training slice of {data} found a reference from another subject in {kb} (position tolerance {train_config.position_tolerance})"
+        )
     batches = TripletBatches(train_set, knowledge_base, triplets, train_config.target)
     val_set, val_rows, val_control = _validation_set(dataset, knowledge_base, encoder_model, config, train_config)
 
@@ -321,12 +390,25 @@ def train_controlnet(
     # Only the ControlNet is optimised: the frozen denoiser is not part of it.
     ema, optimizer, generator = optimiser_state(controlnet, train_config, run.state, "controlnet")
     ema_model = ControlledDenoiser(denoiser, ema.module)
-    run.begin({
-        "model": config.to_dict(),
-        "training": asdict(train_config),
-        "inputs": {"data": str(data), "bbdm": str(bbdm), "bbdm_hash": bbdm_hash, "kb": str(kb), "encoder": str(encoder), "encoder_hash": encoder_digest},
-        "triplets": {"slices": len(train_set), "with_reference": len(triplets), "successful": int(triplets["success"].sum())},
-    })
+    run.begin(
+        {
+            "model": config.to_dict(),
+            "training": asdict(train_config),
+            "inputs": {
+                "data": str(data),
+                "bbdm": str(bbdm),
+                "bbdm_hash": bbdm_hash,
+                "kb": str(kb),
+                "encoder": str(encoder),
+                "encoder_hash": encoder_digest,
+            },
+            "triplets": {
+                "slices": len(train_set),
+                "with_reference": len(triplets),
+                "successful": int(triplets["success"].sum()),
+            },
+        }
+    )
     triplets.to_csv(out / "triplets.csv", index=False)
 
     schedule = BridgeSchedule.from_config(config)
@@ -340,10 +422,19 @@ def train_controlnet(
     def save(iteration: int) -> None:
         run.save(
             iteration,
-            {"config": config.to_dict(), "train_config": asdict(train_config), "bbdm_hash": bbdm_hash, "controlnet": controlnet.state_dict(),
-             "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state()},
+            {
+                "config": config.to_dict(),
+                "train_config": asdict(train_config),
+                "bbdm_hash": bbdm_hash,
+                "controlnet": controlnet.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+            },
             "controlnet.pt",
-            controlnet_checkpoint(ema.module, config, bbdm_hash, {"encoder_hash": encoder_digest, "train_config": asdict(train_config)}),
+            controlnet_checkpoint(
+                ema.module, config, bbdm_hash, {"encoder_hash": encoder_digest, "train_config": asdict(train_config)}
+            ),
         )
 
     started = time.perf_counter()
@@ -353,16 +444,29 @@ def train_controlnet(
         t = torch.randint(config.timesteps, (train_config.batch_size,), generator=generator).to(device)
         condition, control, x0 = batches.batch(picks.tolist(), train_config.slerp_count, device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        loss = controlnet_step(model, optimizer, schedule, config, condition, control, x0, t, noise, train_config.grad_clip, autocast)
+        loss = controlnet_step(
+            model, optimizer, schedule, config, condition, control, x0, t, noise, train_config.grad_clip, autocast
+        )
         ema.update_parameters(controlnet)
         run.log("loss", [iteration, f"{loss:.6g}", train_config.lr, f"{time.perf_counter() - started:.1f}"])
         bar.set_postfix(loss=f"{loss:.4g}")
 
         if val_set is not None and (iteration % train_config.val_every == 0 or iteration == train_config.iters):
-            controlled = evaluate(ema_model, config, val_set, val_rows, train_config.val_steps, device, seed=train_config.seed, control=val_control)
+            controlled = evaluate(
+                ema_model,
+                config,
+                val_set,
+                val_rows,
+                train_config.val_steps,
+                device,
+                seed=train_config.seed,
+                control=val_control,
+            )
             scores = {**controlled, **{f"bbdm_{name}": value for name, value in baseline.items()}}
             run.log("validation", [iteration, *(f"{scores[column]:.4f}" for column in VALIDATION_COLUMNS[1:])])
-            bar.write(f"iteration {iteration}: validation PSNR {scores['psnr']:.2f} dB with control, {scores['bbdm_psnr']:.2f} dB BBDM alone")
+            bar.write(
+                f"iteration {iteration}: validation PSNR {scores['psnr']:.2f} dB with control, {scores['bbdm_psnr']:.2f} dB BBDM alone"
+            )
         if iteration % train_config.checkpoint_every == 0 or iteration == train_config.iters:
             save(iteration)
     if run.start >= train_config.iters:

@@ -69,7 +69,9 @@ def train_retrieval(
     run = TrainingRun(out, "retrieval-train", resume, {"loss": LOSS_COLUMNS, "accuracy": ACCURACY_COLUMNS})
     if run.state is not None:
         config = RetrievalConfig.from_dict(run.state["config"])
-        train_config = RetrievalTrainConfig(**{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device})
+        train_config = RetrievalTrainConfig(
+            **{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device}
+        )
     size = int(dataset.manifest["config"]["size"])
     if config.image_size != size:
         raise ValueError(f"{data}: slices are {size}x{size}, the encoder config expects {config.image_size}")
@@ -79,7 +81,12 @@ def train_retrieval(
     model = build_retrieval_encoder(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     sampler = AdjacentRunSampler(
-        dataset.slices, "train", train_config.min_brain_fraction, train_config.subjects_per_batch, train_config.run_length, seed=train_config.seed
+        dataset.slices,
+        "train",
+        train_config.min_brain_fraction,
+        train_config.subjects_per_batch,
+        train_config.run_length,
+        seed=train_config.seed,
     )
     if run.state is not None:
         model.load_state_dict(run.state["model"])
@@ -92,8 +99,13 @@ def train_retrieval(
     def save(iteration: int) -> None:
         run.save(
             iteration,
-            {"config": config.to_dict(), "train_config": asdict(train_config), "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict()},
+            {
+                "config": config.to_dict(),
+                "train_config": asdict(train_config),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sampler": sampler.state_dict(),
+            },
             "encoder.pt",
             {"kind": CHECKPOINT_KIND, "config": config.to_dict(), "model": model.state_dict()},
         )
@@ -105,16 +117,33 @@ def train_retrieval(
         batch = load_run_batch(dataset, sampler.next_batch())
         embeddings, features = model(batch.source.to(device))
         positives = positive_mask(batch.subjects, batch.slices, train_config.positives).to(device)
-        loss, parts = retrieval_loss(embeddings, features, positives, train_config.alpha, train_config.beta, train_config.percept_weight)
+        loss, parts = retrieval_loss(
+            embeddings, features, positives, train_config.alpha, train_config.beta, train_config.percept_weight
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        run.log("loss", [iteration, f"{loss.item():.6g}", f"{parts['contrast'].item():.6g}", f"{parts['percept'].item():.6g}", f"{time.perf_counter() - started:.1f}"])
+        run.log(
+            "loss",
+            [
+                iteration,
+                f"{loss.item():.6g}",
+                f"{parts['contrast'].item():.6g}",
+                f"{parts['percept'].item():.6g}",
+                f"{time.perf_counter() - started:.1f}",
+            ],
+        )
         bar.set_postfix(loss=f"{loss.item():.4g}")
         if can_evaluate and (iteration % train_config.eval_every == 0 or iteration == train_config.iters):
-            accuracy = retrieval_accuracy(model, dataset, "val", train_config.position_tolerance, train_config.min_brain_fraction)
-            run.log("accuracy", [iteration, f"{accuracy['subject_accuracy']:.4f}", f"{accuracy['position_accuracy']:.4f}"])
-            bar.write(f"iteration {iteration}: retrieval accuracy subject {accuracy['subject_accuracy']:.3f}, subject+position {accuracy['position_accuracy']:.3f}")
+            accuracy = retrieval_accuracy(
+                model, dataset, "val", train_config.position_tolerance, train_config.min_brain_fraction
+            )
+            run.log(
+                "accuracy", [iteration, f"{accuracy['subject_accuracy']:.4f}", f"{accuracy['position_accuracy']:.4f}"]
+            )
+            bar.write(
+                f"iteration {iteration}: retrieval accuracy subject {accuracy['subject_accuracy']:.3f}, subject+position {accuracy['position_accuracy']:.3f}"
+            )
         if iteration % train_config.checkpoint_every == 0 or iteration == train_config.iters:
             save(iteration)
     if run.start >= train_config.iters:

@@ -64,7 +64,14 @@ class TrainingRun:
 
     def iterations(self, iters: int, description: str, progress: bool) -> tqdm:
         """The remaining iterations (start + 1 .. iters) with a progress bar."""
-        return tqdm(range(self.start + 1, iters + 1), desc=description, unit="it", disable=not progress, initial=self.start, total=iters)
+        return tqdm(
+            range(self.start + 1, iters + 1),
+            desc=description,
+            unit="it",
+            disable=not progress,
+            initial=self.start,
+            total=iters,
+        )
 
 
 def _rows_up_to(path: Path, iteration: int) -> list[list[str]]:

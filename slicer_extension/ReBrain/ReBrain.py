@@ -14,7 +14,12 @@ from pathlib import Path
 import numpy as np
 import slicer
 import vtk
-from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 
 
 def _install_missing_dependencies() -> None:
@@ -72,7 +77,9 @@ class ReBrainLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
 
     @staticmethod
-    def request_params(preset: str, simulate_sparsity: int | None, steps: int, samples: int, seed: int, prepared: bool = False) -> dict:
+    def request_params(
+        preset: str, simulate_sparsity: int | None, steps: int, samples: int, seed: int, prepared: bool = False
+    ) -> dict:
         """The request for the server (``simulate_sparsity`` None: the input is the sparse scan;
         ``prepared``: the input is already brain-only and aligned, so the server skips its
         brain extraction and registration to the CT head template)."""
@@ -106,15 +113,21 @@ class ReBrainLogic(ScriptedLoadableModuleLogic):
             uncertainty, _ = read_volume(result.volumes["uncertainty"])
             nodes["uncertainty"] = self._add_volume(uncertainty, ijk_to_ras, f"SYNTHETIC {name} uncertainty", params)
         similarity, status = slice_overlays(params, array.shape)
-        nodes["similarity"] = self._add_volume(np.nan_to_num(similarity, nan=NO_SIMILARITY), ijk_to_ras, f"SYNTHETIC {name} similarity", params)
+        nodes["similarity"] = self._add_volume(
+            np.nan_to_num(similarity, nan=NO_SIMILARITY), ijk_to_ras, f"SYNTHETIC {name} similarity", params
+        )
         self._colour_similarity(nodes["similarity"], params["summary"]["tau"])
-        nodes["status"] = self._add_volume(status, ijk_to_ras, f"SYNTHETIC {name} slice status", params, "vtkMRMLLabelMapVolumeNode")
+        nodes["status"] = self._add_volume(
+            status, ijk_to_ras, f"SYNTHETIC {name} slice status", params, "vtkMRMLLabelMapVolumeNode"
+        )
         self._colour_status(nodes["status"])
         nodes["table"] = self._provenance_table(params, f"SYNTHETIC {name} provenance")
         return nodes
 
     @staticmethod
-    def _add_volume(array: np.ndarray, ijk_to_ras: np.ndarray, name: str, params: dict, node_class: str = "vtkMRMLScalarVolumeNode"):
+    def _add_volume(
+        array: np.ndarray, ijk_to_ras: np.ndarray, name: str, params: dict, node_class: str = "vtkMRMLScalarVolumeNode"
+    ):
         node = slicer.util.addVolumeFromArray(array, ijk_to_ras, name, node_class)
         node.SetAttribute(SYNTHETIC_ATTRIBUTE, "true")
         node.SetAttribute("ReBrain.ResultID", params["result_id"])
@@ -226,14 +239,20 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
         self.ui.presetComboBox.clear()
         for name, preset in presets.items():
             self.ui.presetComboBox.addItem(name)
-            self.ui.presetComboBox.setItemData(self.ui.presetComboBox.count - 1, preset["description"], qt.Qt.ToolTipRole)
+            self.ui.presetComboBox.setItemData(
+                self.ui.presetComboBox.count - 1, preset["description"], qt.Qt.ToolTipRole
+            )
         self.ui.serverStatusLabel.text = f"Connected: {len(presets)} preset(s)"
         self.updateButtons()
 
     def onReconstruct(self) -> None:
         sparsity = self.ui.sparsitySpinBox.value if self.ui.simulateRadioButton.checked else None
         params = self.logic.request_params(
-            self.ui.presetComboBox.currentText, sparsity, self.ui.stepsSpinBox.value, self.ui.samplesSpinBox.value, self.ui.seedSpinBox.value,
+            self.ui.presetComboBox.currentText,
+            sparsity,
+            self.ui.stepsSpinBox.value,
+            self.ui.samplesSpinBox.value,
+            self.ui.seedSpinBox.value,
             prepared=self.ui.preparedInputCheckBox.checked,
         )
         work = Path(tempfile.mkdtemp(prefix="rebrain-"))
@@ -283,7 +302,9 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
         background = self.ui.uncertaintySelector.currentNode() or self.nodes["mri"]
         foreground = self.nodes["similarity"] if self.ui.similarityOverlayCheckBox.checked else None
         label = self.nodes["status"] if self.ui.statusOverlayCheckBox.checked else None
-        slicer.util.setSliceViewerLayers(background=background, foreground=foreground, foregroundOpacity=0.4, label=label, fit=True)
+        slicer.util.setSliceViewerLayers(
+            background=background, foreground=foreground, foregroundOpacity=0.4, label=label, fit=True
+        )
 
 
 class ReBrainTest(ScriptedLoadableModuleTest):
@@ -298,9 +319,21 @@ class ReBrainTest(ScriptedLoadableModuleTest):
         ijk_to_ras = np.array([[-1.0, 0, 0, 10], [0, -1.0, 0, 20], [0, 0, 2.0, -30], [0, 0, 0, 1]])
         mri = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
         write_volume(work / "mri.nii.gz", mri, ijk_to_ras)
-        slices = [{"index": k, "position_mm": 2.0 * k, "similarity": None if k % 2 == 0 else 0.9, "reference": None, "uncertainty_mean": 0.0} for k in range(4)]
+        slices = [
+            {
+                "index": k,
+                "position_mm": 2.0 * k,
+                "similarity": None if k % 2 == 0 else 0.9,
+                "reference": None,
+                "uncertainty_mean": 0.0,
+            }
+            for k in range(4)
+        ]
         params = {
-            "result_id": "0" * 32, "notice": "Synthetic MRI", "slices": slices, "slice_status": ["acquired", "retrieved", "acquired", "fallback"],
+            "result_id": "0" * 32,
+            "notice": "Synthetic MRI",
+            "slices": slices,
+            "slice_status": ["acquired", "retrieved", "acquired", "fallback"],
             "summary": {"tau": 0.95, "versions": {}, "generated_retrieval_success_rate": 0.5},
         }
         nodes = ReBrainLogic().load_result(ReconstructionResult(params=params, volumes={"mri": work / "mri.nii.gz"}))

@@ -25,7 +25,9 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 @pytest.fixture(scope="module")
 def namespace():
     if not Path(ORTHANC).exists() or not DICOMWEB_PLUGIN.exists():
-        pytest.skip("Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; make test does it as root)")
+        pytest.skip(
+            "Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; make test does it as root)"
+        )
     name = f"rebrain-test-{uuid.uuid4().hex[:8]}"
     created = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if created.returncode != 0:
@@ -41,13 +43,23 @@ def namespace():
 def orthanc(namespace, tmp_path_factory):
     folder = tmp_path_factory.mktemp("orthanc")
     config = {
-        "Name": "rebrain-test", "HttpPort": 8042, "DicomServerEnabled": False, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "index"),
-        "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "Name": "rebrain-test",
+        "HttpPort": 8042,
+        "DicomServerEnabled": False,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "StorageDirectory": str(folder / "storage"),
+        "IndexDirectory": str(folder / "index"),
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
     with open(folder / "orthanc.log", "w") as log:
-        process = subprocess.Popen(["ip", "netns", "exec", namespace, ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, ORTHANC, str(folder / "orthanc.json")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         yield "http://127.0.0.1:8042"
     finally:

@@ -42,7 +42,9 @@ def main() -> int:
         client.store_instances([pydicom.dcmread(path) for path in sorted(folder.glob("*.dcm"))])
     wait_for(f"{args.server}/info/")
     for uid in args.infer:
-        response = requests.post(f"{args.server}/infer/rebrain", params={"image": uid}, files={"params": (None, args.params)}, timeout=600)
+        response = requests.post(
+            f"{args.server}/infer/rebrain", params={"image": uid}, files={"params": (None, args.params)}, timeout=600
+        )
         out = args.out / uid
         out.mkdir(parents=True)
         (out / "status").write_text(str(response.status_code))

@@ -34,7 +34,9 @@ class Realm:
     def __init__(self, name: str = "rebrain") -> None:
         self.name = name
         self.key = new_key()
-        public_der = self.key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        public_der = self.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         self.public_key = base64.b64encode(public_der).decode()
         self.requests: list[str] = []
         self._server: ThreadingHTTPServer | None = None
@@ -45,12 +47,20 @@ class Realm:
         assert self._server is not None, "start the realm first"
         return f"http://127.0.0.1:{self._server.server_address[1]}/realms/{self.name}"
 
-    def token(self, username: str, roles: list[str], lifetime_s: float = 600.0, key: rsa.RSAPrivateKey | None = None) -> str:
+    def token(
+        self, username: str, roles: list[str], lifetime_s: float = 600.0, key: rsa.RSAPrivateKey | None = None
+    ) -> str:
         """An RS256 access token for ``username`` with ``roles`` (signed by this realm unless ``key``)."""
         now = int(time.time())
         claims = {
-            "iss": self.uri, "sub": username, "preferred_username": username, "email": f"{username}@example.org", "name": username,
-            "iat": now, "exp": int(now + lifetime_s), "realm_access": {"roles": roles},
+            "iss": self.uri,
+            "sub": username,
+            "preferred_username": username,
+            "email": f"{username}@example.org",
+            "name": username,
+            "iat": now,
+            "exp": int(now + lifetime_s),
+            "realm_access": {"roles": roles},
         }
         return jwt.encode(claims, key or self.key, algorithm="RS256")
 
@@ -62,9 +72,17 @@ class Realm:
                 realm.requests.append(self.path)
                 base = f"/realms/{realm.name}"
                 if self.path == base:
-                    body = {"realm": realm.name, "public_key": realm.public_key, "token-service": f"{realm.uri}/protocol/openid-connect"}
+                    body = {
+                        "realm": realm.name,
+                        "public_key": realm.public_key,
+                        "token-service": f"{realm.uri}/protocol/openid-connect",
+                    }
                 elif self.path == f"{base}/.well-known/openid-configuration":
-                    body = {"issuer": realm.uri, "token_endpoint": f"{realm.uri}/protocol/openid-connect/token", "id_token_signing_alg_values_supported": ["RS256"]}
+                    body = {
+                        "issuer": realm.uri,
+                        "token_endpoint": f"{realm.uri}/protocol/openid-connect/token",
+                        "id_token_signing_alg_values_supported": ["RS256"],
+                    }
                 else:
                     self.send_error(404)
                     return

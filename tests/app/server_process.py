@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import requests
 
@@ -19,7 +19,20 @@ REPO = Path(__file__).resolve().parents[2]
 
 def server_command(studies: str, conf: dict[str, str], port: int) -> list[str]:
     """The documented start command, with this interpreter (``monailabel`` runs ``python`` from PATH)."""
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO), "--studies", studies, "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(REPO),
+        "--studies",
+        studies,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     for name, value in conf.items():
         command += ["--conf", name, str(value)]
     return command
@@ -38,7 +51,12 @@ def stop(process: subprocess.Popen) -> None:
 
 @contextmanager
 def running_server(
-    studies: str, conf: dict[str, str], log: Path, prefix: list[str] | None = None, wait: bool = True, env: dict[str, str] | None = None,
+    studies: str,
+    conf: dict[str, str],
+    log: Path,
+    prefix: list[str] | None = None,
+    wait: bool = True,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """Run the server until the block ends; yields the process and its base URL.
 
@@ -51,9 +69,21 @@ def running_server(
         env: extra environment variables (MONAI Label settings).
     """
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false", **(env or {})}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false",
+        **(env or {}),
+    }
     with open(log, "w") as out:
-        process = subprocess.Popen((prefix or []) + server_command(studies, conf, port), cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            (prefix or []) + server_command(studies, conf, port),
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         if wait:
@@ -63,7 +93,9 @@ def running_server(
         stop(process)
 
 
-def wait_until_up(url: str, timeout: float = 180.0, alive: Callable[[], bool] = lambda: True, headers: dict | None = None) -> bool:
+def wait_until_up(
+    url: str, timeout: float = 180.0, alive: Callable[[], bool] = lambda: True, headers: dict | None = None
+) -> bool:
     """Poll ``url`` (with ``headers``) until it answers 200 (True), ``alive()`` turns false or time runs out (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
@@ -79,4 +111,6 @@ def wait_until_up(url: str, timeout: float = 180.0, alive: Callable[[], bool] = 
 def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
     """Wait for the server's ``url``; fail with the server log if the process dies or times out."""
     if not wait_until_up(url, timeout, alive=lambda: process.poll() is None):
-        raise RuntimeError(f"server did not answer {url} in {timeout} s (exit code {process.poll()}):\n{log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"server did not answer {url} in {timeout} s (exit code {process.poll()}):\n{log.read_text()[-3000:]}"
+        )

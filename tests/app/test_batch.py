@@ -23,7 +23,6 @@ from app.batch import is_complete
 from app.cli import main
 from lib.io import dense_grid, read_volume
 from lib.io.dicom_writer import SeriesDescription, write_dicom_series
-
 from tests.app.server_process import REPO
 from tests.dicom_variants import copy_position_of, corrupt_vr, remove
 from tests.tilted import make_tilted
@@ -59,24 +58,58 @@ def tree(real_ct_volume, brats_case, tmp_path_factory):
     middle = real_ct_volume.shape[2] // 2
     series = {}
     for name, start, count in (("ct_a", middle - 10, 10), ("ct_b", middle, 8)):
-        description = SeriesDescription(modality="CT", series_description=f"head {name}", study_uid=study, frame_of_reference_uid=frame, patient=PATIENT, series_number=2)
-        write_dicom_series(real_ct_volume.take_slices(list(range(start, start + count))), root / "patient" / "study" / name, description)
+        description = SeriesDescription(
+            modality="CT",
+            series_description=f"head {name}",
+            study_uid=study,
+            frame_of_reference_uid=frame,
+            patient=PATIENT,
+            series_number=2,
+        )
+        write_dicom_series(
+            real_ct_volume.take_slices(list(range(start, start + count))),
+            root / "patient" / "study" / name,
+            description,
+        )
         series[name] = description.series_uid
     broken = SeriesDescription(modality="CT", series_description="broken", study_uid=study, patient=PATIENT)
-    paths = write_dicom_series(real_ct_volume.take_slices([middle, middle + 1, middle + 2]), root / "patient" / "study" / "broken", broken)
+    paths = write_dicom_series(
+        real_ct_volume.take_slices([middle, middle + 1, middle + 2]), root / "patient" / "study" / "broken", broken
+    )
     duplicate = pydicom.dcmread(str(paths[1]))
     duplicate.ImagePositionPatient = pydicom.dcmread(str(paths[0])).ImagePositionPatient
     duplicate.save_as(str(paths[1]))
     series["broken"] = broken.series_uid
     flair = read_volume(brats_case / "t2f.nii.gz", modality="MR").take_slices(list(range(70, 74)))
-    mr = SeriesDescription(modality="MR", series_description="FLAIR", image_type=("ORIGINAL", "PRIMARY"), rescale_intercept=0.0, study_uid=study, patient=PATIENT)
+    mr = SeriesDescription(
+        modality="MR",
+        series_description="FLAIR",
+        image_type=("ORIGINAL", "PRIMARY"),
+        rescale_intercept=0.0,
+        study_uid=study,
+        patient=PATIENT,
+    )
     write_dicom_series(flair, root / "patient" / "study" / "mr", mr)
     series["mr"] = mr.series_uid
-    scout = SeriesDescription(modality="CT", series_description="scout", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), study_uid=study, patient=PATIENT)
+    scout = SeriesDescription(
+        modality="CT",
+        series_description="scout",
+        image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
+        study_uid=study,
+        patient=PATIENT,
+    )
     write_dicom_series(real_ct_volume.take_slices([middle]), root / "patient" / "study" / "scout", scout)
     series["scout"] = scout.series_uid
-    mpr = SeriesDescription(modality="CT", series_description="MPR", image_type=("DERIVED", "SECONDARY", "REFORMATTED"), study_uid=study, patient=PATIENT)
-    for path in write_dicom_series(real_ct_volume.take_slices(list(range(middle, middle + 4))), root / "patient" / "study" / "mpr", mpr)[2:]:
+    mpr = SeriesDescription(
+        modality="CT",
+        series_description="MPR",
+        image_type=("DERIVED", "SECONDARY", "REFORMATTED"),
+        study_uid=study,
+        patient=PATIENT,
+    )
+    for path in write_dicom_series(
+        real_ct_volume.take_slices(list(range(middle, middle + 4))), root / "patient" / "study" / "mpr", mpr
+    )[2:]:
         coronal = pydicom.dcmread(str(path))
         coronal.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 0.0, -1.0]
         coronal.save_as(str(path))
@@ -105,15 +138,23 @@ def test_batch_writes_every_ct_series_and_reports_the_rest(tree, preset, tmp_pat
     captured = capsys.readouterr()
     assert code == 1, captured.err  # the broken series failed
     assert tree_digest(root) == before  # the input tree is never modified
-    manifest = {row["series_uid"] or row["message"].split(":")[0]: row for row in json.loads((out / "manifest.json").read_text())["series"]}
+    manifest = {
+        row["series_uid"] or row["message"].split(":")[0]: row
+        for row in json.loads((out / "manifest.json").read_text())["series"]
+    }
     assert manifest[series["ct_a"]]["status"] == manifest[series["ct_b"]]["status"] == "done"
     # 10 and 8 slices are too short to register: the manifest says where positions came from.
-    assert manifest[series["ct_b"]]["positions"].startswith("brain extent (8 slices spanning 17.5 mm are too few to register")
+    assert manifest[series["ct_b"]]["positions"].startswith(
+        "brain extent (8 slices spanning 17.5 mm are too few to register"
+    )
     assert manifest[series["broken"]]["status"] == "failed" and "same position" in manifest[series["broken"]]["message"]
     assert f"failed: series {series['broken']}" in captured.err
     assert manifest[series["mr"]]["status"] == "skipped" and "modality MR" in manifest[series["mr"]]["message"]
     assert manifest[series["scout"]]["status"] == "skipped" and "localizer" in manifest[series["scout"]]["message"]
-    assert manifest[series["mpr"]]["status"] == "skipped" and "not one stack of parallel slices" in manifest[series["mpr"]]["message"]
+    assert (
+        manifest[series["mpr"]]["status"] == "skipped"
+        and "not one stack of parallel slices" in manifest[series["mpr"]]["message"]
+    )
     for name in ("junk/corrupt.dcm", "junk/README.txt", "junk/report.dcm"):
         assert manifest[name]["status"] == "skipped"
     assert "not an image" in manifest["junk/report.dcm"]["message"]
@@ -132,7 +173,10 @@ def test_batch_writes_every_ct_series_and_reports_the_rest(tree, preset, tmp_pat
         for ds in headers:
             assert ds.Modality == "MR" and list(ds.ImageType) == ["DERIVED", "SECONDARY"]
             assert "SYNTHETIC" in ds.SeriesDescription and "SYNTHETIC" in ds.ImageComments
-            assert ds.StudyInstanceUID == reference.StudyInstanceUID and ds.FrameOfReferenceUID == reference.FrameOfReferenceUID
+            assert (
+                ds.StudyInstanceUID == reference.StudyInstanceUID
+                and ds.FrameOfReferenceUID == reference.FrameOfReferenceUID
+            )
             assert ds.SeriesInstanceUID not in series.values() and ds.SOPInstanceUID != reference.SOPInstanceUID
             assert str(ds.PatientName) == PATIENT["PatientName"] and ds.PatientID == PATIENT["PatientID"]
             assert float(ds.WindowWidth) > 0 and 0 < float(ds.WindowCenter) < 1000
@@ -155,8 +199,25 @@ def test_batch_writes_every_ct_series_and_reports_the_rest(tree, preset, tmp_pat
 def test_a_killed_run_resumes_to_complete_outputs(tree, preset, tmp_path):
     root, series = tree
     out = tmp_path / "out"
-    command = [sys.executable, "main.py", "batch", str(root), str(out), "--preset", str(preset.root), "--steps", "30", "--quiet"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "main.py",
+        "batch",
+        str(root),
+        str(out),
+        "--preset",
+        str(preset.root),
+        "--steps",
+        "30",
+        "--quiet",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     outputs = [out / series["ct_a"], out / series["ct_b"]]
     deadline = time.monotonic() + 600
     while not any(o.exists() for o in outputs) and process.poll() is None and time.monotonic() < deadline:
@@ -194,12 +255,37 @@ def test_push_dicomweb_stores_each_series_in_orthanc(namespace, orthanc, tree, p
     root, series = tree
     out = tmp_path / "out"
     prefix = ["ip", "netns", "exec", namespace]
-    batch = [sys.executable, "main.py", "batch", str(root), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet", "--push-dicomweb", f"{orthanc}/dicom-web"]
-    done = subprocess.run(prefix + batch, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    batch = [
+        sys.executable,
+        "main.py",
+        "batch",
+        str(root),
+        str(out),
+        "--preset",
+        str(preset.root),
+        "--steps",
+        "2",
+        "--quiet",
+        "--push-dicomweb",
+        f"{orthanc}/dicom-web",
+    ]
+    done = subprocess.run(
+        prefix + batch,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 1, done.stderr  # the broken series
     rows = {row["series_uid"]: row for row in json.loads((out / "manifest.json").read_text())["series"]}
     query = "import json, requests, sys; print(json.dumps(requests.get(sys.argv[1], params={'Modality': 'MR'}, timeout=30).json()))"
-    listed = subprocess.run(prefix + [sys.executable, "-c", query, f"{orthanc}/dicom-web/series"], capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        prefix + [sys.executable, "-c", query, f"{orthanc}/dicom-web/series"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listed.returncode == 0, listed.stderr
     stored = {entry["0020000E"]["Value"][0]: entry for entry in json.loads(listed.stdout)}
     for name in ("ct_a", "ct_b"):
@@ -210,7 +296,9 @@ def test_push_dicomweb_stores_each_series_in_orthanc(namespace, orthanc, tree, p
         assert stored[new_uid]["00201209"]["Value"][0] == len(written)  # NumberOfSeriesRelatedInstances
 
 
-def test_a_tilted_partial_series_is_aligned_and_written_in_its_own_geometry(real_ct_volume, real_ct_alignment, preset, tmp_path):
+def test_a_tilted_partial_series_is_aligned_and_written_in_its_own_geometry(
+    real_ct_volume, real_ct_alignment, preset, tmp_path
+):
     """Gantry tilt 15 degrees, upper 40 % of the head, 5 mm slices: registered to the template,
     and every synthetic slice lies on the tilted stack's own planes, in its own in-plane grid."""
     count = real_ct_volume.shape[2]
@@ -237,7 +325,9 @@ def test_a_tilted_partial_series_is_aligned_and_written_in_its_own_geometry(real
     assert np.abs(positions - whole).max() < 0.05 and positions[0] > 0.6
 
     grid = dense_grid(source, 1.0)
-    headers = sorted((pydicom.dcmread(str(p)) for p in (folder / "dicom").glob("*.dcm")), key=lambda ds: int(ds.InstanceNumber))
+    headers = sorted(
+        (pydicom.dcmread(str(p)) for p in (folder / "dicom").glob("*.dcm")), key=lambda ds: int(ds.InstanceNumber)
+    )
     assert len(headers) == grid.shape[2]
     size_x, size_y, _ = grid.shape
     for k, ds in enumerate(headers):
@@ -248,8 +338,16 @@ def test_a_tilted_partial_series_is_aligned_and_written_in_its_own_geometry(real
     first_last = [pydicom.dcmread(str(p), stop_before_pixels=True) for p in (inputs[0], inputs[-1])]
     ends = sorted(first_last, key=lambda ds: float(ds.ImagePositionPatient[2]))
     for ds, synthetic in zip(ends, (headers[0], headers[-1])):
-        np.testing.assert_allclose(np.asarray(synthetic.ImagePositionPatient, dtype=float), np.asarray(ds.ImagePositionPatient, dtype=float), atol=1e-3)
-        assert np.allclose(np.asarray(synthetic.ImageOrientationPatient, dtype=float), np.asarray(ds.ImageOrientationPatient, dtype=float), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(synthetic.ImagePositionPatient, dtype=float),
+            np.asarray(ds.ImagePositionPatient, dtype=float),
+            atol=1e-3,
+        )
+        assert np.allclose(
+            np.asarray(synthetic.ImageOrientationPatient, dtype=float),
+            np.asarray(ds.ImageOrientationPatient, dtype=float),
+            atol=1e-5,
+        )
 
 
 def four_slices(real_ct_volume):
@@ -271,7 +369,11 @@ def test_output_folders_stay_inside_the_output_root_and_replace_only_rebrain_out
         (victim / "keep.txt").write_text("not ReBrain's")
     uids = {"relative": "../victim", "absolute": str(victims[1]), "taken": generate_uid()}
     for name, uid in uids.items():
-        write_dicom_series(four_slices(real_ct_volume), tmp_path / "in" / name, SeriesDescription(modality="CT", series_uid=uid, patient=PATIENT))
+        write_dicom_series(
+            four_slices(real_ct_volume),
+            tmp_path / "in" / name,
+            SeriesDescription(modality="CT", series_uid=uid, patient=PATIENT),
+        )
     out = tmp_path / "out"
     (out / uids["taken"]).mkdir(parents=True)
     (out / uids["taken"] / "mri.nii.gz").write_text("a user's file under an output's name")
@@ -285,9 +387,18 @@ def test_output_folders_stay_inside_the_output_root_and_replace_only_rebrain_out
         rows = manifest_rows(out)
         assert rows[uids["taken"]]["status"] == "failed" and "not written by ReBrain" in rows[uids["taken"]]["message"]
         for key in ("relative", "absolute"):
-            assert rows[uids[key]]["status"] == "done" and re.fullmatch(r"series-[0-9a-f]{16}", rows[uids[key]]["output"])
+            assert rows[uids[key]]["status"] == "done" and re.fullmatch(
+                r"series-[0-9a-f]{16}", rows[uids[key]]["output"]
+            )
             assert is_complete(out / rows[uids[key]]["output"])
-        assert sorted(path.name for path in out.iterdir()) == sorted([uids["taken"], "manifest.csv", "manifest.json", *(rows[uids[key]]["output"] for key in ("relative", "absolute"))])
+        assert sorted(path.name for path in out.iterdir()) == sorted(
+            [
+                uids["taken"],
+                "manifest.csv",
+                "manifest.json",
+                *(rows[uids[key]]["output"] for key in ("relative", "absolute")),
+            ]
+        )
 
 
 def test_a_damaged_file_or_series_fails_only_its_own_series(real_ct_volume, preset, tmp_path):
@@ -296,7 +407,10 @@ def test_a_damaged_file_or_series_fails_only_its_own_series(real_ct_volume, pres
     root = tmp_path / "in"
     good = SeriesDescription(modality="CT", patient=PATIENT)
     write_dicom_series(four_slices(real_ct_volume), root / "good", good)
-    corrupt, no_spacing = SeriesDescription(modality="CT", patient=PATIENT), SeriesDescription(modality="CT", patient=PATIENT)
+    corrupt, no_spacing = (
+        SeriesDescription(modality="CT", patient=PATIENT),
+        SeriesDescription(modality="CT", patient=PATIENT),
+    )
     corrupt_vr((0x0002, 0x0010))(write_dicom_series(four_slices(real_ct_volume), root / "corrupt_vr", corrupt), 1)
     files = write_dicom_series(four_slices(real_ct_volume), root / "no_spacing", no_spacing)
     for index in range(len(files)):
@@ -306,8 +420,12 @@ def test_a_damaged_file_or_series_fails_only_its_own_series(real_ct_volume, pres
     rows = manifest_rows(out)
     assert rows[good.series_uid]["status"] == "done" and is_complete(out / good.series_uid)
     assert rows[corrupt.series_uid]["status"] == "failed"
-    assert rows[corrupt.series_uid]["message"].startswith("corrupt_vr/slice_0001.dcm: a damaged DICOM file (NotImplementedError: Unknown Value Representation")
-    assert rows[no_spacing.series_uid]["status"] == "failed" and rows[no_spacing.series_uid]["message"].startswith("no_spacing/slice_0000.dcm: no PixelSpacing")
+    assert rows[corrupt.series_uid]["message"].startswith(
+        "corrupt_vr/slice_0001.dcm: a damaged DICOM file (NotImplementedError: Unknown Value Representation"
+    )
+    assert rows[no_spacing.series_uid]["status"] == "failed" and rows[no_spacing.series_uid]["message"].startswith(
+        "no_spacing/slice_0000.dcm: no PixelSpacing"
+    )
 
 
 def test_outputs_name_inputs_only_by_id_or_relative_path(real_ct_volume, brats_case, preset, tmp_path):
@@ -317,7 +435,11 @@ def test_outputs_name_inputs_only_by_id_or_relative_path(real_ct_volume, brats_c
     root = tmp_path / "Doe_Jane_1960-01-01"
     ct = SeriesDescription(modality="CT", series_description="Doe Jane head trauma", patient=PATIENT)
     write_dicom_series(four_slices(real_ct_volume), root / "ct", ct)
-    broken = write_dicom_series(four_slices(real_ct_volume), root / "broken", SeriesDescription(modality="CT", series_description="Doe Jane follow-up", patient=PATIENT))
+    broken = write_dicom_series(
+        four_slices(real_ct_volume),
+        root / "broken",
+        SeriesDescription(modality="CT", series_description="Doe Jane follow-up", patient=PATIENT),
+    )
     copy_position_of(0)(broken, 1)
     mr = SeriesDescription(modality="MR", series_description="Doe Jane FLAIR", rescale_intercept=0.0, patient=PATIENT)
     write_dicom_series(read_volume(brats_case / "t2f.nii.gz", modality="MR").take_slices([70, 71]), root / "mr", mr)
@@ -330,7 +452,9 @@ def test_outputs_name_inputs_only_by_id_or_relative_path(real_ct_volume, brats_c
         assert "Doe" not in text and str(tmp_path) not in text, text
     rows = manifest_rows(out)
     assert rows[ct.series_uid]["status"] == "done"
-    assert next(row for row in rows.values() if row["status"] == "failed")["message"].startswith("broken/slice_0001.dcm: two slices")
+    assert next(row for row in rows.values() if row["status"] == "failed")["message"].startswith(
+        "broken/slice_0001.dcm: two slices"
+    )
     assert rows[mr.series_uid]["status"] == "skipped"
     for path in (out / ct.series_uid / "dicom").glob("*.dcm"):
         assert pydicom.dcmread(str(path), stop_before_pixels=True).SeriesDescription == "SYNTHETIC ReBrain MRI from CT"
@@ -338,11 +462,16 @@ def test_outputs_name_inputs_only_by_id_or_relative_path(real_ct_volume, brats_c
 
 def test_a_user_manifest_in_the_output_root_is_never_replaced(real_ct_volume, preset, tmp_path, capsys):
     """Issue 17, finding 3: batch overwrote a manifest.csv or manifest.json it did not write."""
-    write_dicom_series(four_slices(real_ct_volume), tmp_path / "in" / "ct", SeriesDescription(modality="CT", patient=PATIENT))
+    write_dicom_series(
+        four_slices(real_ct_volume), tmp_path / "in" / "ct", SeriesDescription(modality="CT", patient=PATIENT)
+    )
     for name in ("manifest.csv", "manifest.json"):
         out = tmp_path / f"out_{name}"
         out.mkdir()
         (out / name).write_text("the hospital's own list")
-        assert main(["batch", str(tmp_path / "in"), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet"]) == 2
+        assert (
+            main(["batch", str(tmp_path / "in"), str(out), "--preset", str(preset.root), "--steps", "2", "--quiet"])
+            == 2
+        )
         assert f"{name}: exists and was not written by ReBrain batch" in capsys.readouterr().err
         assert (out / name).read_text() == "the hospital's own list" and sorted(p.name for p in out.iterdir()) == [name]

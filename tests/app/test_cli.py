@@ -14,7 +14,6 @@ import pytest
 
 from app.cli import main
 from lib.data.invesalius import CRANIUM_PATH
-
 from tests.conftest import SHARED_DATA, require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +52,20 @@ def test_bad_input_gives_one_line_error_not_a_traceback(tmp_path):
 def test_prepare_command_writes_a_dataset(tmp_path):
     src = require(SHARED_DATA / "brats_dev")
     out = tmp_path / "prepared"
-    result = run("prepare", "--layout", "brats", "--src", str(src), "--out", str(out), "--size", "32", "--max-subjects", "2", "--quiet")
+    result = run(
+        "prepare",
+        "--layout",
+        "brats",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+        "--size",
+        "32",
+        "--max-subjects",
+        "2",
+        "--quiet",
+    )
     assert result.returncode == 0, result.stderr
     assert "prepared 2 subjects" in result.stdout
     assert json.loads((out / "manifest.json").read_text())["config"]["size"] == 32
@@ -73,9 +85,44 @@ def test_export_cranium_writes_hu_nifti(tmp_path):
 def test_train_bbdm_command_trains_resumes_and_plots(tmp_path):
     src = require(SHARED_DATA / "brats_dev")
     data = tmp_path / "prepared"
-    assert run("prepare", "--layout", "brats", "--src", str(src), "--out", str(data), "--size", "32", "--max-subjects", "3", "--quiet").returncode == 0
-    common = ["train-bbdm", "--data", str(data), "--out", str(tmp_path / "run"), "--channels", "16", "32", "--batch-size", "2",
-              "--val-every", "2", "--val-slices", "2", "--val-steps", "2", "--checkpoint-every", "2", "--quiet"]
+    assert (
+        run(
+            "prepare",
+            "--layout",
+            "brats",
+            "--src",
+            str(src),
+            "--out",
+            str(data),
+            "--size",
+            "32",
+            "--max-subjects",
+            "3",
+            "--quiet",
+        ).returncode
+        == 0
+    )
+    common = [
+        "train-bbdm",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--channels",
+        "16",
+        "32",
+        "--batch-size",
+        "2",
+        "--val-every",
+        "2",
+        "--val-slices",
+        "2",
+        "--val-steps",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--quiet",
+    ]
     first = run(*common, "--iters", "2")
     assert first.returncode == 0, first.stderr
     again = run(*common, "--iters", "2")
@@ -91,17 +138,70 @@ def test_train_bbdm_command_trains_resumes_and_plots(tmp_path):
 def test_retrieval_commands_train_evaluate_and_build_a_kb(tmp_path):
     src = require(SHARED_DATA / "brats_dev")
     data = tmp_path / "prepared"
-    assert run("prepare", "--layout", "brats", "--src", str(src), "--out", str(data), "--size", "32", "--max-subjects", "5", "--quiet").returncode == 0
-    trained = run("train-retrieval", "--data", str(data), "--out", str(tmp_path / "enc"), "--patch-size", "8", "--width", "32", "--depth", "2",
-                  "--heads", "2", "--embedding-dim", "16", "--perceptual-blocks", "0", "1", "--iters", "2", "--subjects-per-batch", "2", "--run-length", "4", "--quiet")
+    assert (
+        run(
+            "prepare",
+            "--layout",
+            "brats",
+            "--src",
+            str(src),
+            "--out",
+            str(data),
+            "--size",
+            "32",
+            "--max-subjects",
+            "5",
+            "--quiet",
+        ).returncode
+        == 0
+    )
+    trained = run(
+        "train-retrieval",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "enc"),
+        "--patch-size",
+        "8",
+        "--width",
+        "32",
+        "--depth",
+        "2",
+        "--heads",
+        "2",
+        "--embedding-dim",
+        "16",
+        "--perceptual-blocks",
+        "0",
+        "1",
+        "--iters",
+        "2",
+        "--subjects-per-batch",
+        "2",
+        "--run-length",
+        "4",
+        "--quiet",
+    )
     assert trained.returncode == 0, trained.stderr
-    evaluated = run("eval-retrieval", "--data", str(data), "--encoder", str(tmp_path / "enc" / "encoder.pt"), "--split", "train")
+    evaluated = run(
+        "eval-retrieval", "--data", str(data), "--encoder", str(tmp_path / "enc" / "encoder.pt"), "--split", "train"
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert 0 <= json.loads(evaluated.stdout)["subject_accuracy"] <= 1
-    built = run("build-kb", "--data", str(data), "--encoder", str(tmp_path / "enc" / "encoder.pt"), "--out", str(tmp_path / "kb"))
+    built = run(
+        "build-kb",
+        "--data",
+        str(data),
+        "--encoder",
+        str(tmp_path / "enc" / "encoder.pt"),
+        "--out",
+        str(tmp_path / "kb"),
+    )
     assert built.returncode == 0, built.stderr
     assert "entries, tau" in built.stdout and (tmp_path / "kb" / "manifest.json").is_file()
-    again = run("build-kb", "--data", str(data), "--encoder", str(tmp_path / "nowhere.pt"), "--out", str(tmp_path / "kb2"))
+    again = run(
+        "build-kb", "--data", str(data), "--encoder", str(tmp_path / "nowhere.pt"), "--out", str(tmp_path / "kb2")
+    )
     assert again.returncode == 2 and "no such checkpoint" in again.stderr
 
 
@@ -114,17 +214,30 @@ def test_a_singular_affine_is_one_line_not_a_traceback(tmp_path):
     nib.Nifti1Image(np.zeros((8, 8, 8), dtype=np.int16), None, header).to_filename(str(path))
     result = run("inspect", str(path))
     assert result.returncode == 2
-    assert result.stderr.startswith(f"error: {path}: the header's voxel-to-world affine is singular") and result.stderr.count("\n") == 1
+    assert (
+        result.stderr.startswith(f"error: {path}: the header's voxel-to-world affine is singular")
+        and result.stderr.count("\n") == 1
+    )
 
 
 @pytest.mark.parametrize(
     ("command", "option", "value"),
     [
-        ("reconstruct", "--steps", "0"), ("reconstruct", "--target-spacing", "0"), ("reconstruct", "--simulate-sparsity", "0"),
-        ("reconstruct", "--samples", "0"), ("reconstruct", "--batch-size", "0"), ("reconstruct", "--eta", "nan"),
-        ("batch", "--steps", "0"), ("batch", "--simulate-sparsity", "0"), ("batch", "--batch-size", "0"),
-        ("evaluate", "--steps", "0"), ("evaluate", "--max-subjects", "0"), ("evaluate", "--sparsity", "0"), ("evaluate", "--open-count", "0"),
-        ("evaluate", "--kb-fractions", "0"), ("inspect", "--target-spacing", "0"),
+        ("reconstruct", "--steps", "0"),
+        ("reconstruct", "--target-spacing", "0"),
+        ("reconstruct", "--simulate-sparsity", "0"),
+        ("reconstruct", "--samples", "0"),
+        ("reconstruct", "--batch-size", "0"),
+        ("reconstruct", "--eta", "nan"),
+        ("batch", "--steps", "0"),
+        ("batch", "--simulate-sparsity", "0"),
+        ("batch", "--batch-size", "0"),
+        ("evaluate", "--steps", "0"),
+        ("evaluate", "--max-subjects", "0"),
+        ("evaluate", "--sparsity", "0"),
+        ("evaluate", "--open-count", "0"),
+        ("evaluate", "--kb-fractions", "0"),
+        ("inspect", "--target-spacing", "0"),
     ],
 )
 def test_zero_is_refused_naming_the_option_not_read_as_the_default(tmp_path, capsys, command, option, value):
@@ -148,6 +261,16 @@ def test_evaluate_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     # Refused before the preset is even looked up (this one does not exist).
-    code = main(["evaluate", "--input", str(tmp_path / "scan.nii.gz"), "--preset", str(tmp_path / "no_preset"), "--out", str(out)])
+    code = main(
+        [
+            "evaluate",
+            "--input",
+            str(tmp_path / "scan.nii.gz"),
+            "--preset",
+            str(tmp_path / "no_preset"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 2 and "not empty and not an earlier ReBrain report" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"

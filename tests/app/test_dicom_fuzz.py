@@ -18,7 +18,6 @@ import pytest
 
 from app.cli import main
 from lib.io import VolumeReadError, read_volume
-
 from tests.dicom_variants import EITHER, REFUSED, SAME, VARIANTS, copy_as_new_series, make_bases, make_variant, names
 from tests.tiny_preset import make_tiny_preset
 
@@ -35,7 +34,10 @@ def fuzz_tree(real_ct_volume, head_ct_folder, tmp_path_factory):
     tree = root / "tree"
     made = {variant.name: make_variant(variant, bases[variant.base], tree / variant.name) for variant in VARIANTS}
     good = copy_as_new_series(bases["plain"], tree / "good")
-    undamaged = {name: read_volume(copy_as_new_series(files, root / f"undamaged-{name}")[0].parent) for name, files in bases.items()}
+    undamaged = {
+        name: read_volume(copy_as_new_series(files, root / f"undamaged-{name}")[0].parent)
+        for name, files in bases.items()
+    }
     return tree, made, good, undamaged
 
 
@@ -72,7 +74,10 @@ def test_one_batch_run_fails_each_damaged_series_and_completes_the_rest(fuzz_tre
     tree, made, good, _ = fuzz_tree
     preset = make_tiny_preset(tmp_path_factory.mktemp("preset"), "tinyct", layout="open", max_subjects=3)
     out = tmp_path_factory.mktemp("out")
-    assert main(["batch", str(tree), str(out), "--preset", str(preset.root), "--steps", "2", "--no-alignment", "--quiet"]) == 1
+    assert (
+        main(["batch", str(tree), str(out), "--preset", str(preset.root), "--steps", "2", "--no-alignment", "--quiet"])
+        == 1
+    )
     with open(out / "manifest.csv", newline="") as manifest:
         rows = {row["series_uid"]: row for row in csv.DictReader(manifest)}
     series_uid = lambda path: str(pydicom.dcmread(str(path), stop_before_pixels=True).SeriesInstanceUID)  # noqa: E731
@@ -83,7 +88,11 @@ def test_one_batch_run_fails_each_damaged_series_and_completes_the_rest(fuzz_tre
         if row["status"] == "done":
             assert variant.outcome in (SAME, EITHER), f"{variant.name} must fail: {row}"
         else:
-            assert variant.outcome in (REFUSED, EITHER) and row["status"] in ("failed", "skipped"), f"{variant.name}: {row}"
+            assert variant.outcome in (REFUSED, EITHER) and row["status"] in ("failed", "skipped"), (
+                f"{variant.name}: {row}"
+            )
             named = variant.named_file(files)
-            assert f"{variant.name}/{named.name}" in row["message"] or f"{named.name}," in row["message"], f"{variant.name}: {row}"
+            assert f"{variant.name}/{named.name}" in row["message"] or f"{named.name}," in row["message"], (
+                f"{variant.name}: {row}"
+            )
             assert str(tree) not in row["message"]

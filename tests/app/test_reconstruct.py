@@ -13,7 +13,6 @@ from PIL import Image
 from app.cli import main
 from lib.io import read_nifti, read_volume
 from lib.io.dicom_writer import SeriesDescription, write_dicom_series
-
 from tests.conftest import HEAD_CT_STUDY, require
 from tests.tiny_preset import make_tiny_preset
 
@@ -46,9 +45,27 @@ def snapshot(folder):
 
 def test_reconstruct_writes_the_four_outputs(preset, flair_input, tmp_path, capsys):
     out = tmp_path / "result"
-    code = main(["reconstruct", str(flair_input), str(out), "--preset", str(preset.root), "--simulate-sparsity", "2", "--steps", "2", "--quiet"])
+    code = main(
+        [
+            "reconstruct",
+            str(flair_input),
+            str(out),
+            "--preset",
+            str(preset.root),
+            "--simulate-sparsity",
+            "2",
+            "--steps",
+            "2",
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["mri.nii.gz", "preview.png", "provenance.json", "uncertainty.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "mri.nii.gz",
+        "preview.png",
+        "provenance.json",
+        "uncertainty.nii.gz",
+    ]
     mri = nib.load(out / "mri.nii.gz")
     source = read_volume(flair_input)
     # Every other slice kept from 21: the dense 1 mm grid is the input's own grid (in the
@@ -64,7 +81,10 @@ def test_reconstruct_writes_the_four_outputs(preset, flair_input, tmp_path, caps
     assert len(provenance["slices"]) == 21 and provenance["input"]["simulated_sparsity"] == 2
     assert Image.open(out / "preview.png").size[0] > 300
     # No name of the input's or of a reference patient in any output.
-    names = list(json.loads((preset.root.parent / "prepared" / "private_subject_map.json").read_text()).values()) + [flair_input.name, "BraTS"]
+    names = list(json.loads((preset.root.parent / "prepared" / "private_subject_map.json").read_text()).values()) + [
+        flair_input.name,
+        "BraTS",
+    ]
     for path in out.iterdir():
         content = path.read_bytes()
         for name in names:
@@ -83,7 +103,18 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(preset, tmp_path, capsys)
 
 
 def test_unknown_preset_is_a_clear_error(flair_input, tmp_path, capsys):
-    code = main(["reconstruct", str(flair_input), str(tmp_path / "r"), "--preset", "no-such-preset", "--weights", str(tmp_path), "--quiet"])
+    code = main(
+        [
+            "reconstruct",
+            str(flair_input),
+            str(tmp_path / "r"),
+            "--preset",
+            "no-such-preset",
+            "--weights",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "unknown preset 'no-such-preset'" in capsys.readouterr().err
 
@@ -105,10 +136,29 @@ def test_reconstruct_reads_a_dicom_folder_and_keeps_its_frame(preset, brats_case
     the series' own grid and carries none of its identifiers."""
     flair = read_nifti(brats_case / "t2f.nii.gz", modality="MR").take_slices(list(range(60, 75)))
     patient = {"PatientName": "Doe^Jane", "PatientID": "PID-4711"}
-    series = SeriesDescription(modality="MR", series_description="FLAIR", image_type=("ORIGINAL", "PRIMARY"), rescale_intercept=0.0, patient=patient)
+    series = SeriesDescription(
+        modality="MR",
+        series_description="FLAIR",
+        image_type=("ORIGINAL", "PRIMARY"),
+        rescale_intercept=0.0,
+        patient=patient,
+    )
     write_dicom_series(flair, tmp_path / "dicom", series)
     out = tmp_path / "result"
-    code = main(["reconstruct", str(tmp_path / "dicom"), str(out), "--preset", str(preset.root), "--simulate-sparsity", "2", "--steps", "2", "--quiet"])
+    code = main(
+        [
+            "reconstruct",
+            str(tmp_path / "dicom"),
+            str(out),
+            "--preset",
+            str(preset.root),
+            "--simulate-sparsity",
+            "2",
+            "--steps",
+            "2",
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     source = read_volume(tmp_path / "dicom", modality="MR")
     mri = nib.load(out / "mri.nii.gz")
@@ -133,6 +183,7 @@ def test_a_ct_series_for_an_mri_preset_is_refused(preset, tmp_path, capsys):
 @pytest.fixture
 def no_pipeline(monkeypatch):
     """Fail the test if the command gets as far as loading the models: refusals must come first."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the pipeline was constructed before the output folder was checked")
 
@@ -151,7 +202,9 @@ def no_pipeline(monkeypatch):
         ("under-sys", "no folder can be made in /sys "),
     ],
 )
-def test_an_output_folder_that_may_not_be_replaced_is_refused_first(preset, flair_input, tmp_path, capsys, no_pipeline, case, reason):
+def test_an_output_folder_that_may_not_be_replaced_is_refused_first(
+    preset, flair_input, tmp_path, capsys, no_pipeline, case, reason
+):
     """reconstruct used to replace OUT_DIR wholesale, after the computation: a user's files and
     an input lying in it were deleted, and an unwritable place failed last, with a traceback."""
     out, source = tmp_path / "out", flair_input
@@ -181,7 +234,18 @@ def test_an_output_folder_that_may_not_be_replaced_is_refused_first(preset, flai
 
 def test_a_previous_result_is_replaced_and_missing_parents_are_created(preset, flair_input, tmp_path, capsys):
     out = tmp_path / "new" / "parents" / "result"
-    command = ["reconstruct", str(flair_input), str(out), "--preset", str(preset.root), "--simulate-sparsity", "2", "--steps", "2", "--quiet"]
+    command = [
+        "reconstruct",
+        str(flair_input),
+        str(out),
+        "--preset",
+        str(preset.root),
+        "--simulate-sparsity",
+        "2",
+        "--steps",
+        "2",
+        "--quiet",
+    ]
     assert main(command) == 0, capsys.readouterr().err
     (out / "preview.png").write_bytes(b"an older preview")
     assert main([*command, "--seed", "1"]) == 0, capsys.readouterr().err
@@ -192,7 +256,18 @@ def test_a_previous_result_is_replaced_and_missing_parents_are_created(preset, f
 
 def test_errors_without_a_file_name_name_the_input(preset, flair_input, tmp_path, capsys, monkeypatch):
     """Errors about the input that name no file: too few slices left by a sparsity, and a MemoryError."""
-    code = main(["reconstruct", str(flair_input), str(tmp_path / "a"), "--preset", str(preset.root), "--simulate-sparsity", "50", "--quiet"])
+    code = main(
+        [
+            "reconstruct",
+            str(flair_input),
+            str(tmp_path / "a"),
+            "--preset",
+            str(preset.root),
+            "--simulate-sparsity",
+            "50",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"error: {flair_input}: 21 slices at x50") and err.count("\n") == 1, err
 
@@ -202,4 +277,9 @@ def test_errors_without_a_file_name_name_the_input(preset, flair_input, tmp_path
     monkeypatch.setattr("lib.io.read_volume", exhausted)
     code = main(["reconstruct", str(flair_input), str(tmp_path / "b"), "--preset", str(preset.root), "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith(f"error: {flair_input}: not enough memory") and "8.00 GiB" in err and err.count("\n") == 1, err
+    assert (
+        code == 2
+        and err.startswith(f"error: {flair_input}: not enough memory")
+        and "8.00 GiB" in err
+        and err.count("\n") == 1
+    ), err

@@ -17,7 +17,6 @@ from requests_toolbelt.multipart.decoder import MultipartDecoder
 
 from app.server.results import STATUS_CODES
 from lib.io import dense_grid, read_volume
-
 from tests.conftest import SERVER_STEPS as STEPS
 
 
@@ -47,7 +46,18 @@ def test_info_describes_the_task_and_its_params(server):
     assert set(model["presets"]) == {"tinyct", "tinyflair"}
     assert model["presets"]["tinyct"]["input"] == "CT" and model["presets"]["tinyflair"]["input"] == "MR"
     assert set(model["presets"]["tinyct"]["versions"]) == {"bbdm", "controlnet", "encoder", "kb"}
-    for param in ("preset", "steps", "samples", "seed", "target_spacing", "simulate_sparsity", "brain_extraction", "alignment", "output", "result_id"):
+    for param in (
+        "preset",
+        "steps",
+        "samples",
+        "seed",
+        "target_spacing",
+        "simulate_sparsity",
+        "brain_extraction",
+        "alignment",
+        "output",
+        "result_id",
+    ):
         assert param in model["params"]
     assert model["config"]["preset"] == "tinyct" and model["config"]["steps"] == STEPS
 
@@ -100,7 +110,13 @@ def test_extra_outputs_are_fetched_by_result_id_without_recomputing(server):
 def test_uploaded_file_with_another_preset(server, brats_case):
     flair = nib.load(brats_case / "t2f.nii.gz").slicer[:, :, 70:78]
     buffer = io.BytesIO(gzip.compress(flair.to_bytes()))
-    params, mri = parts(infer(server, params={"preset": "tinyflair", "simulate_sparsity": 2}, file=("flair.nii.gz", buffer, "application/gzip")))
+    params, mri = parts(
+        infer(
+            server,
+            params={"preset": "tinyflair", "simulate_sparsity": 2},
+            file=("flair.nii.gz", buffer, "application/gzip"),
+        )
+    )
     assert params["summary"]["preset"] == "tinyflair" and "generated from FLAIR" in params["notice"]
     assert mri.shape[:2] == flair.shape[:2]
 

@@ -38,14 +38,23 @@ def auth_server(realm, server_weights, auth_studies, tmp_path_factory):
     """The server with authentication on and the admin endpoints open (to admins)."""
     from tests.app.server_process import running_server, wait_until_up
 
-    conf = {"weights": server_weights, "preset": "tinyct", "device": "cpu", "preload": "true", "steps": SERVER_STEPS,
-            "results": tmp_path_factory.mktemp("results"), "read_only": "false"}
+    conf = {
+        "weights": server_weights,
+        "preset": "tinyct",
+        "device": "cpu",
+        "preload": "true",
+        "steps": SERVER_STEPS,
+        "results": tmp_path_factory.mktemp("results"),
+        "read_only": "false",
+    }
     env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": realm.uri}
     log = tmp_path_factory.mktemp("log") / "server.log"
     with running_server(str(auth_studies), conf, log, wait=False, env=env) as (process, url):
         # /info/ needs a token now: wait for it with one.
         headers = bearer(realm.token("probe", [USER_ROLE]))
-        assert wait_until_up(url + "/info/", alive=lambda: process.poll() is None, headers=headers), log.read_text()[-3000:]
+        assert wait_until_up(url + "/info/", alive=lambda: process.poll() is None, headers=headers), log.read_text()[
+            -3000:
+        ]
         yield url
 
 
@@ -67,20 +76,42 @@ def test_no_token_is_401(auth_server):
         (lambda realm: realm.token("forger", [USER_ROLE, ADMIN_ROLE], key=new_key()), 401),  # signed by another key
         (lambda realm: "not-a-jwt", 401),
         # Unsigned (alg "none") and HMAC-signed with the realm's public key as the secret.
-        (lambda realm: jwt.encode(jwt.decode(realm.token("x", [USER_ROLE]), options={"verify_signature": False}), None, algorithm="none"), 401),
-        (lambda realm: jwt.encode(jwt.decode(realm.token("x", [USER_ROLE]), options={"verify_signature": False}), realm.public_key, algorithm="HS256"), 401),
+        (
+            lambda realm: jwt.encode(
+                jwt.decode(realm.token("x", [USER_ROLE]), options={"verify_signature": False}), None, algorithm="none"
+            ),
+            401,
+        ),
+        (
+            lambda realm: jwt.encode(
+                jwt.decode(realm.token("x", [USER_ROLE]), options={"verify_signature": False}),
+                realm.public_key,
+                algorithm="HS256",
+            ),
+            401,
+        ),
     ],
 )
 def test_tokens_that_must_not_pass(auth_server, realm, make_token, status):
-    response = requests.post(f"{auth_server}/infer/rebrain", params={"image": "head_ct"}, files={"params": (None, "{}")},
-                             headers=bearer(make_token(realm)), timeout=60)
+    response = requests.post(
+        f"{auth_server}/infer/rebrain",
+        params={"image": "head_ct"},
+        files={"params": (None, "{}")},
+        headers=bearer(make_token(realm)),
+        timeout=60,
+    )
     assert response.status_code == status, response.text
 
 
 def test_a_user_token_reconstructs(auth_server, realm):
     files = {"params": (None, '{"simulate_sparsity": 2}')}
-    response = requests.post(f"{auth_server}/infer/rebrain", params={"image": "head_ct"}, files=files,
-                             headers=bearer(realm.token("radiologist", [USER_ROLE])), timeout=300)
+    response = requests.post(
+        f"{auth_server}/infer/rebrain",
+        params={"image": "head_ct"},
+        files=files,
+        headers=bearer(realm.token("radiologist", [USER_ROLE])),
+        timeout=300,
+    )
     params, mri = parts(response)
     assert params["synthetic"] is True and mri.shape[2] > 0
 
@@ -95,7 +126,13 @@ def test_admin_endpoints_need_the_admin_role(auth_server, realm, auth_studies):
     assert requests.get(f"{auth_server}/logs/", timeout=30).status_code == 401
     # Even an admin cannot name a path as an id.
     admin = bearer(realm.token("admin", [ADMIN_ROLE, USER_ROLE]))
-    escaped = requests.put(f"{auth_server}/datastore/image", params={"image": "../escape_noext"}, files={"file": ("x", b"data")}, headers=admin, timeout=30)
+    escaped = requests.put(
+        f"{auth_server}/datastore/image",
+        params={"image": "../escape_noext"},
+        files={"file": ("x", b"data")},
+        headers=admin,
+        timeout=30,
+    )
     assert escaped.status_code == 404
     assert not (auth_studies.parent / "escape_noext").exists()
 
@@ -103,10 +140,22 @@ def test_admin_endpoints_need_the_admin_role(auth_server, realm, auth_studies):
 def test_batch_infer_by_an_admin_records_provenance_per_image_and_survives_a_bad_one(auth_server, realm, auth_studies):
     user = bearer(realm.token("radiologist", [USER_ROLE]))
     body = {"multi_gpu": False, "device": "cpu", "simulate_sparsity": 2, "label_tag": "original"}
-    refused = requests.post(f"{auth_server}/batch/infer/rebrain", params={"images": "all", "run_sync": "true"}, json=body, headers=user, timeout=60)
+    refused = requests.post(
+        f"{auth_server}/batch/infer/rebrain",
+        params={"images": "all", "run_sync": "true"},
+        json=body,
+        headers=user,
+        timeout=60,
+    )
     assert refused.status_code == 403
     admin = bearer(realm.token("admin", [ADMIN_ROLE, USER_ROLE]))
-    response = requests.post(f"{auth_server}/batch/infer/rebrain", params={"images": "all", "run_sync": "true"}, json=body, headers=admin, timeout=600)
+    response = requests.post(
+        f"{auth_server}/batch/infer/rebrain",
+        params={"images": "all", "run_sync": "true"},
+        json=body,
+        headers=admin,
+        timeout=600,
+    )
     assert response.status_code == 200, response.text
     result = response.json()
     assert set(result) == {"head_ct", "head_ct_upper", "head_ct_upside_down", "brain_t1"}

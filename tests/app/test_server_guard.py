@@ -14,7 +14,14 @@ from lib.io.errors import VolumeReadError
 
 
 def scope(method: str, path: str, query: bytes = b"", headers: list | None = None) -> dict:
-    return {"type": "http", "method": method, "path": path, "query_string": query, "headers": headers or [], "root_path": ""}
+    return {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "query_string": query,
+        "headers": headers or [],
+        "root_path": "",
+    }
 
 
 def guard(read_only: bool = True, auth: bool = False, limit: int = 1000, app=None) -> ServerGuard:
@@ -24,10 +31,20 @@ def guard(read_only: bool = True, auth: bool = False, limit: int = 1000, app=Non
 @pytest.mark.parametrize(
     ("method", "path", "public"),
     [
-        ("GET", "/info/", True), ("POST", "/infer/rebrain", True), ("OPTIONS", "/infer/rebrain", True), ("GET", "/", True),
-        ("GET", "/infer/rebrain", False), ("POST", "/infer/wsi/rebrain", False), ("PUT", "/datastore/image", False),
-        ("GET", "/datastore/", False), ("DELETE", "/model/rebrain", False), ("GET", "/logs/", False), ("POST", "/reload", False),
-        ("GET", "/proxy/dicom/qido", False), ("POST", "/batch/infer/rebrain", False), ("GET", "/static/../../etc/passwd", True),
+        ("GET", "/info/", True),
+        ("POST", "/infer/rebrain", True),
+        ("OPTIONS", "/infer/rebrain", True),
+        ("GET", "/", True),
+        ("GET", "/infer/rebrain", False),
+        ("POST", "/infer/wsi/rebrain", False),
+        ("PUT", "/datastore/image", False),
+        ("GET", "/datastore/", False),
+        ("DELETE", "/model/rebrain", False),
+        ("GET", "/logs/", False),
+        ("POST", "/reload", False),
+        ("GET", "/proxy/dicom/qido", False),
+        ("POST", "/batch/infer/rebrain", False),
+        ("GET", "/static/../../etc/passwd", True),
     ],
 )
 def test_only_info_infer_and_docs_are_public(method, path, public):
@@ -56,7 +73,10 @@ def run_guarded(chunks: list[bytes], limit: int) -> list[dict]:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"read"})
 
-    messages = [{"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1} for index, chunk in enumerate(chunks)]
+    messages = [
+        {"type": "http.request", "body": chunk, "more_body": index < len(chunks) - 1}
+        for index, chunk in enumerate(chunks)
+    ]
     sent: list[dict] = []
 
     async def receive():
@@ -80,15 +100,23 @@ def test_safe_ids(value):
     assert is_safe_id(value)
 
 
-@pytest.mark.parametrize("value", ["", ".", "..", "../x", "/etc", "a/b", "a\\b", ".hidden", "x..y", "a\x00b", "a\nb", 7])
+@pytest.mark.parametrize(
+    "value", ["", ".", "..", "../x", "/etc", "a/b", "a\\b", ".hidden", "x..y", "a\x00b", "a\nb", 7]
+)
 def test_unsafe_ids(value):
     assert not is_safe_id(value)
 
 
 def test_answers_name_the_input_by_its_id_and_no_server_path():
-    error = VolumeReadError("/srv/studies/ct_folder/IM0001.dcm", "cannot decode the pixel data (in /usr/lib/python3/x.py)")
+    error = VolumeReadError(
+        "/srv/studies/ct_folder/IM0001.dcm", "cannot decode the pixel data (in /usr/lib/python3/x.py)"
+    )
     message = public_message(error, "/srv/studies/ct_folder", "ct_folder_id")
     assert message.startswith("ct_folder_id/IM0001.dcm: cannot decode")
     assert "/srv" not in message and "/usr" not in message and "x.py" in message
-    upload = public_message(VolumeReadError("/tmp/rebrain-upload-abc/upload.nii.gz", "not a readable NIfTI image"), "/tmp/rebrain-upload-abc/upload.nii.gz", "upload")
+    upload = public_message(
+        VolumeReadError("/tmp/rebrain-upload-abc/upload.nii.gz", "not a readable NIfTI image"),
+        "/tmp/rebrain-upload-abc/upload.nii.gz",
+        "upload",
+    )
     assert upload == "upload: not a readable NIfTI image"

@@ -44,11 +44,29 @@ def test_unauthenticated_serving_beyond_loopback_is_refused():
 def test_the_server_started_without_host_refuses_to_start(namespace, server_weights, server_studies, tmp_path):
     """The documented command without ``--host`` (MONAI Label's default: 0.0.0.0), in a network
     namespace of its own so that nothing could be reached even if the refusal failed."""
-    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO), "--studies", str(server_studies),
-               "--port", str(free_port()), "--conf", "weights", str(server_weights), "--conf", "preset", "tinyct"]
+    command = [
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(REPO),
+        "--studies",
+        str(server_studies),
+        "--port",
+        str(free_port()),
+        "--conf",
+        "weights",
+        str(server_weights),
+        "--conf",
+        "preset",
+        "tinyct",
+    ]
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        process = subprocess.Popen(["ip", "netns", "exec", namespace, *command], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", namespace, *command], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         code = process.wait(timeout=180)
     finally:
@@ -61,7 +79,13 @@ def test_the_server_started_without_host_refuses_to_start(namespace, server_weig
 
 
 def test_sigterm_cancels_a_running_reconstruction_and_the_server_exits(server_weights, server_studies, tmp_path):
-    conf = {"weights": server_weights, "preset": "tinyct", "device": "cpu", "preload": "true", "results": tmp_path / "results"}
+    conf = {
+        "weights": server_weights,
+        "preset": "tinyct",
+        "device": "cpu",
+        "preload": "true",
+        "results": tmp_path / "results",
+    }
     with running_server(str(server_studies), conf, tmp_path / "server.log") as (process, url):
         answer: dict = {}
 

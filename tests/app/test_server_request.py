@@ -21,8 +21,26 @@ def test_defaults_come_from_the_server():
 
 
 def test_form_strings_are_converted():
-    params = parse_infer_params({"preset": "flair2t1", "steps": "12", "samples": "3", "seed": "5", "target_spacing": "2.5", "simulate_sparsity": "3", "output": "status"}, "ct2mri", None, PRESETS)
-    assert params.preset == "flair2t1" and params.options.steps == 12 and params.options.samples == 3 and params.options.seed == 5
+    params = parse_infer_params(
+        {
+            "preset": "flair2t1",
+            "steps": "12",
+            "samples": "3",
+            "seed": "5",
+            "target_spacing": "2.5",
+            "simulate_sparsity": "3",
+            "output": "status",
+        },
+        "ct2mri",
+        None,
+        PRESETS,
+    )
+    assert (
+        params.preset == "flair2t1"
+        and params.options.steps == 12
+        and params.options.samples == 3
+        and params.options.seed == 5
+    )
     assert params.options.target_spacing == 2.5 and params.simulate_sparsity == 3 and params.output == "status"
     # Several samples without an explicit eta sample stochastically.
     assert params.options.effective_eta == 1.0
@@ -60,8 +78,22 @@ def test_result_ids_must_be_ours():
 
 
 def test_conf_parses_and_checks_options(tmp_path):
-    config = ServerConfig.from_conf({"preset": "flair2t1", "device": "cpu", "preload": "yes", "steps": "4", "results": str(tmp_path), "server_mode": "true"})
-    assert config.weights == DEFAULT_WEIGHTS_DIR and config.preset == "flair2t1" and config.preload is True and config.steps == 4
+    config = ServerConfig.from_conf(
+        {
+            "preset": "flair2t1",
+            "device": "cpu",
+            "preload": "yes",
+            "steps": "4",
+            "results": str(tmp_path),
+            "server_mode": "true",
+        }
+    )
+    assert (
+        config.weights == DEFAULT_WEIGHTS_DIR
+        and config.preset == "flair2t1"
+        and config.preload is True
+        and config.steps == 4
+    )
     assert config.results == tmp_path and config.available_presets() == PRESETS
     for conf, message in (
         ({"preload": "maybe"}, "preload"),

@@ -43,7 +43,9 @@ def files_in(tmp: Path) -> set[str]:
         ("GET", "/proxy/dicom/qido", {}, False),
     ],
 )
-def test_endpoints_beyond_info_and_infer_are_closed(server, server_studies, server_weights, method, path, query, with_file):
+def test_endpoints_beyond_info_and_infer_are_closed(
+    server, server_studies, server_weights, method, path, query, with_file
+):
     before = sorted(p.name for p in server_studies.iterdir())
     weights_before = sorted(str(p.relative_to(server_weights)) for p in server_weights.rglob("*"))
     files = {"file": ("escape_noext", b"payload")} if with_file else None
@@ -55,7 +57,9 @@ def test_endpoints_beyond_info_and_infer_are_closed(server, server_studies, serv
 
 
 def test_a_path_as_a_datastore_id_is_404_before_the_file_system(server, server_studies):
-    response = requests.put(f"{server}/datastore/image", params={"image": "../escape_noext"}, files={"file": ("x", b"payload")}, timeout=30)
+    response = requests.put(
+        f"{server}/datastore/image", params={"image": "../escape_noext"}, files={"file": ("x", b"payload")}, timeout=30
+    )
     assert response.status_code == 404
     assert not (server_studies.parent / "escape_noext").exists()
 
@@ -82,10 +86,18 @@ def test_params_cannot_replace_the_image_with_a_path(server, server_studies, tmp
     outside = tmp_path / "secret_ct.nii.gz"
     outside.write_bytes((server_studies / "head_ct_upper.nii.gz").read_bytes())
     # No image in the query, a server path in params: refused, nothing read.
-    response = requests.post(f"{server}/infer/rebrain", files={"params": (None, json.dumps({"image": str(outside)}))}, timeout=60)
+    response = requests.post(
+        f"{server}/infer/rebrain", files={"params": (None, json.dumps({"image": str(outside)}))}, timeout=60
+    )
     assert response.status_code == 422 and "no image" in response.json()["detail"]
     # With a study in the query, the study is what is reconstructed, and no label is saved.
-    params, _ = parts(infer(server, "head_ct", {"image": str(outside), "simulate_sparsity": 2, "save_label": True, "label_tag": "../../x"}))
+    params, _ = parts(
+        infer(
+            server,
+            "head_ct",
+            {"image": str(outside), "simulate_sparsity": 2, "save_label": True, "label_tag": "../../x"},
+        )
+    )
     study = read_volume(server_studies / "head_ct.nii.gz", modality="CT")
     assert params["input"]["acquired_positions_mm"] == pytest.approx(list(study.positions[::2]), abs=1e-3)
     assert not (server_studies / "labels").exists() or not any((server_studies / "labels").rglob("*.nii.gz"))
@@ -115,13 +127,18 @@ def test_an_oversize_upload_is_refused_before_it_is_read(server, server_handle):
     assert status == 413 and "upload limit of 256 MiB" in json.loads(body)["detail"]
 
     def chunked_body():  # no Content-Length: counted while it streams
-        part = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"ct.nii.gz\"\r\n\r\n"
+        part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="ct.nii.gz"\r\n\r\n'
         yield part
         for _ in range(300):
             yield b"\0" * 1024**2
 
-    response = requests.post(f"{server}/infer/rebrain", params={"image": "upload"}, data=chunked_body(), timeout=120,
-                             headers={"Content-Type": "multipart/form-data; boundary=b"})
+    response = requests.post(
+        f"{server}/infer/rebrain",
+        params={"image": "upload"},
+        data=chunked_body(),
+        timeout=120,
+        headers={"Content-Type": "multipart/form-data; boundary=b"},
+    )
     assert response.status_code == 413, response.text
     assert requests.get(f"{server}/info/", timeout=30).status_code == 200
     assert files_in(server_handle.tmp) == before
@@ -137,7 +154,10 @@ def test_failed_uploads_leave_no_file_behind(server, server_handle):
     assert files_in(server_handle.tmp) == before
 
 
-@pytest.mark.parametrize(("params", "named"), [({"steps": 1000, "samples": 64}, "slice-steps"), ({"steps": 1000, "samples": 4}, "--conf max_work")])
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [({"steps": 1000, "samples": 64}, "slice-steps"), ({"steps": 1000, "samples": 4}, "--conf max_work")],
+)
 def test_requests_over_the_work_budget_are_refused(server, params, named):
     started = time.perf_counter()
     response = infer(server, "head_ct", params)
@@ -147,7 +167,9 @@ def test_requests_over_the_work_budget_are_refused(server, params, named):
 
 def test_info_answers_within_a_second_during_an_inference(server):
     answer: dict = {}
-    worker = threading.Thread(target=lambda: answer.update(response=infer(server, "head_ct", {"steps": 400, "simulate_sparsity": 2})))
+    worker = threading.Thread(
+        target=lambda: answer.update(response=infer(server, "head_ct", {"steps": 400, "simulate_sparsity": 2}))
+    )
     worker.start()
     latencies = []
     time.sleep(1.0)
@@ -164,7 +186,9 @@ def test_info_answers_within_a_second_during_an_inference(server):
 
 # Findings 8 and 9: one-line errors without server paths.
 def test_errors_are_422_without_server_paths(server, server_studies, server_handle):
-    malformed = requests.post(f"{server}/infer/rebrain", params={"image": "head_ct"}, files={"params": (None, "{not json")}, timeout=30)
+    malformed = requests.post(
+        f"{server}/infer/rebrain", params={"image": "head_ct"}, files={"params": (None, "{not json")}, timeout=30
+    )
     assert malformed.status_code == 422 and "'params' is not valid JSON" in malformed.json()["detail"]
     wrong_modality = infer(server, "brain_t1")
     assert wrong_modality.status_code == 422 and wrong_modality.json()["detail"].count("brain_t1") >= 1

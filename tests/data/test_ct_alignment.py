@@ -22,7 +22,6 @@ from lib.data.ct_alignment import (
 from lib.data.ct_brain import extract_brain
 from lib.io.errors import VolumeReadError
 from lib.io.volume import Volume, slice_normal
-
 from tests.conftest import SHARED_DATA, require
 from tests.tilted import make_tilted
 
@@ -68,7 +67,9 @@ def test_template_loads_in_hu_with_a_brain_extent(template):
     hu = sitk.GetArrayFromImage(template.image)
     brain = sitk.GetArrayFromImage(template.brain_mask).astype(bool)
     assert hu.min() >= -1001 and 600 < hu.max() < 1500  # air and (smoothed) bone in HU, not Cormack units
-    assert 20 < np.median(hu[ndimage.binary_erosion(brain, iterations=5)]) < 100  # soft tissue (the blurred template reads ~65)
+    assert (
+        20 < np.median(hu[ndimage.binary_erosion(brain, iterations=5)]) < 100
+    )  # soft tissue (the blurred template reads ~65)
     assert np.allclose(cormack_to_hu([0, 900, 2184, 2900, 3800]), [-1000, -100, 28.4, 100, 1000])
     assert -80 < template.brain_inferior_mm < -55 and 75 < template.brain_superior_mm < 95  # MNI brain z extent
 
@@ -112,7 +113,11 @@ def test_sparse_volume_is_registered_on_its_acquired_slices(real_ct_volume):
     for k, p in zip(kept, sparse.positions):
         z = int(round((p - sparse.positions[0]) / 2.5))
         # Every acquired slice lies unchanged at its physical position ...
-        assert np.allclose(LPS @ image.TransformIndexToPhysicalPoint((7, 9, z)), world(real_ct_volume, np.array([[7, 9, k]]))[0], atol=1e-3)
+        assert np.allclose(
+            LPS @ image.TransformIndexToPhysicalPoint((7, 9, z)),
+            world(real_ct_volume, np.array([[7, 9, k]]))[0],
+            atol=1e-3,
+        )
         assert np.array_equal(array[:, :, z], real_ct_volume.array[:, :, k])
     # ... and a gap slice is a copy of the nearest acquired one (index 26 lies between 24 and 30).
     assert np.array_equal(array[:, :, 26], real_ct_volume.array[:, :, 24])
@@ -137,7 +142,9 @@ def test_real_ct_aligns_and_positions_span_the_brain(alignment, real_ct_volume):
     assert -0.15 < positions[low] < 0.25
     assert 0.85 < positions[high] < 1.15
     # Comparable with the knowledge base's own-brain positions (0 lowest, 1 highest brain slice).
-    own = (real_ct_volume.positions - real_ct_volume.positions[low]) / (real_ct_volume.positions[high] - real_ct_volume.positions[low])
+    own = (real_ct_volume.positions - real_ct_volume.positions[low]) / (
+        real_ct_volume.positions[high] - real_ct_volume.positions[low]
+    )
     assert np.abs(positions[low : high + 1] - own[low : high + 1]).max() < 0.15
     # Dense-grid positions interpolate the slice positions (the mapping is affine in p).
     mid = (real_ct_volume.positions[:-1] + real_ct_volume.positions[1:]) / 2
@@ -228,14 +235,25 @@ def test_tilted_copy_gives_the_same_positions(alignment, real_ct_volume, head_ma
 
 def test_noise_is_not_a_head(real_ct_volume, template):
     rng = np.random.default_rng(0)
-    noise = Volume(array=rng.uniform(-1000, 1000, real_ct_volume.shape).astype(np.float32), affine=real_ct_volume.affine, positions=real_ct_volume.positions, source="noise.nii")
+    noise = Volume(
+        array=rng.uniform(-1000, 1000, real_ct_volume.shape).astype(np.float32),
+        affine=real_ct_volume.affine,
+        positions=real_ct_volume.positions,
+        source="noise.nii",
+    )
     with pytest.raises(VolumeReadError, match="registration"):
         align_to_template(noise)
 
 
 def test_a_head_upside_down_is_refused(real_ct_volume, template):
     """Same voxels, skull base on top: the optimiser ends in a wrong optimum the metric rejects."""
-    flipped = Volume(array=real_ct_volume.array[:, :, ::-1].copy(), affine=real_ct_volume.affine, positions=real_ct_volume.positions, modality="CT", source="upside_down.nii")
+    flipped = Volume(
+        array=real_ct_volume.array[:, :, ::-1].copy(),
+        affine=real_ct_volume.affine,
+        positions=real_ct_volume.positions,
+        modality="CT",
+        source="upside_down.nii",
+    )
     with pytest.raises(VolumeReadError, match="upside_down.nii: registration"):
         align_to_template(flipped)
 

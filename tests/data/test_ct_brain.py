@@ -33,6 +33,7 @@ def _middle_slice(mask: np.ndarray) -> int:
 
 def _bone_on_both_sides(bone: np.ndarray) -> np.ndarray:
     """Per pixel of a 2-D slice: bone lies on both sides along x, or on both sides along y."""
+
     def both(axis: int) -> np.ndarray:
         before = np.logical_or.accumulate(bone, axis=axis)
         after = np.flip(np.logical_or.accumulate(np.flip(bone, axis), axis=axis), axis)

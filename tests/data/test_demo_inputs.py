@@ -27,7 +27,16 @@ def write_small_inv3(path: Path) -> Path:
     matrix = np.linspace(-1000, 1000, int(np.prod(shape))).astype(np.int16).reshape(shape)
     with tarfile.open(path, "w:gz") as archive:
         for name, payload in (
-            ("p/main.plist", plistlib.dumps({"matrix": {"dtype": "int16", "filename": "matrix.dat", "shape": list(shape)}, "spacing": [1.0, 1.0, 2.0], "modality": "CT"})),
+            (
+                "p/main.plist",
+                plistlib.dumps(
+                    {
+                        "matrix": {"dtype": "int16", "filename": "matrix.dat", "shape": list(shape)},
+                        "spacing": [1.0, 1.0, 2.0],
+                        "modality": "CT",
+                    }
+                ),
+            ),
             ("p/matrix.dat", matrix.tobytes()),
         ):
             info = tarfile.TarInfo(name)
@@ -46,7 +55,9 @@ def cranium_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, cranium_source) -> dict[str, Path]:
-    return make_demo_inputs(tmp_path_factory.mktemp("demo") / "inputs", downsample=DOWNSAMPLE, cranium_path=cranium_source)
+    return make_demo_inputs(
+        tmp_path_factory.mktemp("demo") / "inputs", downsample=DOWNSAMPLE, cranium_path=cranium_source
+    )
 
 
 def description_of(image: nib.Nifti1Image) -> str:
@@ -102,7 +113,9 @@ def test_pair_t1_is_finite_and_has_contrast(demo):
 
 def test_cranium_is_the_real_head_ct_when_installed(demo):
     if not CRANIUM_PATH.is_file():
-        pytest.skip(f"{CRANIUM_PATH} missing (apt-get install invesalius-examples; make test installs it where apt works)")
+        pytest.skip(
+            f"{CRANIUM_PATH} missing (apt-get install invesalius-examples; make test installs it where apt works)"
+        )
     image = nib.load(demo["cranium_ct"])
     assert image.shape == (256, 256, 108) and image.get_data_dtype() == np.int16
     assert description_of(image) == CRANIUM_DESCRIPTION

@@ -47,7 +47,15 @@ def test_corrupt_inv3_is_refused(tmp_path):
     short = tmp_path / "short.inv3"
     with tarfile.open(short, "w:gz") as archive:
         for name, payload in (
-            ("p/main.plist", plistlib.dumps({"matrix": {"dtype": "int16", "filename": "matrix.dat", "shape": [2, 4, 4]}, "spacing": [1.0, 1.0, 1.0]})),
+            (
+                "p/main.plist",
+                plistlib.dumps(
+                    {
+                        "matrix": {"dtype": "int16", "filename": "matrix.dat", "shape": [2, 4, 4]},
+                        "spacing": [1.0, 1.0, 1.0],
+                    }
+                ),
+            ),
             ("p/matrix.dat", b"\0" * 10),
         ):
             info = tarfile.TarInfo(name)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from lib.data.layouts import brats_subjects
 from lib.data.model_frame import ModelFrame, foreground_mask, normalise_source
 from lib.data.prepare import PrepareConfig, prepare_subject
-from lib.data.layouts import brats_subjects
 from lib.io import read_volume
-
 from tests.conftest import SHARED_DATA, require
 
 
@@ -77,4 +76,6 @@ def test_matches_the_prepare_step_on_a_real_volume():
     brain = prepared["brain_fraction"] > 0.2
     # Same slices, same crop (up to the target contrast's share of the mask): close images.
     assert np.abs(model[brain] - prepared["source"][brain]).mean() < 0.1
-    np.testing.assert_allclose(frame.normalised_positions(volume.positions)[brain], prepared["position"][brain], atol=0.03)
+    np.testing.assert_allclose(
+        frame.normalised_positions(volume.positions)[brain], prepared["position"][brain], atol=0.03
+    )

@@ -15,7 +15,6 @@ from lib.data.dataset import PreparedDataset, PreparedSlices
 from lib.data.normalise import ct_to_unit, mri_to_unit
 from lib.data.prepare import PrepareConfig, prepare_dataset, split_subjects
 from lib.io import read_volume
-
 from tests.conftest import SHARED_DATA, require
 
 SMALL = PrepareConfig(size=32)
@@ -128,7 +127,10 @@ def test_open_layout_synthesises_distinct_paired_subjects(tmp_path):
     brain = mask > 0
     # Paired: CT and T1 agree on where the brain is, and WM (bright on T1) is darker on CT than GM.
     assert np.all(source[~brain] == -1.0) and source[brain].mean() > -0.9
-    bright, dark = target > np.percentile(target[brain], 80), (target < np.percentile(target[brain], 50)) & (target > np.percentile(target[brain], 25))
+    bright, dark = (
+        target > np.percentile(target[brain], 80),
+        (target < np.percentile(target[brain], 50)) & (target > np.percentile(target[brain], 25)),
+    )
     assert source[bright & brain].mean() < source[dark & brain].mean()
 
 

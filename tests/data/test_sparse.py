@@ -35,7 +35,9 @@ def test_sparse_real_volume_regrids_onto_the_dense_slices(brats_case):
     grid = dense_grid(sparse, spacing=1.0)
     # The grid runs from the first to the last kept slice: dense slices 1 .. 154.
     assert grid.shape[2] == 154
-    np.testing.assert_allclose(grid.affine, dense.voxel_affine() @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]]))
+    np.testing.assert_allclose(
+        grid.affine, dense.voxel_affine() @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1]])
+    )
     kept = np.nonzero(grid.acquired)[0] + 1
     np.testing.assert_array_equal(kept, np.arange(1, 155, 3))
     np.testing.assert_array_equal(sparse.array[:, :, grid.source_index[grid.acquired]], dense.array[:, :, kept])

@@ -50,10 +50,7 @@ def mni_small(mni: TissueModel) -> TissueModel:
 @pytest.fixture(scope="module")
 def class_interiors(mni: TissueModel) -> dict[int, np.ndarray]:
     """Voxels dominated (p > 0.9) by one class, eroded by 2 voxels so blur cannot reach them."""
-    return {
-        c: ndimage.binary_erosion(mni.probabilities[c] > 0.9, iterations=2)
-        for c in (CSF, GREY, WHITE)
-    }
+    return {c: ndimage.binary_erosion(mni.probabilities[c] > 0.9, iterations=2) for c in (CSF, GREY, WHITE)}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

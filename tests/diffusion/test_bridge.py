@@ -10,7 +10,6 @@ import torch
 from lib.diffusion.bridge import BridgeSchedule, predict_x0, q_sample, training_target
 from lib.diffusion.sampler import sample_bridge, sampling_timesteps
 from lib.models.denoiser import Objective
-
 from tests.conftest import BRATS_CASE, require
 
 
@@ -31,7 +30,10 @@ def test_forward_sample_mean_and_variance_monte_carlo():
     """x_t ~ N((1 - m_t) x0 + m_t y, delta_t): checked with 200k draws per pixel value."""
     schedule = BridgeSchedule(1000)
     generator = torch.Generator().manual_seed(0)
-    x0, y = torch.full((200_000, 1, 1, 1), -0.6, dtype=torch.float64), torch.full((200_000, 1, 1, 1), 0.8, dtype=torch.float64)
+    x0, y = (
+        torch.full((200_000, 1, 1, 1), -0.6, dtype=torch.float64),
+        torch.full((200_000, 1, 1, 1), 0.8, dtype=torch.float64),
+    )
     for step in (100, 500, 900):
         t = torch.full((200_000,), step)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
@@ -126,8 +128,15 @@ def test_sampler_on_a_real_slice_pair_with_eta():
     calls = []
     generator = torch.Generator().manual_seed(3)
     result = sample_bridge(
-        oracle(x0, schedule, Objective.DIRECTIONAL), y, y, schedule, Objective.DIRECTIONAL,
-        steps=25, eta=1.0, generator=generator, progress=lambda done, total: calls.append((done, total)),
+        oracle(x0, schedule, Objective.DIRECTIONAL),
+        y,
+        y,
+        schedule,
+        Objective.DIRECTIONAL,
+        steps=25,
+        eta=1.0,
+        generator=generator,
+        progress=lambda done, total: calls.append((done, total)),
     )
     torch.testing.assert_close(result, x0, atol=1e-6, rtol=0)
     assert calls[-1] == (25, 25) and len(calls) == 25

@@ -38,9 +38,14 @@ def test_midpoint_of_orthogonal_unit_vectors():
 def test_equal_norm_inputs_keep_their_norm():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((2, 4, 1, 8, 8))
-    b *= np.linalg.norm(a.reshape(4, -1), axis=1)[:, None, None, None] / np.linalg.norm(b.reshape(4, -1), axis=1)[:, None, None, None]
+    b *= (
+        np.linalg.norm(a.reshape(4, -1), axis=1)[:, None, None, None]
+        / np.linalg.norm(b.reshape(4, -1), axis=1)[:, None, None, None]
+    )
     result = slerp(a, b, np.array([0.1, 0.4, 0.5, 0.9]))
-    np.testing.assert_allclose(np.linalg.norm(result.reshape(4, -1), axis=1), np.linalg.norm(a.reshape(4, -1), axis=1), rtol=1e-10)
+    np.testing.assert_allclose(
+        np.linalg.norm(result.reshape(4, -1), axis=1), np.linalg.norm(a.reshape(4, -1), axis=1), rtol=1e-10
+    )
     # Linear interpolation would shrink them.
     assert np.linalg.norm((0.5 * a + 0.5 * b)[2]) < np.linalg.norm(a[2]) - 1e-3
 

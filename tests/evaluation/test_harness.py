@@ -11,13 +11,21 @@ import torch
 
 from app.cli import main
 from lib.data.prepare import anonymised_key
-from lib.evaluation.harness import METRIC_COLUMNS, EvaluationConfig, EvaluationSubject, evaluate_subjects, held_out_subjects, kb_subset, reference_slices, Variant
+from lib.evaluation.harness import (
+    METRIC_COLUMNS,
+    EvaluationConfig,
+    EvaluationSubject,
+    Variant,
+    evaluate_subjects,
+    held_out_subjects,
+    kb_subset,
+    reference_slices,
+)
 from lib.evaluation.report import write_report
 from lib.evaluation.score import reference_to_unit
 from lib.io.checkpoint import save_checkpoint
 from lib.models.denoiser import build_denoiser
 from lib.pipeline import ReBrainPipeline
-
 from tests.conftest import SHARED_DATA, require
 from tests.tiny_preset import TINY_BBDM, make_tiny_preset
 
@@ -34,7 +42,9 @@ def subject(pipeline):
     """One held-out real subject, cut to 20 slices to keep the test fast."""
     full = held_out_subjects(pipeline, "brats", str(require(BRATS)), max_subjects=1)[0]
     keep = np.arange(60, 80)
-    return replace(full, source=full.source.take_slices(keep), target=full.target[:, :, keep], mask=full.mask[:, :, keep])
+    return replace(
+        full, source=full.source.take_slices(keep), target=full.target[:, :, keep], mask=full.mask[:, :, keep]
+    )
 
 
 class NoisyOracle:
@@ -70,7 +80,9 @@ def test_every_subject_method_sparsity_seed_gets_a_row(pipeline, subject):
     result = evaluate_subjects(pipeline, [subject], config)
     table = pd.DataFrame(result.rows)
     assert len(table) == 3 * 2 * 2
-    assert set(map(tuple, table[["method", "sparsity", "seed"]].values.tolist())) == {(m, k, s) for m in config.methods for k in (2, 3) for s in (0, 1)}
+    assert set(map(tuple, table[["method", "sparsity", "seed"]].values.tolist())) == {
+        (m, k, s) for m in config.methods for k in (2, 3) for s in (0, 1)
+    }
     assert table["psnr"].notna().all() and table["issim"].between(0, 1).all()
     # The seed moves the sparsity phase: x2 with seed 1 starts one slice later.
     slices = table.set_index(["method", "sparsity", "seed"])["slices"]
@@ -90,7 +102,9 @@ def test_a_method_with_known_error_gets_the_psnr_it_must(pipeline, subject, sigm
 
 
 def test_report_folder_holds_metrics_report_and_figures(pipeline, subject, tmp_path):
-    config = EvaluationConfig(methods=("interp", "rebrain"), sparsities=(2,), seeds=(0, 1), steps=2, uncertainty_samples=2)
+    config = EvaluationConfig(
+        methods=("interp", "rebrain"), sparsities=(2,), seeds=(0, 1), steps=2, uncertainty_samples=2
+    )
     result = evaluate_subjects(pipeline, [subject], config)
     out = write_report(tmp_path / "report", result, {"preset": "tiny"})
     metrics = pd.read_csv(out / "metrics.csv")
@@ -99,13 +113,20 @@ def test_report_folder_holds_metrics_report_and_figures(pipeline, subject, tmp_p
     for method in ("interp", "rebrain"):
         assert f"| 2 | {method} |" in report
     assert "±" in report and "Definitions" in report
-    assert sorted(p.name for p in (out / "figures").iterdir()) == ["montage.png", "similarity.png", "slice_psnr.png", "uncertainty.png"]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "montage.png",
+        "similarity.png",
+        "slice_psnr.png",
+        "uncertainty.png",
+    ]
     assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_a_scan_without_ground_truth_reports_continuity_and_retrieval(pipeline, subject, tmp_path):
     scan = EvaluationSubject(key="input", split="no ground truth", source=subject.source)
-    result = evaluate_subjects(pipeline, [scan], EvaluationConfig(methods=("rebrain",), sparsities=(2,), seeds=(0,), steps=2))
+    result = evaluate_subjects(
+        pipeline, [scan], EvaluationConfig(methods=("rebrain",), sparsities=(2,), seeds=(0,), steps=2)
+    )
     row = result.rows[0]
     assert "psnr" not in row and 0 < row["issim"] <= 1 and row["retrieval_success_rate"] is not None
     out = write_report(tmp_path / "report", result, {"preset": "tiny"})
@@ -113,13 +134,45 @@ def test_a_scan_without_ground_truth_reports_continuity_and_retrieval(pipeline, 
 
 
 def test_evaluate_command_end_to_end(pipeline, tmp_path, capsys):
-    code = main([
-        "evaluate", "--layout", "brats", "--src", str(require(BRATS)), "--preset", str(pipeline.preset.root), "--methods", "interp", "rebrain",
-        "--sparsity", "4", "--seeds", "0", "--max-subjects", "1", "--steps", "2", "--out", str(tmp_path / "report"),
-    ])
+    code = main(
+        [
+            "evaluate",
+            "--layout",
+            "brats",
+            "--src",
+            str(require(BRATS)),
+            "--preset",
+            str(pipeline.preset.root),
+            "--methods",
+            "interp",
+            "rebrain",
+            "--sparsity",
+            "4",
+            "--seeds",
+            "0",
+            "--max-subjects",
+            "1",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "report"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert len(pd.read_csv(tmp_path / "report" / "metrics.csv")) == 2
-    code = main(["evaluate", "--layout", "brats", "--src", str(tmp_path / "missing"), "--preset", str(pipeline.preset.root), "--out", str(tmp_path / "r2")])
+    code = main(
+        [
+            "evaluate",
+            "--layout",
+            "brats",
+            "--src",
+            str(tmp_path / "missing"),
+            "--preset",
+            str(pipeline.preset.root),
+            "--out",
+            str(tmp_path / "r2"),
+        ]
+    )
     assert code == 2 and "no such folder" in capsys.readouterr().err
 
 
@@ -132,18 +185,26 @@ def test_ablation_variants_rerun_only_the_methods_they_change(pipeline, subject,
     with torch.no_grad():
         for parameter in denoiser.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
-    other_bbdm = save_checkpoint(tmp_path / "other_bbdm.pt", {"kind": "bbdm", "config": TINY_BBDM.to_dict(), "model": denoiser.state_dict()})
+    other_bbdm = save_checkpoint(
+        tmp_path / "other_bbdm.pt", {"kind": "bbdm", "config": TINY_BBDM.to_dict(), "model": denoiser.state_dict()}
+    )
     # Another encoder (Table 3): its knowledge base is built from the preset's prepared data.
     other = make_tiny_preset(tmp_path / "other", seed=1)
     prepared = pipeline.preset.root.parent / "prepared"
     variants = (
-        Variant(), Variant(name="kb=0.5", kb_fraction=0.5), Variant(name="bbdm=other", bbdm=str(other_bbdm)),
+        Variant(),
+        Variant(name="kb=0.5", kb_fraction=0.5),
+        Variant(name="bbdm=other", bbdm=str(other_bbdm)),
         Variant(name="encoder=other", encoder=str(other.required("encoder")), data=str(prepared)),
     )
     config = EvaluationConfig(methods=("interp", "rebrain"), sparsities=(2,), seeds=(0,), steps=2, variants=variants)
     rows = pd.DataFrame(evaluate_subjects(pipeline, [subject], config).rows)
     assert sorted(map(tuple, rows[["variant", "method"]].values.tolist())) == [
-        ("bbdm=other", "interp"), ("encoder=other", "rebrain"), ("kb=0.5", "rebrain"), ("preset", "interp"), ("preset", "rebrain"),
+        ("bbdm=other", "interp"),
+        ("encoder=other", "rebrain"),
+        ("kb=0.5", "rebrain"),
+        ("preset", "interp"),
+        ("preset", "rebrain"),
     ]
     by_variant = rows.set_index(["variant", "method"])
     # Another BBDM changes the translation.

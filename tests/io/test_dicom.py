@@ -19,7 +19,6 @@ from lib.io import VolumeReadError, dense_grid, read_volume
 from lib.io.dicom_writer import SeriesDescription, write_dicom_series
 from lib.io.nifti import read_nifti
 from lib.io.volume import Volume
-
 from tests.dicom_variants import VARIANTS_BY_NAME, make_bases, make_variant, names
 
 
@@ -56,9 +55,17 @@ def study_folder(tmp_path, real_ct_volume, brats_case) -> tuple[Path, Volume, Se
     write_shuffled(real_ct_volume, folder / "a", ct)
     t1 = read_nifti(brats_case / "t1n.nii.gz", modality="MR")
     mr_volume = t1.take_slices(np.arange(60, 66))
-    mr = SeriesDescription(modality="MR", series_description="T1", study_uid=ct.study_uid, rescale_intercept=0.0, image_type=("ORIGINAL", "PRIMARY"))
+    mr = SeriesDescription(
+        modality="MR",
+        series_description="T1",
+        study_uid=ct.study_uid,
+        rescale_intercept=0.0,
+        image_type=("ORIGINAL", "PRIMARY"),
+    )
     write_shuffled(mr_volume, folder / "b", mr, seed=1)
-    localizer = SeriesDescription(modality="CT", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), study_uid=ct.study_uid)
+    localizer = SeriesDescription(
+        modality="CT", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), study_uid=ct.study_uid
+    )
     write_dicom_series(real_ct_volume.take_slices([0, 1]), folder / "c", localizer)
     write_non_image(folder / "sr.dcm")
     good = sorted((folder / "a").iterdir())[0].read_bytes()
@@ -252,7 +259,16 @@ def test_corrupt_or_implausible_input_is_refused_naming_the_file(name, variant_b
     assert names(error, damaged), error
 
 
-@pytest.mark.parametrize("name", ["whole-pixel-spacing-zero", "whole-pixel-spacing-missing", "whole-orientation-zero", "orientation-five-values", "position-two-values"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "whole-pixel-spacing-zero",
+        "whole-pixel-spacing-missing",
+        "whole-orientation-zero",
+        "orientation-five-values",
+        "position-two-values",
+    ],
+)
 def test_unusable_header_values_raise_a_volume_read_error_naming_the_file(name, variant_bases, tmp_path):
     """Issue 17, finding 8: these raised AttributeError, nibabel's OrientationError or numpy's
     "could not broadcast" (a traceback from the command line, no file named), or blamed a

@@ -49,7 +49,12 @@ def test_voxel_affine_refuses_irregular_slices():
 
 def test_dense_grid_refuses_an_absurd_number_of_slices():
     """Issue 17, finding 7: two slices 5 m apart made a grid of 50,001 slices at 0.1 mm."""
-    volume = Volume(array=np.zeros((2, 2, 2), np.float32), affine=np.eye(4), positions=np.array([0.0, 5000.0]), source="far_apart.nii.gz")
+    volume = Volume(
+        array=np.zeros((2, 2, 2), np.float32),
+        affine=np.eye(4),
+        positions=np.array([0.0, 5000.0]),
+        source="far_apart.nii.gz",
+    )
     with pytest.raises(VolumeReadError, match=r"far_apart.nii.gz: .*50001 slices"):
         dense_grid(volume, spacing=0.1)
     assert dense_grid(volume, spacing=5000.0 / (MAX_GRID_SLICES - 1)).shape[2] == MAX_GRID_SLICES

@@ -8,6 +8,7 @@ import torch
 
 from lib.diffusion.bridge import BridgeSchedule
 from lib.diffusion.sampler import translate_slices
+from lib.io.checkpoint import save_checkpoint
 from lib.models.controlnet import (
     CONTROLNET_ONLY_PREFIXES,
     ControlledDenoiser,
@@ -17,7 +18,6 @@ from lib.models.controlnet import (
     save_controlnet,
     state_dict_hash,
 )
-from lib.io.checkpoint import save_checkpoint
 from lib.models.denoiser import BBDMConfig, build_denoiser
 from lib.train.controlnet import controlnet_step
 
@@ -26,7 +26,13 @@ SIZE = 16
 
 def tiny_config(neighbours: int = 0) -> BBDMConfig:
     return BBDMConfig(
-        image_size=SIZE, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8, neighbours=neighbours, timesteps=100
+        image_size=SIZE,
+        channels=(16, 32),
+        attention_levels=(False, True),
+        num_head_channels=16,
+        norm_num_groups=8,
+        neighbours=neighbours,
+        timesteps=100,
     )
 
 

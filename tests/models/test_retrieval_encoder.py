@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lib.io.checkpoint import load_checkpoint, save_checkpoint
 from lib.models.retrieval_encoder import (
     CHECKPOINT_KIND,
     RetrievalConfig,
@@ -16,9 +17,10 @@ from lib.models.retrieval_encoder import (
     embed_slices,
     encoder_hash,
 )
-from lib.io.checkpoint import load_checkpoint, save_checkpoint
 
-TINY = RetrievalConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1))
+TINY = RetrievalConfig(
+    image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1)
+)
 
 
 def tiny_encoder(seed: int = 0, config: RetrievalConfig = TINY):
@@ -81,7 +83,11 @@ def test_building_and_running_needs_no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    model = build_retrieval_encoder(RetrievalConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(1,)))
+    model = build_retrieval_encoder(
+        RetrievalConfig(
+            image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(1,)
+        )
+    )
     assert model(random_slices(2))[0].shape == (2, 16)
 
 

@@ -92,7 +92,10 @@ def test_overwrites_an_existing_preview(tmp_path, volumes):
         ({"mri": np.zeros((40, 48, 29))}, r"same grid"),
         ({"ct": np.zeros((40, 48))}, r"3-D"),
         ({"slice_status": ["acquired"] * 29}, r"29 entries for 30 slices"),
-        ({"slice_status": ["acquired"] * 29 + ["guessed"]}, r"slice_status\[29\] is 'guessed'.*acquired.*retrieved.*fallback"),
+        (
+            {"slice_status": ["acquired"] * 29 + ["guessed"]},
+            r"slice_status\[29\] is 'guessed'.*acquired.*retrieved.*fallback",
+        ),
         ({"similarity": np.zeros(31)}, r"one value per slice \(30\)"),
         ({"spacing": (1.0, 0.0, 2.0)}, r"spacing"),
         ({"spacing": (1.0, 1.0)}, r"spacing"),

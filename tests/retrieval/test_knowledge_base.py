@@ -21,7 +21,6 @@ from lib.retrieval.knowledge_base import (
     compute_tau,
     sample_pairs,
 )
-
 from tests.conftest import SHARED_DATA, require
 
 ENCODER = "enc-0123abcd"
@@ -41,7 +40,10 @@ def structured_data(seed: int = 0) -> tuple[np.ndarray, pd.DataFrame, np.ndarray
         offset = rng.standard_normal(DIM)
         positions = np.sort(rng.uniform(-0.1, 1.1, SLICES))
         for index, position in enumerate(positions):
-            level = np.concatenate([np.cos(np.pi * position * np.arange(1, 3)), np.sin(np.pi * position * np.arange(1, 3))]) @ level_basis
+            level = (
+                np.concatenate([np.cos(np.pi * position * np.arange(1, 3)), np.sin(np.pi * position * np.arange(1, 3))])
+                @ level_basis
+            )
             vectors.append(2 * level + 0.6 * offset + 0.3 * rng.standard_normal(DIM))
             rows.append((key, index, position))
     embeddings = np.asarray(vectors, dtype=np.float32)
@@ -54,18 +56,30 @@ def structured_data(seed: int = 0) -> tuple[np.ndarray, pd.DataFrame, np.ndarray
 
 def build(out, data, **kwargs) -> KnowledgeBase:
     embeddings, entries, ct, mri = data
-    return KnowledgeBase.build(out, embeddings, entries, ct, mri, ENCODER, {"model": "vit-tiny", "dim": DIM}, tau_pairs=20_000, **kwargs)
+    return KnowledgeBase.build(
+        out, embeddings, entries, ct, mri, ENCODER, {"model": "vit-tiny", "dim": DIM}, tau_pairs=20_000, **kwargs
+    )
 
 
 def noisy_queries(embeddings: np.ndarray, count: int, noise: float, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Perturbed copies of random entries: (queries, source rows)."""
     rng = np.random.default_rng(seed)
     rows = rng.choice(len(embeddings), count, replace=False)
-    queries = embeddings[rows] + noise * rng.standard_normal((count, embeddings.shape[1])).astype(np.float32) / np.sqrt(embeddings.shape[1])
+    queries = embeddings[rows] + noise * rng.standard_normal((count, embeddings.shape[1])).astype(np.float32) / np.sqrt(
+        embeddings.shape[1]
+    )
     return queries / np.linalg.norm(queries, axis=1, keepdims=True), rows
 
 
-def brute_force(kb: KnowledgeBase, embeddings: np.ndarray, query: np.ndarray, position: float | None, tolerance: float, exclude: str | None, k: int):
+def brute_force(
+    kb: KnowledgeBase,
+    embeddings: np.ndarray,
+    query: np.ndarray,
+    position: float | None,
+    tolerance: float,
+    exclude: str | None,
+    k: int,
+):
     """Top-k (ids, similarities) in the knowledge base's id order, by direct numpy computation.
 
     ``embeddings`` are the knowledge base's vectors in id order."""
@@ -107,12 +121,26 @@ def test_build_sorts_by_position_and_load_round_trips(flat_kb, data):
     embeddings, entries, ct, mri = data
     root = flat_kb.root
     assert sorted(p.name for p in root.parent.iterdir()) == ["kb"]  # no temporary folder left
-    assert sorted(p.name for p in root.iterdir()) == ["ct.npy", "entries.csv", "index.faiss", "manifest.json", "mri.npy"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "ct.npy",
+        "entries.csv",
+        "index.faiss",
+        "manifest.json",
+        "mri.npy",
+    ]
     assert flat_kb.index.kind is IndexKind.FLAT and len(flat_kb) == SUBJECTS * SLICES
     assert np.all(np.diff(flat_kb.entries["position"]) >= 0)
     manifest = json.loads((root / "manifest.json").read_text())
-    assert manifest["count"] == SUBJECTS * SLICES and manifest["dim"] == DIM and manifest["encoder"] == {"hash": ENCODER, "config": {"model": "vit-tiny", "dim": DIM}}
-    assert manifest["index"]["kind"] == "flat" and manifest["tau"]["percentile"] == 5.0 and manifest["tau"]["pairs"] == 20_000
+    assert (
+        manifest["count"] == SUBJECTS * SLICES
+        and manifest["dim"] == DIM
+        and manifest["encoder"] == {"hash": ENCODER, "config": {"model": "vit-tiny", "dim": DIM}}
+    )
+    assert (
+        manifest["index"]["kind"] == "flat"
+        and manifest["tau"]["percentile"] == 5.0
+        and manifest["tau"]["pairs"] == 20_000
+    )
     assert set(manifest["files"]) == {"index.faiss", "entries.csv", "ct.npy", "mri.npy"}
 
     # Every entry keeps its own slices and metadata through the reordering.
@@ -132,7 +160,12 @@ def test_build_sorts_by_position_and_load_round_trips(flat_kb, data):
     for before, after in zip(flat_kb.query(queries, positions, k=4), loaded.query(queries, positions, k=4)):
         np.testing.assert_array_equal(before.ids, after.ids)
         np.testing.assert_array_equal(before.similarities, after.similarities)
-        assert (before.subject, before.slice_index, before.position, before.success) == (after.subject, after.slice_index, after.position, after.success)
+        assert (before.subject, before.slice_index, before.position, before.success) == (
+            after.subject,
+            after.slice_index,
+            after.position,
+            after.success,
+        )
         np.testing.assert_array_equal(loaded.mri_slice(after.entry_id), flat_kb.mri_slice(before.entry_id))
 
 
@@ -141,7 +174,10 @@ def test_query_returns_the_entry_itself_with_its_metadata(flat_kb, data):
     results = flat_kb.query(vectors[[5, 250]], flat_kb.entries["position"].to_numpy()[[5, 250]], k=3)
     for entry_id, result in zip([5, 250], results):
         assert result.entry_id == entry_id and result.similarity == pytest.approx(1.0, abs=1e-5) and result.success
-        assert result.subject == flat_kb.entries["subject"][entry_id] and result.slice_index == flat_kb.entries["slice"][entry_id]
+        assert (
+            result.subject == flat_kb.entries["subject"][entry_id]
+            and result.slice_index == flat_kb.entries["slice"][entry_id]
+        )
         assert len(result.ids) == 3 and np.all(np.diff(result.similarities) <= 0)
 
 
@@ -186,12 +222,20 @@ def test_query_without_candidates_fails_softly(flat_kb, data):
     lone = flat_kb.entries["subject"][0]
     results = flat_kb.query(vectors[:2], [5.0, 0.5], position_tolerance=0.1, exclude_subject=[None, lone])
     empty = results[0]
-    assert empty.similarity == -np.inf and not empty.success and empty.entry_id is None and empty.subject is None and len(empty.ids) == 0
+    assert (
+        empty.similarity == -np.inf
+        and not empty.success
+        and empty.entry_id is None
+        and empty.subject is None
+        and len(empty.ids) == 0
+    )
     assert results[1].entry_id is not None and results[1].subject != lone
     # A window holding one entry, whose subject is excluded.
     first = flat_kb.entries.iloc[0]
     assert flat_kb.query(vectors[:1], [first["position"]], position_tolerance=0.0)[0].entry_id == 0
-    only_own = flat_kb.query(vectors[:1], [first["position"]], position_tolerance=0.0, exclude_subject=first["subject"])[0]
+    only_own = flat_kb.query(
+        vectors[:1], [first["position"]], position_tolerance=0.0, exclude_subject=first["subject"]
+    )[0]
     assert only_own.entry_id is None and not only_own.success and only_own.similarity == -np.inf
 
 
@@ -214,7 +258,11 @@ def test_approximate_index_agrees_with_exact_and_honours_filters(hnsw_kb, flat_k
     # IndexHNSWFlat are what is tested.
     monkeypatch.setattr(knowledge_base, "EXACT_SEARCH_LIMIT", 0)
     assert hnsw_kb.index.kind is IndexKind.HNSW and isinstance(hnsw_kb.index.index, faiss.IndexHNSWFlat)
-    assert hnsw_kb.manifest["index"] == {"kind": "hnsw", "metric": "inner_product", "params": {"m": HNSWParams.m, "ef_construction": HNSWParams.ef_construction, "ef_search": HNSWParams.ef_search}}
+    assert hnsw_kb.manifest["index"] == {
+        "kind": "hnsw",
+        "metric": "inner_product",
+        "params": {"m": HNSWParams.m, "ef_construction": HNSWParams.ef_construction, "ef_search": HNSWParams.ef_search},
+    }
     loaded = KnowledgeBase.load(hnsw_kb.root, ENCODER)
     assert loaded.index.kind is IndexKind.HNSW and loaded.index.ef_search == HNSWParams.ef_search
     queries, rows = noisy_queries(data[0], 40, 0.3)
@@ -240,22 +288,33 @@ def test_short_filtered_graph_search_falls_back_to_exact(monkeypatch):
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     positions = np.sort(rng.uniform(0, 1, 2000))
     subjects = [f"sub-{i % 10:010x}" for i in range(2000)]
-    index = EmbeddingIndex.build(vectors, positions, subjects, IndexKind.HNSW, HNSWParams(m=4, ef_construction=16, ef_search=4))
+    index = EmbeddingIndex.build(
+        vectors, positions, subjects, IndexKind.HNSW, HNSWParams(m=4, ef_construction=16, ef_search=4)
+    )
     queries = vectors[rng.choice(2000, 10, replace=False)]
     windows = rng.integers(0, 1996, 10)
     query_positions = (positions[windows] + positions[windows + 3]) / 2
     tolerance = float(np.max((positions[windows + 3] - positions[windows]) / 2)) + 1e-12
-    lows, highs = np.searchsorted(positions, query_positions - tolerance), np.searchsorted(positions, query_positions + tolerance, side="right")
+    lows, highs = (
+        np.searchsorted(positions, query_positions - tolerance),
+        np.searchsorted(positions, query_positions + tolerance, side="right"),
+    )
     short = 0
     for query, low, high in zip(queries, lows, highs):
-        _, raw_ids = index.index.search(query[None], int(high - low), params=index._search_parameters(int(low), int(high), np.empty(0, np.int64)))
+        _, raw_ids = index.index.search(
+            query[None], int(high - low), params=index._search_parameters(int(low), int(high), np.empty(0, np.int64))
+        )
         short += int((raw_ids < 0).any())
     assert short > 0, "precondition: the filtered HNSW search comes up short here"
     # k covers every candidate, so the graph search is either complete or short: never merely
     # approximate, which keeps this test deterministic although threaded HNSW builds are not.
     found = index.search(queries, query_positions, k=10, position_tolerance=tolerance, exclude_subject=subjects[0])
     for query, position, (ids, similarities) in zip(queries, query_positions, found):
-        keep = np.flatnonzero((positions >= position - tolerance) & (positions <= position + tolerance) & (np.asarray(subjects) != subjects[0]))
+        keep = np.flatnonzero(
+            (positions >= position - tolerance)
+            & (positions <= position + tolerance)
+            & (np.asarray(subjects) != subjects[0])
+        )
         expected = keep[np.argsort(-(vectors[keep] @ query), kind="stable")]
         np.testing.assert_array_equal(ids, expected)
         np.testing.assert_allclose(similarities, vectors[expected] @ query, atol=1e-5)
@@ -265,7 +324,9 @@ def test_small_candidate_ranges_skip_the_graph(hnsw_kb, data):
     vectors = kb_vectors(hnsw_kb, data)
     queries, _ = noisy_queries(data[0], 10, 2.0, seed=5)
     positions = np.linspace(0, 1, 10)
-    for query, position, result in zip(queries, positions, hnsw_kb.query(queries, positions, k=5, position_tolerance=0.05)):
+    for query, position, result in zip(
+        queries, positions, hnsw_kb.query(queries, positions, k=5, position_tolerance=0.05)
+    ):
         ids, similarities = brute_force(hnsw_kb, vectors, query, position, 0.05, None, 5)
         np.testing.assert_array_equal(result.ids, ids)
         np.testing.assert_allclose(result.similarities, similarities, atol=1e-5)
@@ -375,7 +436,9 @@ def test_real_slices(tmp_path):
     from lib.data.prepare import PrepareConfig, prepare_dataset
 
     out = tmp_path / "prepared"
-    prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3, progress=False)
+    prepare_dataset(
+        "brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3, progress=False
+    )
     dataset = PreparedDataset(out)
     table = dataset.slices[dataset.slices["brain_fraction"] > 0.05].reset_index(drop=True)
     ct = np.stack([dataset.array(s, "source")[i] for s, i in zip(table["subject"], table["slice"])])
@@ -383,14 +446,18 @@ def test_real_slices(tmp_path):
     projection = np.random.default_rng(0).standard_normal((32 * 32, 64)).astype(np.float32)
     embeddings = (ct.reshape(len(ct), -1) + 1) @ projection
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
-    kb = KnowledgeBase.build(tmp_path / "kb", embeddings, table[["subject", "slice", "position"]], ct, mri, ENCODER, {"projection": "random"})
+    kb = KnowledgeBase.build(
+        tmp_path / "kb", embeddings, table[["subject", "slice", "position"]], ct, mri, ENCODER, {"projection": "random"}
+    )
 
     rows = np.arange(0, len(table), 25)
     own = kb.query(embeddings[rows], table["position"].to_numpy()[rows])
     for row, result in zip(rows, own):
         assert (result.subject, result.slice_index) == (table["subject"][row], table["slice"][row]) and result.success
         np.testing.assert_array_equal(kb.mri_slice(result.entry_id), mri[row].astype(np.float16).astype(np.float32))
-    others = kb.query(embeddings[rows], table["position"].to_numpy()[rows], exclude_subject=table["subject"].to_numpy()[rows].tolist())
+    others = kb.query(
+        embeddings[rows], table["position"].to_numpy()[rows], exclude_subject=table["subject"].to_numpy()[rows].tolist()
+    )
     for row, result in zip(rows, others):
         assert result.subject != table["subject"][row] and abs(result.position - table["position"][row]) <= 0.1
 

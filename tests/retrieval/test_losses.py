@@ -19,7 +19,6 @@ from lib.io.checkpoint import load_checkpoint, save_checkpoint
 from lib.models.retrieval_encoder import RetrievalConfig, build_retrieval_encoder
 from lib.retrieval.batches import AdjacentRunSampler, load_run_batch
 from lib.retrieval.losses import contrastive_loss, perceptual_loss, positive_mask, retrieval_loss
-
 from tests.conftest import SHARED_DATA, require
 
 
@@ -88,14 +87,18 @@ def test_losses_match_the_closed_form_on_three_items():
     assert perceptual_loss([embeddings], positives).item() == pytest.approx(percept, rel=1e-6)
     total, parts = retrieval_loss(embeddings, [embeddings], positives)
     assert total.item() == pytest.approx(contrast + 0.5 * percept, rel=1e-6)
-    assert parts["contrast"].item() == pytest.approx(contrast, rel=1e-6) and parts["percept"].item() == pytest.approx(percept, rel=1e-6)
+    assert parts["contrast"].item() == pytest.approx(contrast, rel=1e-6) and parts["percept"].item() == pytest.approx(
+        percept, rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("alpha, beta, k", [(1.0, 1.0, 2), (0.3, 2.5, 2), (0.7, 0.4, 1), (1.0, 1.0, 5)])
 def test_losses_match_a_looped_computation(alpha, beta, k):
     positives = positive_mask(SUBJECTS, torch.tensor(SLICES), k=k)
     expected_contrast = looped_loss(EMBEDDINGS, SUBJECTS, SLICES, k, lambda a, b: dot(a, b) / alpha)
-    per_layer = [looped_loss(layer, SUBJECTS, SLICES, k, lambda a, b: -squared_distance(a, b) / beta) for layer in FEATURES]
+    per_layer = [
+        looped_loss(layer, SUBJECTS, SLICES, k, lambda a, b: -squared_distance(a, b) / beta) for layer in FEATURES
+    ]
     contrast = contrastive_loss(torch.tensor(EMBEDDINGS, dtype=torch.float64), positives, alpha)
     percept = perceptual_loss([torch.tensor(layer, dtype=torch.float64) for layer in FEATURES], positives, beta)
     assert contrast.item() == pytest.approx(expected_contrast, rel=1e-10)
@@ -107,7 +110,9 @@ def test_perceptual_loss_is_scale_consistent_and_finite_for_large_feature_norms(
     positives = positive_mask(SUBJECTS, torch.tensor(SLICES), k=2)
     layers = [torch.tensor(layer, dtype=torch.float64) * 100 for layer in FEATURES]
     # Scaling f by 100 and beta by 100^2 leaves every d unchanged.
-    expected = sum(looped_loss(layer, SUBJECTS, SLICES, 2, lambda a, b: -squared_distance(a, b)) for layer in FEATURES) / 2
+    expected = (
+        sum(looped_loss(layer, SUBJECTS, SLICES, 2, lambda a, b: -squared_distance(a, b)) for layer in FEATURES) / 2
+    )
     assert perceptual_loss(layers, positives, beta=1e4).item() == pytest.approx(expected, rel=1e-10)
     # At beta = 1 every d is below exp(-1000) and a direct ratio would be 0 / 0; the log-space form is not.
     assert torch.isfinite(perceptual_loss(layers, positives, beta=1.0))
@@ -174,7 +179,9 @@ def test_invalid_arguments_raise_with_the_accepted_values():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> PreparedDataset:
     out = tmp_path_factory.mktemp("retrieval") / "prepared"
-    prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3, progress=False)
+    prepare_dataset(
+        "brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3, progress=False
+    )
     return PreparedDataset(out)
 
 
@@ -262,11 +269,15 @@ def test_loaded_batch_feeds_the_encoder_and_the_loss(prepared):
     assert batch.subjects == list(table["subject"]) and batch.slices.tolist() == list(table["slice"])
     np.testing.assert_allclose(batch.positions.numpy(), table["position"].to_numpy(), rtol=1e-6)
     for item in (0, 4, 8):
-        np.testing.assert_array_equal(batch.source[item, 0].numpy(), prepared.array(batch.subjects[item], "source")[batch.slices[item]])
+        np.testing.assert_array_equal(
+            batch.source[item, 0].numpy(), prepared.array(batch.subjects[item], "source")[batch.slices[item]]
+        )
     positives = positive_mask(batch.subjects, batch.slices, k=2)
     assert positives.sum().item() == 3 * (2 + 1)  # per run of 3: first slice has 2 positives, second 1
     torch.manual_seed(0)
-    config = RetrievalConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1))
+    config = RetrievalConfig(
+        image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1)
+    )
     embeddings, features = build_retrieval_encoder(config)(batch.source)
     total, _ = retrieval_loss(embeddings, features, positives)
     total.backward()

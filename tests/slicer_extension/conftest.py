@@ -45,7 +45,12 @@ def _install_scripted_module_shim() -> None:
     class ScriptedLoadableModuleTest(unittest.TestCase):
         pass
 
-    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleWidget, ScriptedLoadableModuleTest):
+    for cls in (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleWidget,
+        ScriptedLoadableModuleTest,
+    ):
         setattr(shim, cls.__name__, cls)
     sys.modules["slicer.ScriptedLoadableModule"] = shim
     slicer.ScriptedLoadableModule = shim
@@ -54,7 +59,9 @@ def _install_scripted_module_shim() -> None:
 @pytest.fixture()
 def scene():
     """A fresh MRML scene as ``slicer.mrmlScene``."""
-    slicer = pytest.importorskip("slicer", reason="the slicer-core package (pip) is needed for the headless Logic tests")
+    slicer = pytest.importorskip(
+        "slicer", reason="the slicer-core package (pip) is needed for the headless Logic tests"
+    )
     _install_scripted_module_shim()
     slicer.mrmlScene = slicer.vtkMRMLScene()
     yield slicer.mrmlScene

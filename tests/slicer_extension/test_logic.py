@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import vtk
-
-from lib.io import dense_grid, read_volume as read_lib_volume
-
 from ReBrainLib import ReBrainClient
 from ReBrainLib.geometry import read_volume
+
+from lib.io import dense_grid
+from lib.io import read_volume as read_lib_volume
 
 
 def ijk_to_ras(node) -> np.ndarray:
@@ -22,7 +22,6 @@ def ijk_to_ras(node) -> np.ndarray:
 
 def test_logic_round_trip_with_the_server(scene, server, server_studies, tmp_path):
     import slicer
-
     from ReBrain import NO_SIMILARITY, SYNTHETIC_ATTRIBUTE, ReBrainLogic
 
     array, matrix = read_volume(server_studies / "head_ct.nii.gz")
@@ -36,7 +35,9 @@ def test_logic_round_trip_with_the_server(scene, server, server_studies, tmp_pat
     params = logic.request_params("tinyct", simulate_sparsity=2, steps=2, samples=2, seed=3)
     assert params == {"preset": "tinyct", "steps": 2, "samples": 2, "seed": 3, "simulate_sparsity": 2}
     prepared = logic.request_params("tinyct", simulate_sparsity=None, steps=2, samples=1, seed=0, prepared=True)
-    assert prepared["brain_extraction"] is False and prepared["alignment"] is False and "simulate_sparsity" not in prepared
+    assert (
+        prepared["brain_extraction"] is False and prepared["alignment"] is False and "simulate_sparsity" not in prepared
+    )
     result = ReBrainClient(server).reconstruct(exported, params, tmp_path / "result")
     nodes = logic.load_result(result, "head CT")
 

@@ -5,11 +5,21 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pytest
-
-from lib.io import dense_grid, read_volume as read_lib_volume
-
-from ReBrainLib import JobState, ReBrainClient, ReconstructionJob, ServerError, legend_text, provenance_rows, similarity_colour_table, slice_overlays
+from ReBrainLib import (
+    JobState,
+    ReBrainClient,
+    ReconstructionJob,
+    ServerError,
+    legend_text,
+    provenance_rows,
+    similarity_colour_table,
+    slice_overlays,
+)
 from ReBrainLib.geometry import read_volume, write_volume
+
+from lib.io import dense_grid
+from lib.io import read_volume as read_lib_volume
+
 
 def _oblique() -> np.ndarray:
     """A tilted IJK-to-RAS: rotation about x and z, spacing 0.9 x 0.95 x 2.4 mm, an offset."""
@@ -37,20 +47,41 @@ def test_geometry_round_trip_matches_nifti(tmp_path):
 
 
 def _params(statuses, similarities, tau=0.9):
-    slices = [{"index": k, "position_mm": float(k), "similarity": s, "reference": None if s is None else f"sub-x:{k}", "uncertainty_mean": 0.01 * k} for k, s in enumerate(similarities)]
-    return {"slices": slices, "slice_status": statuses, "summary": {"tau": tau, "generated_retrieval_success_rate": 0.5}}
+    slices = [
+        {
+            "index": k,
+            "position_mm": float(k),
+            "similarity": s,
+            "reference": None if s is None else f"sub-x:{k}",
+            "uncertainty_mean": 0.01 * k,
+        }
+        for k, s in enumerate(similarities)
+    ]
+    return {
+        "slices": slices,
+        "slice_status": statuses,
+        "summary": {"tau": tau, "generated_retrieval_success_rate": 0.5},
+    }
 
 
 def test_slice_overlays_follow_the_provenance():
     params = _params(["acquired", "retrieved", "fallback", "acquired"], [None, 0.95, 0.4, 0.99])
     similarity, status = slice_overlays(params, (4, 3, 2))
     assert similarity.shape == status.shape == (4, 3, 2)
-    assert np.isnan(similarity[0]).all() and np.all(similarity[1] == np.float32(0.95)) and np.all(similarity[3] == np.float32(0.99))
+    assert (
+        np.isnan(similarity[0]).all()
+        and np.all(similarity[1] == np.float32(0.95))
+        and np.all(similarity[3] == np.float32(0.99))
+    )
     assert [int(status[k, 0, 0]) for k in range(4)] == [1, 2, 3, 1]
     with pytest.raises(ValueError, match="4 slices, the volume 5"):
         slice_overlays(params, (5, 3, 2))
     rows = provenance_rows(params)
-    assert [row["status"] for row in rows] == params["slice_status"] and rows[0]["similarity"] is None and rows[1]["reference"] == "sub-x:1"
+    assert (
+        [row["status"] for row in rows] == params["slice_status"]
+        and rows[0]["similarity"] is None
+        and rows[1]["reference"] == "sub-x:1"
+    )
     text = legend_text(params)
     assert "tau = 0.9000" in text and "acquired slice (2)" in text and "SLERP fallback (1)" in text
 
@@ -66,7 +97,9 @@ def test_similarity_colours_change_at_tau():
 def test_client_reconstructs_and_downloads_the_uncertainty(server, server_studies, tmp_path):
     client = ReBrainClient(server + "/")
     assert set(client.presets()) == {"tinyct", "tinyflair"}
-    result = client.reconstruct(server_studies / "head_ct.nii.gz", {"preset": "tinyct", "simulate_sparsity": 2, "samples": 2}, tmp_path / "out")
+    result = client.reconstruct(
+        server_studies / "head_ct.nii.gz", {"preset": "tinyct", "simulate_sparsity": 2, "samples": 2}, tmp_path / "out"
+    )
     assert set(result.volumes) == {"mri", "uncertainty"} and len(result.result_id) == 32
     source = read_lib_volume(server_studies / "head_ct.nii.gz", modality="CT")
     grid = dense_grid(source.take_slices(list(range(0, source.shape[2], 2))), 1.0)
@@ -93,7 +126,9 @@ def test_job_runs_in_the_background_and_cancel_drops_the_result(server, server_s
     assert job.wait(timeout=300) is JobState.DONE and job.result is not None and job.error is None
     failing = ReconstructionJob(client, server_studies / "brain_t1.nii.gz", {}, tmp_path / "b").start()
     assert failing.wait(timeout=300) is JobState.FAILED and "Hounsfield" in failing.error
-    cancelled = ReconstructionJob(client, server_studies / "head_ct.nii.gz", {"simulate_sparsity": 2}, tmp_path / "c").start()
+    cancelled = ReconstructionJob(
+        client, server_studies / "head_ct.nii.gz", {"simulate_sparsity": 2}, tmp_path / "c"
+    ).start()
     cancelled.cancel()
     assert cancelled.state is JobState.CANCELLED
     assert cancelled.wait(timeout=300) is JobState.CANCELLED and cancelled.result is None

@@ -11,7 +11,9 @@ MODULE = Path(__file__).resolve().parents[2] / "slicer_extension" / "ReBrain"
 
 
 def test_every_widget_the_module_uses_is_in_the_ui_file():
-    names = {widget.get("name") for widget in ElementTree.parse(MODULE / "Resources" / "UI" / "ReBrain.ui").iter("widget")}
+    names = {
+        widget.get("name") for widget in ElementTree.parse(MODULE / "Resources" / "UI" / "ReBrain.ui").iter("widget")
+    }
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "ReBrain.py").read_text()))
     assert "preparedInputCheckBox" in used and "inputVolumeSelector" in used
     assert used <= names, sorted(used - names)

@@ -12,21 +12,28 @@ from lib.data.dataset import PreparedSlices
 from lib.data.prepare import PrepareConfig, prepare_dataset
 from lib.diffusion.sampler import translate_slices
 from lib.metrics import psnr
-from lib.models.denoiser import BBDMConfig, Objective
-from lib.models.denoiser import load_bbdm
+from lib.models.denoiser import BBDMConfig, Objective, load_bbdm
 from lib.train.bbdm import TrainConfig, train_bbdm
-
 from tests.conftest import SHARED_DATA, require
 
 
 def tiny_config(objective: Objective = Objective.DIRECTIONAL) -> BBDMConfig:
-    return BBDMConfig(image_size=32, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8, objective=objective)
+    return BBDMConfig(
+        image_size=32,
+        channels=(16, 32),
+        attention_levels=(False, True),
+        num_head_channels=16,
+        norm_num_groups=8,
+        objective=objective,
+    )
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("bbdm") / "prepared"
-    prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3, progress=False)
+    prepare_dataset(
+        "brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3, progress=False
+    )
     return out
 
 
@@ -37,7 +44,9 @@ def test_resumed_run_equals_an_uninterrupted_one(prepared, tmp_path):
     train_bbdm(train, val, tmp_path / "split", tiny_config(), TrainConfig(iters=3, **settings), progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train_bbdm(train, val, tmp_path / "split", tiny_config(), TrainConfig(iters=6, **settings), progress=False)
-    train_bbdm(train, val, tmp_path / "split", tiny_config(), TrainConfig(iters=6, **settings), resume=True, progress=False)
+    train_bbdm(
+        train, val, tmp_path / "split", tiny_config(), TrainConfig(iters=6, **settings), resume=True, progress=False
+    )
     whole, split = (pd.read_csv(tmp_path / name / "loss.csv") for name in ("whole", "split"))
     assert list(whole.iteration) == list(range(1, 7))
     np.testing.assert_array_equal(whole.loss, split.loss)
@@ -52,9 +61,13 @@ def test_resumed_run_equals_an_uninterrupted_one(prepared, tmp_path):
 
 
 def test_wrong_slice_size_is_refused(prepared, tmp_path):
-    config = BBDMConfig(image_size=64, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8)
+    config = BBDMConfig(
+        image_size=64, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8
+    )
     with pytest.raises(ValueError, match="model expects"):
-        train_bbdm(PreparedSlices(prepared, "train"), None, tmp_path / "r", config, TrainConfig(iters=1), progress=False)
+        train_bbdm(
+            PreparedSlices(prepared, "train"), None, tmp_path / "r", config, TrainConfig(iters=1), progress=False
+        )
 
 
 @pytest.mark.parametrize("objective", list(Objective))
@@ -64,8 +77,12 @@ def test_overfitting_real_slices_learns_the_translation(prepared, tmp_path, obje
     handful = Subset(train, [0, len(train) // 3, 2 * len(train) // 3, len(train) - 1])
     run = tmp_path / objective.value
     train_bbdm(
-        handful, None, run, tiny_config(objective),
-        TrainConfig(iters=400, batch_size=4, lr=2e-3, ema_decay=0.9, checkpoint_every=400, seed=0), progress=False,
+        handful,
+        None,
+        run,
+        tiny_config(objective),
+        TrainConfig(iters=400, batch_size=4, lr=2e-3, ema_decay=0.9, checkpoint_every=400, seed=0),
+        progress=False,
     )
     loss = pd.read_csv(run / "loss.csv").loss.to_numpy()
     assert loss[:20].mean() / loss[-20:].mean() > 5
@@ -74,7 +91,7 @@ def test_overfitting_real_slices_learns_the_translation(prepared, tmp_path, obje
     condition = torch.stack([item["source"] for item in batch])
     target = torch.stack([item["target"] for item in batch])
     result = translate_slices(model, config, condition, steps=20)
-    to_unit = lambda tensor: ((tensor[:, 0].permute(1, 2, 0).numpy() + 1) / 2)  # noqa: E731
+    to_unit = lambda tensor: (tensor[:, 0].permute(1, 2, 0).numpy() + 1) / 2  # noqa: E731
     identity = psnr(to_unit(condition), to_unit(target))
     learned = psnr(to_unit(result), to_unit(target))
     assert learned > identity + 3, (learned, identity)
@@ -82,7 +99,14 @@ def test_overfitting_real_slices_learns_the_translation(prepared, tmp_path, obje
 
 def test_checkpoint_round_trip_gives_bit_identical_samples(prepared, tmp_path):
     train = PreparedSlices(prepared, "train", 0.3)
-    train_bbdm(train, None, tmp_path / "r", tiny_config(), TrainConfig(iters=2, batch_size=2, checkpoint_every=2), progress=False)
+    train_bbdm(
+        train,
+        None,
+        tmp_path / "r",
+        tiny_config(),
+        TrainConfig(iters=2, batch_size=2, checkpoint_every=2),
+        progress=False,
+    )
     y = torch.stack([train[i]["source"] for i in range(3)])
 
     def sample(seed: int) -> torch.Tensor:

@@ -16,21 +16,37 @@ from lib.io.checkpoint import save_checkpoint
 from lib.models.controlnet import load_controlled_denoiser
 from lib.models.denoiser import BBDMConfig, build_denoiser
 from lib.models.retrieval_encoder import CHECKPOINT_KIND as ENCODER_KIND
-from lib.models.retrieval_encoder import RetrievalConfig, build_retrieval_encoder
-from lib.models.retrieval_encoder import load_retrieval_encoder
+from lib.models.retrieval_encoder import RetrievalConfig, build_retrieval_encoder, load_retrieval_encoder
 from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.knowledge_base import KnowledgeBase
 from lib.train.controlnet import ControlNetTrainConfig, TripletBatches, retrieve_references, train_controlnet
-
 from tests.conftest import SHARED_DATA, require
 
 SIZE = 32
-ENCODER = RetrievalConfig(image_size=SIZE, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1))
-SETTINGS = dict(batch_size=2, slerp_fraction=0.5, min_brain_fraction=0.3, val_every=1, val_slices=2, val_steps=2, checkpoint_every=1, seed=3)
+ENCODER = RetrievalConfig(
+    image_size=SIZE, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1)
+)
+SETTINGS = dict(
+    batch_size=2,
+    slerp_fraction=0.5,
+    min_brain_fraction=0.3,
+    val_every=1,
+    val_slices=2,
+    val_steps=2,
+    checkpoint_every=1,
+    seed=3,
+)
 
 
 def tiny_bbdm(image_size: int = SIZE) -> BBDMConfig:
-    return BBDMConfig(image_size=image_size, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8, timesteps=100)
+    return BBDMConfig(
+        image_size=image_size,
+        channels=(16, 32),
+        attention_levels=(False, True),
+        num_head_channels=16,
+        norm_num_groups=8,
+        timesteps=100,
+    )
 
 
 def save_encoder(path, seed: int) -> None:
@@ -53,13 +69,23 @@ def inputs(tmp_path_factory):
     """A prepared dataset (3 train subjects, 1 val), a tiny BBDM, encoder and knowledge base."""
     root = tmp_path_factory.mktemp("controlnet")
     prepare_dataset(
-        "brats", require(SHARED_DATA / "brats_dev"), root / "prepared", config=PrepareConfig(size=SIZE, val_fraction=0.25, test_fraction=0.0),
-        max_subjects=4, progress=False,
+        "brats",
+        require(SHARED_DATA / "brats_dev"),
+        root / "prepared",
+        config=PrepareConfig(size=SIZE, val_fraction=0.25, test_fraction=0.0),
+        max_subjects=4,
+        progress=False,
     )
     save_bbdm(root / "model.pt", tiny_bbdm())
     save_encoder(root / "encoder.pt", seed=0)
     build_knowledge_base(root / "prepared", root / "encoder.pt", root / "kb")
-    return {"data": root / "prepared", "bbdm": root / "model.pt", "kb": root / "kb", "encoder": root / "encoder.pt", "root": root}
+    return {
+        "data": root / "prepared",
+        "bbdm": root / "model.pt",
+        "kb": root / "kb",
+        "encoder": root / "encoder.pt",
+        "root": root,
+    }
 
 
 def test_references_never_come_from_the_query_subject(inputs):
@@ -82,7 +108,9 @@ def test_batches_mix_retrieval_triplets_and_slerp_pairs(inputs):
     kb = KnowledgeBase.load(inputs["kb"])
     table = retrieve_references(slices, kb, encoder, rows=[10, 40, 80])
     for target in ("reference", "own"):
-        condition, control, x0 = TripletBatches(slices, kb, table, target).batch([0, 1, 2], slerp_count=1, device=torch.device("cpu"))
+        condition, control, x0 = TripletBatches(slices, kb, table, target).batch(
+            [0, 1, 2], slerp_count=1, device=torch.device("cpu")
+        )
         assert condition.shape == control.shape == x0.shape == (3, 1, SIZE, SIZE)
         # The first item is a SLERP pair: the control interpolates y's own neighbours, x0 is y's MRI.
         record = table.iloc[0]
@@ -95,7 +123,11 @@ def test_batches_mix_retrieval_triplets_and_slerp_pairs(inputs):
             record = table.iloc[item]
             assert torch.equal(condition[item], slices[int(record["row"])]["source"])
             assert torch.equal(control[item, 0], torch.from_numpy(kb.ct_slice(int(record["reference_id"]))))
-            expected = torch.from_numpy(kb.mri_slice(int(record["reference_id"])))[None] if target == "reference" else slices[int(record["row"])]["target"]
+            expected = (
+                torch.from_numpy(kb.mri_slice(int(record["reference_id"])))[None]
+                if target == "reference"
+                else slices[int(record["row"])]["target"]
+            )
             assert torch.equal(x0[item], expected)
 
 
@@ -105,7 +137,9 @@ def test_resumed_run_equals_an_uninterrupted_one(inputs, tmp_path):
     train_controlnet(*paths, tmp_path / "split", ControlNetTrainConfig(iters=2, **SETTINGS), progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train_controlnet(*paths, tmp_path / "split", ControlNetTrainConfig(iters=3, **SETTINGS), progress=False)
-    train_controlnet(*paths, tmp_path / "split", ControlNetTrainConfig(iters=3, **SETTINGS), resume=True, progress=False)
+    train_controlnet(
+        *paths, tmp_path / "split", ControlNetTrainConfig(iters=3, **SETTINGS), resume=True, progress=False
+    )
 
     whole, split = (pd.read_csv(tmp_path / name / "loss.csv") for name in ("whole", "split"))
     assert list(whole.iteration) == [1, 2, 3]
@@ -120,7 +154,11 @@ def test_resumed_run_equals_an_uninterrupted_one(inputs, tmp_path):
     a, b = (torch.load(tmp_path / name / "controlnet.pt", weights_only=True)["model"] for name in ("whole", "split"))
     assert all(torch.equal(a[key], b[key]) for key in a)
     model, _ = load_controlled_denoiser(inputs["bbdm"], tmp_path / "whole" / "controlnet.pt")
-    assert any(tensor.any() for name, tensor in model.controlnet.state_dict().items() if name.startswith("controlnet_mid_block"))
+    assert any(
+        tensor.any()
+        for name, tensor in model.controlnet.state_dict().items()
+        if name.startswith("controlnet_mid_block")
+    )
 
 
 def test_inputs_that_do_not_belong_together_are_refused(inputs, tmp_path):
@@ -128,20 +166,55 @@ def test_inputs_that_do_not_belong_together_are_refused(inputs, tmp_path):
     config = ControlNetTrainConfig(iters=1, **SETTINGS)
     save_encoder(root / "other_encoder.pt", seed=1)
     with pytest.raises(ValueError, match="built with encoder"):
-        train_controlnet(inputs["data"], inputs["bbdm"], inputs["kb"], root / "other_encoder.pt", tmp_path / "a", config, progress=False)
+        train_controlnet(
+            inputs["data"],
+            inputs["bbdm"],
+            inputs["kb"],
+            root / "other_encoder.pt",
+            tmp_path / "a",
+            config,
+            progress=False,
+        )
     save_bbdm(root / "bbdm64.pt", tiny_bbdm(64))
     with pytest.raises(ValueError, match=r"holds 32x32 slices, but the BBDM .* is for 64x64"):
-        train_controlnet(inputs["data"], root / "bbdm64.pt", inputs["kb"], inputs["encoder"], tmp_path / "b", config, progress=False)
+        train_controlnet(
+            inputs["data"], root / "bbdm64.pt", inputs["kb"], inputs["encoder"], tmp_path / "b", config, progress=False
+        )
     with pytest.raises(ValueError, match="no such checkpoint"):
-        train_controlnet(inputs["data"], root / "missing.pt", inputs["kb"], inputs["encoder"], tmp_path / "c", config, progress=False)
+        train_controlnet(
+            inputs["data"], root / "missing.pt", inputs["kb"], inputs["encoder"], tmp_path / "c", config, progress=False
+        )
     with pytest.raises(ValueError, match="target must be one of"):
         ControlNetTrainConfig(target="mri")
     assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_command_line_trains_resumes_and_reports_errors(inputs, tmp_path, capsys):
-    common = ["--data", str(inputs["data"]), "--bbdm", str(inputs["bbdm"]), "--kb", str(inputs["kb"]), "--encoder", str(inputs["encoder"])]
-    options = ["--batch-size", "2", "--val-slices", "1", "--val-steps", "2", "--checkpoint-every", "1", "--min-brain-fraction", "0.3", "--target", "own", "--quiet"]
+    common = [
+        "--data",
+        str(inputs["data"]),
+        "--bbdm",
+        str(inputs["bbdm"]),
+        "--kb",
+        str(inputs["kb"]),
+        "--encoder",
+        str(inputs["encoder"]),
+    ]
+    options = [
+        "--batch-size",
+        "2",
+        "--val-slices",
+        "1",
+        "--val-steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        "--min-brain-fraction",
+        "0.3",
+        "--target",
+        "own",
+        "--quiet",
+    ]
     run = tmp_path / "run"
     assert main(["train-controlnet", *common, "--out", str(run), "--iters", "1", *options]) == 0
     assert main(["train-controlnet", *common, "--out", str(run), "--iters", "2", "--resume", *options]) == 0
@@ -149,5 +222,20 @@ def test_command_line_trains_resumes_and_reports_errors(inputs, tmp_path, capsys
     assert list(pd.read_csv(run / "loss.csv").iteration) == [1, 2]
     saved = torch.load(run / "checkpoint.pt", weights_only=True)["train_config"]
     assert saved["target"] == "own" and saved["min_brain_fraction"] == 0.3
-    assert main(["train-controlnet", *common, "--out", str(tmp_path / "x"), "--iters", "1", "--kb", str(tmp_path / "nowhere"), "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "train-controlnet",
+                *common,
+                "--out",
+                str(tmp_path / "x"),
+                "--iters",
+                "1",
+                "--kb",
+                str(tmp_path / "nowhere"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("error: knowledge base")

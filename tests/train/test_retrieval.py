@@ -9,23 +9,36 @@ import torch
 
 from lib.data.dataset import PreparedDataset
 from lib.data.prepare import PrepareConfig, prepare_dataset
-from lib.models.retrieval_encoder import RetrievalConfig, build_retrieval_encoder, embed_slices, encoder_hash
-from lib.models.retrieval_encoder import load_retrieval_encoder
+from lib.models.retrieval_encoder import (
+    RetrievalConfig,
+    build_retrieval_encoder,
+    embed_slices,
+    encoder_hash,
+    load_retrieval_encoder,
+)
 from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.evaluation import held_out_slices, retrieval_accuracy
 from lib.retrieval.knowledge_base import KnowledgeBase, KnowledgeBaseError
 from lib.train.retrieval import RetrievalTrainConfig, train_retrieval
-
 from tests.conftest import SHARED_DATA, require
 
-TINY = RetrievalConfig(image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1))
+TINY = RetrievalConfig(
+    image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1)
+)
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("retrieval") / "prepared"
     # 5 subjects: 3 train, 1 val, 1 test would leave val with one subject; use 0.4 / 0.2.
-    prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32, val_fraction=0.4, test_fraction=0.2), max_subjects=5, progress=False)
+    prepare_dataset(
+        "brats",
+        require(SHARED_DATA / "brats_dev"),
+        out,
+        config=PrepareConfig(size=32, val_fraction=0.4, test_fraction=0.2),
+        max_subjects=5,
+        progress=False,
+    )
     return out
 
 
@@ -42,7 +55,9 @@ def test_resumed_training_equals_an_uninterrupted_run(prepared, trained, tmp_pat
     train_retrieval(prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=2, **settings), progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train_retrieval(prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=4, **settings), progress=False)
-    train_retrieval(prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=4, **settings), resume=True, progress=False)
+    train_retrieval(
+        prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=4, **settings), resume=True, progress=False
+    )
     whole, split = (pd.read_csv(path / "loss.csv") for path in (run, tmp_path / "split"))
     assert list(whole.iteration) == [1, 2, 3, 4]
     np.testing.assert_array_equal(whole.loss, split.loss)
@@ -100,7 +115,9 @@ def test_build_kb_from_encoder_round_trips_and_checks_the_encoder(prepared, trai
     result = loaded.query(embedding, np.array([row.position]), k=1)[0]
     assert result.similarity == pytest.approx(1.0, abs=1e-3)
     np.testing.assert_allclose(loaded.ct_slice(result.entry_id), ct, atol=1e-3)  # float16 storage
-    np.testing.assert_allclose(loaded.mri_slice(result.entry_id), dataset.array(result.subject, "target")[result.slice_index], atol=1e-3)
+    np.testing.assert_allclose(
+        loaded.mri_slice(result.entry_id), dataset.array(result.subject, "target")[result.slice_index], atol=1e-3
+    )
     torch.manual_seed(99)
     with pytest.raises(KnowledgeBaseError, match="encoder"):
         KnowledgeBase.load(tmp_path / "kb", expected_encoder_hash=encoder_hash(build_retrieval_encoder(TINY), TINY))

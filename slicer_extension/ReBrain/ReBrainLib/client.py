@@ -8,9 +8,9 @@ network problem becomes a :class:`ServerError` whose message a user can read.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import requests
 from requests_toolbelt import MultipartEncoder
@@ -48,7 +48,10 @@ def _detail(response: requests.Response) -> str:
         detail = response.json().get("detail", response.text)
     except ValueError:
         detail = response.text
-    hint = {401: " (the server needs sign-in: enter a valid access token)", 403: " (your account lacks the role this needs)"}.get(response.status_code, "")
+    hint = {
+        401: " (the server needs sign-in: enter a valid access token)",
+        403: " (your account lacks the role this needs)",
+    }.get(response.status_code, "")
     return f"server answered HTTP {response.status_code}: {detail}{hint}"
 
 
@@ -91,7 +94,9 @@ class ReBrainClient:
             raise ServerError(_detail(response))
         info = response.json()
         if MODEL not in info.get("models", {}):
-            raise ServerError(f"{self.url} is a MONAI Label server without the {MODEL!r} model (models: {', '.join(info.get('models', {})) or 'none'})")
+            raise ServerError(
+                f"{self.url} is a MONAI Label server without the {MODEL!r} model (models: {', '.join(info.get('models', {})) or 'none'})"
+            )
         return info
 
     def presets(self) -> dict[str, dict]:
@@ -100,7 +105,9 @@ class ReBrainClient:
 
     def _infer(self, image: str, params: dict, fields: dict | None = None) -> tuple[dict, bytes]:
         encoder = MultipartEncoder(fields={"params": json.dumps(params), **(fields or {})})
-        response = self._post(f"/infer/{MODEL}", params={"image": image}, data=encoder, headers={"Content-Type": encoder.content_type})
+        response = self._post(
+            f"/infer/{MODEL}", params={"image": image}, data=encoder, headers={"Content-Type": encoder.content_type}
+        )
         answer, image_bytes = None, None
         for part in MultipartDecoder.from_response(response).parts:
             disposition = part.headers.get(b"Content-Disposition", b"").decode()
@@ -113,7 +120,11 @@ class ReBrainClient:
         return answer, image_bytes
 
     def reconstruct(
-        self, image: Path, params: dict, out_dir: Path, extra_outputs: tuple[str, ...] = DEFAULT_EXTRA_OUTPUTS,
+        self,
+        image: Path,
+        params: dict,
+        out_dir: Path,
+        extra_outputs: tuple[str, ...] = DEFAULT_EXTRA_OUTPUTS,
         stage: Callable[[str], None] | None = None,
     ) -> ReconstructionResult:
         """Upload a NIfTI volume, reconstruct it, download the MRI and ``extra_outputs``.
@@ -133,7 +144,9 @@ class ReBrainClient:
         out_dir.mkdir(parents=True, exist_ok=True)
         report("reconstructing on the server")
         with open(image, "rb") as handle:
-            answer, mri = self._infer("upload", {**params, "output": "mri"}, {"file": (Path(image).name, handle, "application/gzip")})
+            answer, mri = self._infer(
+                "upload", {**params, "output": "mri"}, {"file": (Path(image).name, handle, "application/gzip")}
+            )
         result = ReconstructionResult(params=answer)
         result.volumes["mri"] = out_dir / "mri.nii.gz"
         result.volumes["mri"].write_bytes(mri)

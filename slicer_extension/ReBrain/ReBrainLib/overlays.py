@@ -47,9 +47,13 @@ def similarity_colour_table(tau: float, entries: int = 256) -> np.ndarray:
     table = np.zeros((entries, 4))
     below = values < tau
     t_low = values[below] / max(tau, 1e-6)
-    table[below] = np.stack([0.1 * np.ones_like(t_low), 0.2 + 0.6 * t_low, 0.9 * np.ones_like(t_low), 0.6 * np.ones_like(t_low)], axis=1)
+    table[below] = np.stack(
+        [0.1 * np.ones_like(t_low), 0.2 + 0.6 * t_low, 0.9 * np.ones_like(t_low), 0.6 * np.ones_like(t_low)], axis=1
+    )
     t_high = (values[~below] - tau) / max(1.0 - tau, 1e-6)
-    table[~below] = np.stack([np.ones_like(t_high), 0.9 - 0.7 * t_high, 0.1 * np.ones_like(t_high), 0.6 * np.ones_like(t_high)], axis=1)
+    table[~below] = np.stack(
+        [np.ones_like(t_high), 0.9 - 0.7 * t_high, 0.1 * np.ones_like(t_high), 0.6 * np.ones_like(t_high)], axis=1
+    )
     return table
 
 
@@ -74,9 +78,14 @@ def provenance_rows(params: dict) -> list[dict]:
     """One row per output slice with :data:`TABLE_COLUMNS`."""
     rows = []
     for record, status in zip(params["slices"], params["slice_status"]):
-        rows.append({
-            "slice": record["index"], "position_mm": round(record["position_mm"], 3), "status": status,
-            "similarity": None if record["similarity"] is None else round(record["similarity"], 4),
-            "reference": record["reference"] or "", "uncertainty_mean": round(record["uncertainty_mean"], 5),
-        })
+        rows.append(
+            {
+                "slice": record["index"],
+                "position_mm": round(record["position_mm"], 3),
+                "status": status,
+                "similarity": None if record["similarity"] is None else round(record["similarity"], 4),
+                "reference": record["reference"] or "",
+                "uncertainty_mean": round(record["uncertainty_mean"], 5),
+            }
+        )
     return rows
