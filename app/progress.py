@@ -1,0 +1,36 @@
+"""The command line's progress bar: a :data:`lib.progress.ProgressFn` drawn with tqdm."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+from tqdm import tqdm
+
+
+class ProgressBar:
+    """A tqdm bar that the library drives through its progress callback.
+
+    Use as ``with ProgressBar("reconstruct", "step") as bar: pipeline.reconstruct(..., progress=bar)``.
+    A non-empty message is printed as its own line above the bar (a validation score, a
+    finished run); the bar's total follows the library's.
+    """
+
+    def __init__(self, description: str, unit: str = "it", disable: bool = False) -> None:
+        self._quiet = disable
+        self._bar = tqdm(total=0, desc=description, unit=unit, disable=disable)
+
+    def __call__(self, done: int, total: int, message: str = "") -> None:
+        if total != self._bar.total:
+            self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+        if message and not self._quiet:
+            self._bar.write(message)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._bar.close()
