@@ -5,48 +5,50 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lib.data.layouts import DEFAULT_OPEN_COUNT
 from lib.io.errors import VolumeReadError
+from lib.options_schema import Bounds, add_arguments, argument_type, option_type, options_from_arguments
 from lib.reconstruction_methods import METHODS
+from lib.reconstruction_options import InputOptions, ReconstructionOptions
 
 # Errors a user can fix: printed as one line, no traceback. OSError covers unwritable or missing
 # folders and full disks; MemoryError is reported by main() apart, since it names no file.
 USER_ERRORS = (VolumeReadError, ValueError, OSError)
-NO_BRAIN_EXTRACTION_HELP = (
-    "CT input is already brain-only (prepared): skip the skull and scalp removal of real head CT (and the alignment)"
+# The reconstruction options each command offers; their flags, defaults, help and bounds come
+# from the fields' metadata (lib/reconstruction_options.py, lib/options_schema.py).
+RECONSTRUCT_OPTIONS = (
+    "target_spacing",
+    "steps",
+    "samples",
+    "eta",
+    "seed",
+    "batch_size",
+    "use_retrieval",
+    "use_controlnet",
+    "brain_extraction",
+    "alignment",
 )
-NO_ALIGNMENT_HELP = (
-    "real head CT: do not register it to the CT head template; slice positions then come from the brain's own extent, "
-    "right only when the CT covers the whole brain"
-)
+BATCH_OPTIONS = ("steps", "seed", "batch_size", "brain_extraction", "alignment")
+# Library messages name the library's parameters; the command line names its flags instead.
+FLAG_NAMES = {
+    "overwrite=True": "--overwrite",
+    "dataset folder (src)": "dataset folder (--src)",
+    "resume=True": "--resume",
+}
 
 
-def bounded(kind: Callable[[str], int | float], low: float, strict: bool = False) -> Callable[[str], int | float]:
-    """An argparse type: a finite ``kind`` (``int`` or ``float``) of at least ``low`` (above it when ``strict``).
-
-    argparse names the option in the refusal ("argument --steps: must be >= 2, got 0"), so a 0
-    is never quietly taken for "the default" further on.
-    """
-    relation = ">" if strict else ">="
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {relation} {low:g}, got {text}")
-        return value
-
-    return parse
+def at_least(kind: type, low: float, exclusive: bool = False) -> Callable[[str], Any]:
+    """An argparse type for a number of at least ``low`` (above it when ``exclusive``) that no options
+    dataclass describes (``evaluate --sparsity``); refused naming the option, never read as a default."""
+    return argument_type(kind, Bounds(low, exclusive_minimum=exclusive))
 
 
 @contextmanager
@@ -73,23 +75,25 @@ def naming_input(path: str | Path) -> Iterator[None]:
 
 
 def _prepare(args: argparse.Namespace) -> None:
+    from app.progress import ProgressBar
     from lib.data.prepare import PrepareConfig, prepare_dataset
 
     config = PrepareConfig(
         size=args.size, val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.seed
     )
-    manifest = prepare_dataset(
-        args.layout,
-        args.src,
-        args.out,
-        source=args.source,
-        target=args.target,
-        config=config,
-        open_count=args.subjects,
-        max_subjects=args.max_subjects,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    with ProgressBar("prepare", "subject", disable=args.quiet) as bar:
+        manifest = prepare_dataset(
+            args.layout,
+            args.src,
+            args.out,
+            source=args.source,
+            target=args.target,
+            config=config,
+            open_count=args.subjects,
+            max_subjects=args.max_subjects,
+            overwrite=args.overwrite,
+            progress=bar,
+        )
     print(
         f"prepared {len(manifest['subjects'])} subjects ({manifest['counts']}), "
         f"{manifest['total_slices']} slices of {args.size}x{args.size} in {manifest['seconds']} s -> {args.out}"
@@ -134,40 +138,37 @@ def _export_cranium(args: argparse.Namespace) -> None:
         args.out, volume.array.astype(np.int16), volume.voxel_affine(), description=CRANIUM_DESCRIPTION, dtype=np.int16
     )
     print(
-        f"wrote {args.out}: {volume.shape} voxels, spacing {volume.pixel_spacing} x {volume.slice_steps[0]:.3g} mm, HU {volume.array.min():.0f}..{volume.array.max():.0f}"
+        f"wrote {args.out}: {volume.shape} voxels, spacing {volume.pixel_spacing} x "
+        f"{volume.slice_steps[0]:.3g} mm, HU {volume.array.min():.0f}..{volume.array.max():.0f}"
     )
 
 
 def _train_bbdm(args: argparse.Namespace) -> None:
-    from lib.data.dataset import PreparedDataset, PreparedSlices
+    from app.progress import ProgressBar
+    from lib.data.dataset import PreparedDataset
+    from lib.diffusion.scheduler import BridgeSchedulerConfig
     from lib.models.denoiser import BBDMConfig
     from lib.train.bbdm import TrainConfig, train_bbdm
 
-    dataset = PreparedDataset(args.data)
-    size = int(dataset.manifest["config"]["size"])
-    config = BBDMConfig.for_channels(size, tuple(args.channels), neighbours=args.neighbours, objective=args.objective)
-    train_config = TrainConfig(
-        iters=args.iters,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        val_every=args.val_every,
-        val_slices=args.val_slices,
-        val_steps=args.val_steps,
-        checkpoint_every=args.checkpoint_every,
-        device=args.device,
-    )
-    train_set = PreparedSlices(dataset, "train", args.min_brain_fraction, args.neighbours)
-    try:
-        val_set = PreparedSlices(dataset, "val", max(args.min_brain_fraction, 0.2), args.neighbours)
-    except ValueError:
-        print("warning: no validation slices in the prepared data; training without validation", file=sys.stderr)
-        val_set = None
-    scores = train_bbdm(train_set, val_set, args.out, config, train_config, resume=args.resume, progress=not args.quiet)
+    size = int(PreparedDataset(args.data).manifest["config"]["size"])
+    config = BBDMConfig.for_channels(size, tuple(args.channels), neighbours=args.neighbours)
+    train_config = TrainConfig(**options_from_arguments(TrainConfig, args))
+    with ProgressBar("train-bbdm", disable=args.quiet) as bar:
+        scores = train_bbdm(
+            args.data,
+            args.out,
+            config,
+            train_config,
+            BridgeSchedulerConfig(objective=args.objective),
+            device=args.device,
+            resume=args.resume,
+            progress=bar,
+        )
     print(f"trained to iteration {args.iters}: {scores or 'no validation'} -> {args.out}/model.pt")
 
 
 def _train_retrieval(args: argparse.Namespace) -> None:
+    from app.progress import ProgressBar
     from lib.data.dataset import PreparedDataset
     from lib.models.retrieval_encoder import RetrievalConfig
     from lib.train.retrieval import RetrievalTrainConfig, train_retrieval
@@ -182,45 +183,34 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         embedding_dim=args.embedding_dim,
         perceptual_blocks=tuple(args.perceptual_blocks),
     )
-    train_config = RetrievalTrainConfig(
-        iters=args.iters,
-        subjects_per_batch=args.subjects_per_batch,
-        run_length=args.run_length,
-        positives=args.positives,
-        percept_weight=args.percept_weight,
-        lr=args.lr,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-        device=args.device,
-    )
-    accuracy = train_retrieval(args.data, args.out, config, train_config, resume=args.resume, progress=not args.quiet)
+    train_config = RetrievalTrainConfig(**options_from_arguments(RetrievalTrainConfig, args))
+    with ProgressBar("train-retrieval", disable=args.quiet) as bar:
+        accuracy = train_retrieval(
+            args.data, args.out, config, train_config, device=args.device, resume=args.resume, progress=bar
+        )
     print(
-        f"trained to iteration {args.iters}: held-out retrieval accuracy {accuracy or 'not measured'} -> {args.out}/encoder.pt"
+        f"trained to iteration {args.iters}: held-out retrieval accuracy {accuracy or 'not measured'} -> "
+        f"{args.out}/encoder.pt"
     )
 
 
 def _train_controlnet(args: argparse.Namespace) -> None:
+    from app.progress import ProgressBar
     from lib.train.controlnet import ControlNetTrainConfig, train_controlnet
 
-    train_config = ControlNetTrainConfig(
-        iters=args.iters,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        val_every=args.val_every,
-        val_slices=args.val_slices,
-        val_steps=args.val_steps,
-        checkpoint_every=args.checkpoint_every,
-        device=args.device,
-        slerp_fraction=args.slerp_fraction,
-        target=args.target,
-        position_tolerance=args.position_tolerance,
-        min_brain_fraction=args.min_brain_fraction,
-    )
-    scores = train_controlnet(
-        args.data, args.bbdm, args.kb, args.encoder, args.out, train_config, resume=args.resume, progress=not args.quiet
-    )
+    train_config = ControlNetTrainConfig(**options_from_arguments(ControlNetTrainConfig, args))
+    with ProgressBar("train-controlnet", disable=args.quiet) as bar:
+        scores = train_controlnet(
+            args.data,
+            args.out,
+            args.bbdm,
+            args.kb,
+            args.encoder,
+            train_config,
+            device=args.device,
+            resume=args.resume,
+            progress=bar,
+        )
     print(f"trained to iteration {args.iters}: {scores or 'no validation'} -> {args.out}/controlnet.pt")
 
 
@@ -250,70 +240,47 @@ def _build_kb(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
     )
     print(
-        f"built {args.out}: {len(kb.entries)} entries, tau {kb.tau:.4f} (top {args.tau_percentile} % of random pairs), index {kb.manifest['index']['kind']}"
+        f"built {args.out}: {len(kb.entries)} entries, tau {kb.tau:.4f} (top {args.tau_percentile} % of random "
+        f"pairs), index {kb.manifest.index.kind}"
     )
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
+    from app.progress import ProgressBar
     from lib.data.sparse import simulate_sparse_volume
     from lib.io import read_volume
-    from lib.pipeline import ReBrainPipeline, ReconstructionOptions
+    from lib.pipeline import ReBrainPipeline
     from lib.presets import load_preset
     from lib.report.outputs import check_output_folder, input_geometry, write_outputs
 
     # Before anything slow: the result must have somewhere to go.
     check_output_folder(args.out_dir, [args.input])
     preset = load_preset(args.preset, args.weights)
-    options = ReconstructionOptions(
-        steps=args.steps,
-        samples=args.samples,
-        eta=args.eta,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        target_spacing=args.target_spacing,
-        use_retrieval=not args.no_retrieval,
-        use_controlnet=not args.no_controlnet,
-        method=args.method,
-        brain_extraction=not args.no_brain_extraction,
-        alignment=not args.no_alignment,
-    )
+    options = ReconstructionOptions(**options_from_arguments(ReconstructionOptions, args))
     with naming_input(args.input):
         volume = read_volume(args.input, modality=preset.input_modality)
         if args.simulate_sparsity is not None:
             volume = simulate_sparse_volume(volume, factor=args.simulate_sparsity)
-    pipeline = ReBrainPipeline(preset, device=args.device)
-    with tqdm(total=1, desc="reconstruct", unit="step", disable=args.quiet) as bar, naming_input(args.input):
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
-        reconstruction = pipeline.reconstruct(volume, options, progress)
+    pipeline = ReBrainPipeline.from_preset(preset, device=args.device)
+    with ProgressBar("reconstruct", "step", disable=args.quiet) as bar, naming_input(args.input):
+        reconstruction = pipeline.reconstruct(volume, options, bar)
     out = write_outputs(args.out_dir, reconstruction, input_geometry(volume, args.simulate_sparsity))
     summary = reconstruction.summary
     print(
-        f"wrote {out}/{{mri.nii.gz, uncertainty.nii.gz, provenance.json, preview.png}}: {summary['slices']} slices "
-        f"({summary['acquired_slices']} acquired, {summary['generated_slices']} generated, {summary['fallback_count']} SLERP fallbacks), "
-        f"sampling {summary['seconds']['sampling']:.1f} s"
+        f"wrote {out}/{{mri.nii.gz, uncertainty.nii.gz, provenance.json, preview.png}}: {summary.slices} slices "
+        f"({summary.acquired_slices} acquired, {summary.generated_slices} generated, "
+        f"{summary.fallback_count} SLERP fallbacks), "
+        f"sampling {summary.seconds['sampling']:.1f} s"
     )
 
 
 def _batch(args: argparse.Namespace) -> int:
     from app.batch import run_batch
-    from lib.pipeline import ReBrainPipeline, ReconstructionOptions
+    from lib.pipeline import ReBrainPipeline
     from lib.presets import load_preset
 
-    pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
-    options = ReconstructionOptions(
-        steps=args.steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        brain_extraction=not args.no_brain_extraction,
-        alignment=not args.no_alignment,
-    )
+    pipeline = ReBrainPipeline.from_preset(load_preset(args.preset, args.weights), device=args.device)
+    options = ReconstructionOptions(**options_from_arguments(ReconstructionOptions, args))
     outcomes = run_batch(
         args.input_root,
         args.output_root,
@@ -327,7 +294,8 @@ def _batch(args: argparse.Namespace) -> int:
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "complete", "skipped", "failed")}
     print(
         f"{args.output_root}: {counts['done']} series reconstructed, {counts['complete']} already complete, "
-        f"{counts['skipped']} skipped (not {pipeline.preset.input_modality} volumes or unreadable), {counts['failed']} failed; see manifest.csv"
+        f"{counts['skipped']} skipped (not {pipeline.preset.input_modality} volumes or unreadable), "
+        f"{counts['failed']} failed; see manifest.csv"
     )
     for outcome in outcomes:
         if outcome.status == "failed":
@@ -351,7 +319,8 @@ def _make_preset(args: argparse.Namespace) -> None:
         position_tolerance=args.position_tolerance,
     )
     print(
-        f"wrote preset {preset.name!r} in {preset.root}: {preset.source} -> {preset.target}, files {preset.fingerprint()}"
+        f"wrote preset {preset.name!r} in {preset.root}: {preset.source} -> {preset.target}, files "
+        f"{preset.fingerprint()}"
     )
 
 
@@ -366,6 +335,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     import shlex
     from pathlib import Path
 
+    from app.progress import ProgressBar
     from lib.evaluation.harness import (
         EvaluationConfig,
         EvaluationSubject,
@@ -401,14 +371,15 @@ def _evaluate(args: argparse.Namespace) -> None:
             ),
         ),
     )
-    pipeline = ReBrainPipeline(load_preset(args.preset, args.weights), device=args.device)
+    pipeline = ReBrainPipeline.from_preset(load_preset(args.preset, args.weights), device=args.device)
     if args.input:
         with naming_input(args.input):
             source = read_volume(args.input, modality=pipeline.preset.input_modality)
         subjects = [EvaluationSubject(key="input", split="no ground truth", source=source)]
     else:
         subjects = held_out_subjects(pipeline, args.layout, args.src, args.max_subjects, args.open_count)
-    result = evaluate_subjects(pipeline, subjects, config, progress=lambda line: print(line, flush=True))
+    with ProgressBar("evaluate", "run") as bar:
+        result = evaluate_subjects(pipeline, subjects, config, progress=bar)
     header = {
         "command": "python main.py " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["evaluate"] else "evaluate",
         "preset": f"{pipeline.preset.name} ({pipeline.preset.description}); weights {pipeline.versions}",
@@ -436,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--layout", required=True, choices=["brats", "synthrad", "open"])
     prepare.add_argument(
         "--src",
-        help="dataset folder (brats, synthrad); for open: optional folder of BraTS cases whose T1 volumes are used as extra bases",
+        help="dataset folder (brats, synthrad); for open: optional folder of BraTS cases whose T1 volumes are used "
+        "as extra bases",
     )
     prepare.add_argument("--out", required=True, help="output folder (written atomically)")
     prepare.add_argument("--source", default="t2f", help="brats: source contrast (default t2f)")
@@ -444,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--size", type=int, default=128, help="in-plane size in pixels (default 128)")
     prepare.add_argument(
         "--subjects",
-        type=int,
+        type=at_least(int, 1),
         default=DEFAULT_OPEN_COUNT,
         help=f"open: number of pseudo-subjects (default {DEFAULT_OPEN_COUNT})",
     )
@@ -464,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--modality", default="unknown", help="NIfTI: what the values are (CT for HU)")
     inspect.add_argument(
         "--target-spacing",
-        type=bounded(float, 0, strict=True),
+        type=option_type(ReconstructionOptions, "target_spacing"),
         default=1.0,
         help="dense grid spacing in mm (default 1)",
     )
@@ -594,37 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default="ct2mri", help="preset name in --weights, or a preset folder (default ct2mri)"
     )
     recon.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
-    recon.add_argument(
-        "--simulate-sparsity",
-        type=bounded(int, 2),
-        default=None,
-        metavar="K",
-        help="keep every K-th input slice first (K >= 2; for dense inputs)",
-    )
-    recon.add_argument(
-        "--target-spacing",
-        type=bounded(float, 0, strict=True),
-        default=None,
-        metavar="MM",
-        help="output slice spacing (default: the preset's, 1 mm)",
-    )
-    recon.add_argument(
-        "--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)"
-    )
-    recon.add_argument(
-        "--samples", type=bounded(int, 1), default=1, help="samples per slice; > 1 gives a mean and an uncertainty map"
-    )
-    recon.add_argument(
-        "--eta", type=bounded(float, 0), default=None, help="sampler noise (default 0 for one sample, 1 for several)"
-    )
-    recon.add_argument("--seed", type=int, default=0)
-    recon.add_argument("--batch-size", type=bounded(int, 1), default=8, help="slices per network call")
-    recon.add_argument(
-        "--no-retrieval", action="store_true", help="skip the knowledge base (every slice uses the SLERP control)"
-    )
-    recon.add_argument("--no-controlnet", action="store_true", help="BBDM alone, without the ControlNet branch")
-    recon.add_argument("--no-brain-extraction", action="store_true", help=NO_BRAIN_EXTRACTION_HELP)
-    recon.add_argument("--no-alignment", action="store_true", help=NO_ALIGNMENT_HELP)
+    add_arguments(recon, InputOptions, ["simulate_sparsity"])
+    add_arguments(recon, ReconstructionOptions, RECONSTRUCT_OPTIONS)
     recon.add_argument(
         "--method",
         default="rebrain",
@@ -642,17 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("output_root", help="one folder per series, plus manifest.csv and manifest.json")
     batch.add_argument("--preset", default="ct2mri", help="preset name or folder (default ct2mri)")
     batch.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
-    batch.add_argument(
-        "--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)"
-    )
-    batch.add_argument("--seed", type=int, default=0)
-    batch.add_argument("--batch-size", type=bounded(int, 1), default=8)
-    batch.add_argument(
-        "--simulate-sparsity",
-        type=bounded(int, 2),
-        default=None,
-        help="keep every k-th slice of each series first (k >= 2)",
-    )
+    add_arguments(batch, ReconstructionOptions, BATCH_OPTIONS)
+    add_arguments(batch, InputOptions, ["simulate_sparsity"])
     batch.add_argument(
         "--resume", action="store_true", help="skip series whose outputs are complete; redo half-written ones"
     )
@@ -662,8 +596,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="send each synthetic series to this DICOMweb server (STOW-RS)",
     )
-    batch.add_argument("--no-brain-extraction", action="store_true", help=NO_BRAIN_EXTRACTION_HELP)
-    batch.add_argument("--no-alignment", action="store_true", help=NO_ALIGNMENT_HELP)
     batch.add_argument("--device", default="auto")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     batch.set_defaults(run=_batch)
@@ -678,7 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     make_preset.add_argument("--encoder", required=True, help="retrieval encoder.pt")
     make_preset.add_argument("--kb", required=True, help="knowledge-base folder (build-kb)")
     make_preset.add_argument("--controlnet", default=None, help="controlnet.pt (optional)")
-    make_preset.add_argument("--steps", type=int, default=10, help="default sampling steps")
+    make_preset.add_argument(
+        "--steps", type=option_type(ReconstructionOptions, "steps"), default=10, help="default sampling steps"
+    )
     make_preset.add_argument("--position-tolerance", type=float, default=0.1)
     make_preset.add_argument("--out", required=True, help="preset folder, e.g. model_weights/ct2mri")
     make_preset.set_defaults(run=_make_preset)
@@ -705,36 +639,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
     evaluate.add_argument(
         "--sparsity",
-        type=bounded(int, 1),
+        type=at_least(int, 1),
         nargs="+",
         default=[2],
         help="keep every k-th slice (default 2); 1 keeps all (a real sparse scan)",
     )
-    evaluate.add_argument("--seeds", type=bounded(int, 0), nargs="+", default=[0, 1, 2])
+    evaluate.add_argument("--seeds", type=option_type(ReconstructionOptions, "seed"), nargs="+", default=[0, 1, 2])
     evaluate.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all")
     evaluate.add_argument(
-        "--max-subjects", type=bounded(int, 1), default=None, help="evaluate at most this many held-out subjects"
+        "--max-subjects", type=at_least(int, 1), default=None, help="evaluate at most this many held-out subjects"
     )
     evaluate.add_argument(
         "--open-count",
-        type=bounded(int, 1),
+        type=at_least(int, 1),
         default=16,
         help=f"open: pseudo-subjects to generate; those beyond the {DEFAULT_OPEN_COUNT} of prepare are unseen",
     )
+    add_arguments(evaluate, ReconstructionOptions, ["steps"])
     evaluate.add_argument(
-        "--steps", type=bounded(int, 2), default=None, help="sampling steps, >= 2 (default: the preset's)"
+        "--eta",
+        type=option_type(ReconstructionOptions, "eta"),
+        default=0.0,
+        help="sampler noise (default 0: deterministic)",
     )
-    evaluate.add_argument("--eta", type=bounded(float, 0), default=0.0, help="sampler noise (default 0: deterministic)")
-    evaluate.add_argument("--batch-size", type=bounded(int, 1), default=8)
+    add_arguments(evaluate, ReconstructionOptions, ["batch_size"])
     evaluate.add_argument(
         "--uncertainty-samples",
-        type=bounded(int, 0),
+        type=at_least(int, 0),
         default=0,
         help="> 1: one extra rebrain run with that many samples for the uncertainty figure",
     )
     evaluate.add_argument(
         "--kb-fractions",
-        type=bounded(float, 0, strict=True),
+        type=at_least(float, 0, exclusive=True),
         nargs="+",
         default=[],
         help="ablation: shares of the knowledge base's subjects kept, e.g. 0.7 0.5 0.3 (Table 5)",
@@ -781,7 +718,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.run(args)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error)
+        for words, flag in FLAG_NAMES.items():
+            message = message.replace(words, flag)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except MemoryError as error:
         print(f"error: not enough memory for {args.command} ({str(error) or 'MemoryError'})", file=sys.stderr)

@@ -6,11 +6,15 @@ their help without loading the models.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from lib.options_schema import check_bounds
 from lib.presets import Preset
 from lib.reconstruction_methods import METHODS
+
+# The most sampling steps: the bridge's training timesteps T (1000 in every model so far; the
+# skip-step sampler refuses more than a model's own T).
+MAX_STEPS = 1000
 
 
 @dataclass(frozen=True)
@@ -18,14 +22,14 @@ class ReconstructionOptions:
     """How to run one reconstruction.
 
     Attributes:
-        steps: sampling steps, at least 2 (None: the preset's default).
+        steps: sampling steps, 2 to :data:`MAX_STEPS` (None: the preset's default).
         samples: samples per slice; > 1 gives a mean and a standard deviation.
         eta: sampler stochasticity (None: 0 for one sample, 1 for several; several
             deterministic samples would be identical).
         seed: random seed of the stochastic sampler.
         batch_size: slices per network call (small batches are faster on a CPU).
         position_tolerance: retrieval position filter (None: the preset's).
-        target_spacing: dense grid spacing in mm, positive (None: the preset's slice spacing).
+        target_spacing: dense grid spacing in mm (None: the preset's slice spacing).
         use_retrieval: query the knowledge base (off: every slice uses the SLERP control).
         use_controlnet: use the ControlNet branch when the preset has one (off: BBDM alone).
         brain_extraction: for CT presets, find the intracranial mask of a real head CT
@@ -40,41 +44,78 @@ class ReconstructionOptions:
             ``"rebrain"`` is the method, the others are the evaluation's baselines and
             ablations (METHOD.md section 6).
 
+    Each field's help and bounds are in its metadata (see :mod:`lib.options_schema`).
+
     Raises:
-        ValueError: an unknown method or an out-of-range number, naming the field.
+        ValueError: an unknown method or a number out of its field's bounds, naming the field.
     """
 
-    steps: int | None = None
-    samples: int = 1
-    eta: float | None = None
-    seed: int = 0
-    batch_size: int = 8
-    position_tolerance: float | None = None
-    target_spacing: float | None = None
-    use_retrieval: bool = True
-    use_controlnet: bool = True
-    brain_extraction: bool = True
-    alignment: bool = True
+    # The metadata is the one description of each option (lib.options_schema): the command line's
+    # arguments, the server's request parameters and their help are made from it, and the bounds
+    # are checked here, so every front end accepts the same values.
+    steps: int | None = field(
+        default=None,
+        metadata={"help": "sampling steps", "min": 2, "max": MAX_STEPS, "none": "the preset's"},
+    )
+    samples: int = field(
+        default=1,
+        metadata={"help": "samples per slice; > 1 gives a mean and an uncertainty map", "min": 1, "max": 64},
+    )
+    eta: float | None = field(
+        default=None,
+        metadata={"help": "sampler noise", "min": 0.0, "max": 1.0, "none": "0 for one sample, 1 for several"},
+    )
+    seed: int = field(default=0, metadata={"help": "random seed of the sampler", "min": 0, "max": 2**31 - 1})
+    batch_size: int = field(default=8, metadata={"help": "slices per network call", "min": 1})
+    position_tolerance: float | None = field(
+        default=None,
+        metadata={"help": "retrieval position window (normalised axial position)", "min": 0.0, "none": "the preset's"},
+    )
+    target_spacing: float | None = field(
+        default=None,
+        metadata={
+            "help": "output slice spacing in mm",
+            "min": 0.1,
+            "max": 20.0,
+            "none": "the preset's, 1 mm",
+            "metavar": "MM",
+        },
+    )
+    use_retrieval: bool = field(
+        default=True,
+        metadata={
+            "help": "query the knowledge base for reference slices (off: every slice uses the SLERP control)",
+            "cli": "--no-retrieval",
+        },
+    )
+    use_controlnet: bool = field(
+        default=True,
+        metadata={
+            "help": "use the ControlNet branch when the preset has one (off: BBDM alone)",
+            "cli": "--no-controlnet",
+        },
+    )
+    brain_extraction: bool = field(
+        default=True,
+        metadata={
+            "help": "remove the skull and scalp of a real head CT first (CT presets; off for inputs that are "
+            "already brain-only, and off skips the alignment too)"
+        },
+    )
+    alignment: bool = field(
+        default=True,
+        metadata={
+            "help": "register a real head CT to the CT head template for the slice positions (off: positions "
+            "come from the brain's own extent, right only when the CT covers the whole brain)"
+        },
+    )
     method: str = "rebrain"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         # None, not a falsy value, means "the preset's": 0 is refused rather than read as the default.
-        if self.steps is not None and self.steps < 2:
-            raise ValueError(f"steps must be >= 2 (None: the preset's), got {self.steps}")
-        if self.target_spacing is not None and not 0 < self.target_spacing < math.inf:
-            raise ValueError(
-                f"target_spacing must be a positive number of mm (None: the preset's), got {self.target_spacing}"
-            )
-        if self.position_tolerance is not None and not 0 <= self.position_tolerance < math.inf:
-            raise ValueError(f"position_tolerance must be >= 0 (None: the preset's), got {self.position_tolerance}")
-        if self.eta is not None and not 0 <= self.eta < math.inf:
-            raise ValueError(f"eta must be >= 0, got {self.eta}")
+        check_bounds(self)
         if self.samples > 1 and self.eta == 0:
             raise ValueError("several samples need eta > 0 (deterministic samples are identical)")
 
@@ -90,3 +131,30 @@ class ReconstructionOptions:
     def effective_spacing(self, preset: Preset) -> float:
         """The dense grid's slice spacing actually used: ``target_spacing``, or the preset's when it is None."""
         return preset.slice_spacing_mm if self.target_spacing is None else self.target_spacing
+
+
+@dataclass(frozen=True)
+class InputOptions:
+    """What is done to the input volume before it is reconstructed.
+
+    Attributes:
+        simulate_sparsity: keep every k-th acquired slice first: a dense input made sparse, to
+            try the method where the truth is known (None: the input is the sparse scan).
+
+    Raises:
+        ValueError: a number out of its field's bounds, naming the field.
+    """
+
+    simulate_sparsity: int | None = field(
+        default=None,
+        metadata={
+            "help": "keep every K-th input slice first, for dense inputs",
+            "min": 2,
+            "max": 16,
+            "none": "off, the input is the sparse scan",
+            "metavar": "K",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_bounds(self)

@@ -6,7 +6,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from lib.options_schema import option_specs
 from lib.presets import DEFAULT_WEIGHTS_DIR, PRESET_FILE
+from lib.reconstruction_options import ReconstructionOptions
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
@@ -86,7 +88,12 @@ class ServerConfig:
                     values[name] = parse_bool(conf[name])
                 except ValueError as error:
                     raise ValueError(f"--conf {name} {error}") from None
-        for name in ("steps", "keep_results", "max_upload_mb", "max_image_mb", "max_work"):
+        if "steps" in conf:  # the requests' default steps: the bounds every front end checks
+            try:
+                values["steps"] = option_specs(ReconstructionOptions)["steps"].convert(conf["steps"])
+            except ValueError as error:
+                raise ValueError(f"--conf steps: {error}") from None
+        for name in ("keep_results", "max_upload_mb", "max_image_mb", "max_work"):
             if name in conf:
                 try:
                     number = int(conf[name])
@@ -107,7 +114,8 @@ class ServerConfig:
             raise ValueError(f"--conf weights {self.weights}: no such folder")
         if self.preset not in self.available_presets():
             raise ValueError(
-                f"--conf preset {self.preset!r}: not in {self.weights} (available: {', '.join(self.available_presets()) or 'none'})"
+                f"--conf preset {self.preset!r}: not in {self.weights} (available: "
+                f"{', '.join(self.available_presets()) or 'none'})"
             )
         if self.kb is not None and not (self.kb / "manifest.json").is_file():
             raise ValueError(f"--conf kb {self.kb}: not a knowledge-base folder (no manifest.json)")

@@ -22,7 +22,15 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 import lib
 from app.server.config import ServerConfig
-from app.server.request import OUTPUTS, PARAM_HELP, RequestError, output_choice, parse_infer_params, result_id_of
+from app.server.request import (
+    OUTPUTS,
+    PARAM_HELP,
+    RequestError,
+    default_params,
+    output_choice,
+    parse_infer_params,
+    result_id_of,
+)
 from app.server.results import STATUS_CODES, ResultStore
 from lib.data.sparse import simulate_sparse_volume
 from lib.io import VolumeReadError, dense_grid, read_volume
@@ -92,16 +100,6 @@ class ReBrainInferTask(BasicInferTask):
         self._loading = threading.Lock()
         self._volume_slots = threading.BoundedSemaphore(VOLUMES_IN_MEMORY)
         self._stopping = threading.Event()
-        defaults = {
-            "preset": config.preset,
-            "steps": config.steps or "",
-            "samples": 1,
-            "seed": 0,
-            "target_spacing": "",
-            "simulate_sparsity": 0,
-            "method": "rebrain",
-            "output": "mri",
-        }
         super().__init__(
             path=str(config.weights / config.preset),
             network=None,
@@ -109,7 +107,7 @@ class ReBrainInferTask(BasicInferTask):
             labels=None,
             dimension=3,
             description=DESCRIPTION,
-            config=defaults,
+            config=default_params(config.preset, config.steps),
         )
         if config.preload:
             self.pipeline(config.preset)
@@ -126,7 +124,7 @@ class ReBrainInferTask(BasicInferTask):
         with self._loading:
             if name not in self._pipelines:
                 logger.info("loading preset %s on %s", name, self.server_config.device)
-                self._pipelines[name] = ReBrainPipeline(self.preset(name), device=self.server_config.device)
+                self._pipelines[name] = ReBrainPipeline.from_preset(self.preset(name), device=self.server_config.device)
             return self._pipelines[name]
 
     def info(self) -> dict[str, Any]:
@@ -190,7 +188,8 @@ class ReBrainInferTask(BasicInferTask):
             logger.warning("out of memory on %s", request.get("image_name"))
             raise HTTPException(
                 status_code=503,
-                detail="the ReBrain server ran out of memory on this request; send a smaller image or ask for fewer samples",
+                detail="the ReBrain server ran out of memory on this request; send a smaller image or ask for fewer "
+                "samples",
             ) from None
 
     def fetch(self, result_id: str, output: str) -> tuple[str, dict]:
@@ -216,7 +215,7 @@ class ReBrainInferTask(BasicInferTask):
         if not image:
             raise RequestError("no image: the request names no image file, upload or datastore entry")
         pipeline = self.pipeline(params.preset)
-        steps = params.options.steps or pipeline.preset.steps
+        steps = params.options.effective_steps(pipeline.preset)
         self.check_work(steps, params.options.samples, 1)
         self.check_header_size(image)
         self._acquire(self._volume_slots)
@@ -226,7 +225,7 @@ class ReBrainInferTask(BasicInferTask):
             )
             if params.simulate_sparsity:
                 volume = simulate_sparse_volume(volume, factor=params.simulate_sparsity)
-            grid = dense_grid(volume, params.options.target_spacing or pipeline.preset.slice_spacing_mm)
+            grid = dense_grid(volume, params.options.effective_spacing(pipeline.preset))
             self.check_work(steps, params.options.samples, int((~grid.acquired).sum()))
             self._acquire(self._lock)
             try:
@@ -260,8 +259,10 @@ class ReBrainInferTask(BasicInferTask):
         work = steps * samples * generated_slices
         if work > self.server_config.max_work:
             raise RequestError(
-                f"this request needs {work} slice-steps ({steps} steps x {samples} samples x {generated_slices} generated slices), "
-                f"over this server's limit of {self.server_config.max_work} (--conf max_work); ask for fewer steps or samples"
+                f"this request needs {work} slice-steps ({steps} steps x {samples} samples x "
+                f"{generated_slices} generated slices), "
+                f"over this server's limit of {self.server_config.max_work} (--conf max_work); ask for fewer "
+                "steps or samples"
             )
 
     def writer(self, data: dict, extension: str | None = None, dtype: Any = None) -> tuple[str, dict]:

@@ -8,32 +8,31 @@ checked and a bad value is refused with a message that names it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from app.server.config import parse_bool
-from lib.pipeline import ReconstructionOptions
+from lib.options_schema import OptionSpec, option_help, option_specs
 from lib.reconstruction_methods import METHODS
+from lib.reconstruction_options import InputOptions, ReconstructionOptions
 
 # What the task can return as the response image; all are on the same grid as the MRI.
 OUTPUTS = ("mri", "uncertainty", "similarity", "status")
 
-# Request parameters and their meaning, shown by /info/ (the defaults come from the server).
+# The reconstruction options a request may set. Their meaning, defaults and bounds are the fields'
+# metadata (lib/reconstruction_options.py), as for the command line: both accept the same values.
+REQUEST_OPTIONS = ("steps", "samples", "seed", "eta", "target_spacing", "brain_extraction", "alignment")
+
+# Request parameters and their meaning, shown by /info/ (the server's defaults are in its 'config').
 PARAM_HELP = {
     "preset": "model preset (see 'presets'); default: the server's --conf preset",
-    "steps": "sampling steps (default: --conf steps, else the preset's)",
-    "samples": "samples per slice; > 1 also gives a per-voxel uncertainty (std)",
-    "seed": "random seed of the sampler",
-    "eta": "sampler noise (default 0 for one sample, 1 for several)",
-    "target_spacing": "output slice spacing in mm (default: the preset's, 1 mm)",
-    "simulate_sparsity": "keep every k-th input slice first (k >= 2); 0 or absent: the input is the sparse scan",
-    "brain_extraction": "CT presets: remove skull and scalp of a real head CT first (default true; false for brain-only inputs)",
-    "alignment": "real head CT: register it to the CT head template for the slice positions (default true; false: the brain's own extent)",
+    **option_help(ReconstructionOptions, REQUEST_OPTIONS),
+    "simulate_sparsity": option_help(InputOptions, ["simulate_sparsity"])["simulate_sparsity"] + "; 0 is off too",
     "method": "rebrain (the method) or an evaluation baseline: " + ", ".join(METHODS[1:]),
     "output": "volume returned as the image: " + ", ".join(OUTPUTS) + " (all are kept; see result_id)",
     "result_id": "fetch an output of an earlier result without recomputing it (with 'output')",
 }
+PARAM_HELP["steps"] += "; a server started with --conf steps uses that instead of the preset's"
 
 RESULT_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 # A datastore id: a study's file name without its extension, or a DICOM UID. Never a path: no
@@ -78,35 +77,40 @@ class InferParams:
     output: str
 
 
-def _value(
-    request: dict,
-    name: str,
-    convert: Callable[[Any], Any],
-    default: Any,
-    check: Callable[[Any], bool] = lambda _: True,
-    rule: str = "",
-) -> Any:
-    raw = request.get(name)
+def _option(request: dict, spec: OptionSpec) -> Any:
+    """One option's value from the request (absent or "": the field's default), checked as the field says.
+
+    Raises:
+        RequestError: naming the parameter and what it accepts.
+    """
+    raw = request.get(spec.name)
     if raw is None or raw == "":
-        return default
+        return spec.default
     try:
-        value = convert(raw)
-    except (TypeError, ValueError):
-        raise RequestError(
-            f"parameter {name!r}: {raw!r} is not a valid {convert.__name__}{'; ' + rule if rule else ''}"
-        ) from None
-    if not check(value):
-        raise RequestError(f"parameter {name!r}: {raw!r} is out of range; {rule}")
-    return value
+        return parse_bool(raw) if spec.is_switch else spec.convert(raw)
+    except ValueError as error:
+        raise RequestError(f"parameter {spec.name!r}: {error}") from None
 
 
-def _whole(value: Any) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(value)
-    return int(value)
+def default_params(preset: str, steps: int | None) -> dict[str, Any]:
+    """The request parameters' defaults, as the task's ``config`` shows them in ``/info/``.
 
+    MONAI Label also merges them into every request, so each must parse to its default: ""
+    stands for "the preset's" (None), 0 for no simulated sparsity.
 
-_whole.__name__ = "whole number"
+    Args:
+        preset: the server's default preset.
+        steps: the server's ``--conf steps`` (None: the preset's).
+    """
+    specs = option_specs(ReconstructionOptions)
+    return {
+        "preset": preset,
+        **{name: "" if specs[name].default is None else specs[name].default for name in REQUEST_OPTIONS},
+        "steps": "" if steps is None else steps,
+        "simulate_sparsity": 0,
+        "method": "rebrain",
+        "output": "mri",
+    }
 
 
 def output_choice(request: dict) -> str:
@@ -146,31 +150,21 @@ def parse_infer_params(
     preset = str(request.get("preset") or default_preset)
     if preset not in presets:
         raise RequestError(
-            f"parameter 'preset': {preset!r} is not available on this server (available: {', '.join(presets) or 'none'})"
+            f"parameter 'preset': {preset!r} is not available on this server (available: "
+            f"{', '.join(presets) or 'none'})"
         )
     method = str(request.get("method") or "rebrain")
     if method not in METHODS:
         raise RequestError(f"parameter 'method': {method!r} is not one of {', '.join(METHODS)}")
-    steps = _value(request, "steps", _whole, default_steps, lambda v: 2 <= v <= 1000, "2 to 1000")
-    samples = _value(request, "samples", _whole, 1, lambda v: 1 <= v <= 64, "1 to 64")
-    seed = _value(request, "seed", _whole, 0, lambda v: 0 <= v < 2**31, "0 to 2^31 - 1")
-    eta = _value(request, "eta", float, None, lambda v: 0.0 <= v <= 1.0, "0 to 1")
-    spacing = _value(request, "target_spacing", float, None, lambda v: 0.1 <= v <= 20.0, "0.1 to 20 mm")
-    sparsity = _value(
-        request, "simulate_sparsity", _whole, None, lambda v: v == 0 or 2 <= v <= 16, "0 (off) or 2 to 16"
-    )
-    switches = {}
-    for name in ("brain_extraction", "alignment"):
-        try:
-            switches[name] = parse_bool(request.get(name, True))
-        except ValueError as error:
-            raise RequestError(f"parameter {name!r}: {error}") from None
+    specs = option_specs(ReconstructionOptions)
+    values = {name: _option(request, specs[name]) for name in REQUEST_OPTIONS}
+    if values["steps"] is None:
+        values["steps"] = default_steps
+    # 0 is the request's word for "off" (a form cannot leave a number out).
+    sparsity_spec = option_specs(InputOptions)["simulate_sparsity"]
+    sparsity = None if request.get("simulate_sparsity") in (0, "0") else _option(request, sparsity_spec)
     try:
-        options = ReconstructionOptions(
-            steps=steps, samples=samples, eta=eta, seed=seed, target_spacing=spacing, method=method, **switches
-        )
+        options = ReconstructionOptions(method=method, **values)
     except ValueError as error:
         raise RequestError(f"parameters: {error}") from None
-    return InferParams(
-        preset=preset, options=options, simulate_sparsity=sparsity or None, output=output_choice(request)
-    )
+    return InferParams(preset=preset, options=options, simulate_sparsity=sparsity, output=output_choice(request))
