@@ -12,14 +12,19 @@ class ProgressBar:
 
     Use as ``with ProgressBar("reconstruct", "step") as bar: pipeline.reconstruct(..., progress=bar)``.
     A non-empty message is printed as its own line above the bar (a validation score, a
-    finished run); the bar's total follows the library's.
+    finished run); the bar's total follows the library's. The bar appears with the first report,
+    so a command refused before any work draws none.
     """
 
     def __init__(self, description: str, unit: str = "it", disable: bool = False) -> None:
+        self._description = description
+        self._unit = unit
         self._quiet = disable
-        self._bar = tqdm(total=0, desc=description, unit=unit, disable=disable)
+        self._bar: tqdm | None = None
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self._description, unit=self._unit, disable=self._quiet)
         if total != self._bar.total:
             self._bar.total = total
         self._bar.n = done
@@ -33,4 +38,5 @@ class ProgressBar:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()

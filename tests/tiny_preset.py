@@ -49,11 +49,9 @@ def make_tiny_preset(
     prepared = folder / "prepared"
     brats = require(SHARED_DATA / "brats_dev")
     if layout == "open":
-        prepare_dataset("open", brats, prepared, config=PrepareConfig(size=32), open_count=max_subjects, progress=False)
+        prepare_dataset("open", brats, prepared, config=PrepareConfig(size=32), open_count=max_subjects)
     else:
-        prepare_dataset(
-            "brats", brats, prepared, config=PrepareConfig(size=32), max_subjects=max_subjects, progress=False
-        )
+        prepare_dataset("brats", brats, prepared, config=PrepareConfig(size=32), max_subjects=max_subjects)
     torch.manual_seed(seed)
     denoiser = build_denoiser(TINY_BBDM)
     bbdm_path = save_checkpoint(

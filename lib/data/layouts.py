@@ -26,7 +26,7 @@ from lib.io.nifti import read_nifti
 from lib.io.volume import Volume, volume_from_voxel_affine
 
 
-class Layout(str, enum.Enum):
+class Layout(enum.StrEnum):
     """The dataset layouts ``prepare`` understands."""
 
     BRATS = "brats"
@@ -170,7 +170,7 @@ def open_subjects(src: Path | None, count: int) -> list[SubjectRecord]:
     return records
 
 
-# How many pseudo-subjects the `open` layout makes unless told otherwise (prepare --subjects).
+# How many pseudo-subjects the `open` layout makes unless told otherwise.
 DEFAULT_OPEN_COUNT = 12
 
 
@@ -193,7 +193,7 @@ def discover_subjects(
     if layout is Layout.OPEN:
         records = open_subjects(folder, open_count)
     elif folder is None:
-        raise ValueError(f"--src is required for the {layout.value} layout")
+        raise ValueError(f"the {layout.value} layout needs its dataset folder (src)")
     elif layout is Layout.BRATS:
         records = brats_subjects(folder, source, target)
     else:
@@ -202,7 +202,7 @@ def discover_subjects(
         expected = {
             Layout.BRATS: f"<case>/<case>-{source}.nii.gz and -{target}.nii.gz (or <case>/{source}.nii.gz)",
             Layout.SYNTHRAD: "<case>/ct.nii.gz, mr.nii.gz, mask.nii.gz",
-            Layout.OPEN: "at least one pseudo-subject (--subjects >= 1)",
+            Layout.OPEN: "at least one pseudo-subject (open_count >= 1)",
         }[layout]
         raise ValueError(f"{folder}: no subject found for layout {layout.value}; expected {expected}")
     return records

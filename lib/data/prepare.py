@@ -29,12 +29,12 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import ndimage
-from tqdm import tqdm
 
 from lib.data.layouts import DEFAULT_OPEN_COUNT, Layout, SubjectPair, SubjectRecord, discover_subjects, file_sha256
 from lib.data.model_frame import resize_slices
 from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, ct_to_unit, mri_to_unit
 from lib.io.atomic import atomic_directory
+from lib.progress import ProgressFn, report
 
 PREPARED_FORMAT_VERSION = 1
 SLICE_COLUMNS = ["subject", "split", "slice", "position", "brain_fraction"]
@@ -175,12 +175,15 @@ def prepare_dataset(
     open_count: int = DEFAULT_OPEN_COUNT,
     max_subjects: int | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
 ) -> dict:
     """Prepare every subject of a dataset into ``out`` (see the module docstring).
 
     The dataset is written into a temporary folder beside ``out`` and renamed when complete,
     so ``out`` is never half-written.
+
+    Args:
+        progress: called with (subjects prepared, subjects) before the first and after each subject.
 
     Returns:
         The manifest that was written.
@@ -192,7 +195,7 @@ def prepare_dataset(
     layout = Layout(layout)
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+        raise FileExistsError(f"{out}: already exists (pass overwrite=True to replace it)")
     records: list[SubjectRecord] = discover_subjects(layout, src, source, target, open_count)
     if max_subjects is not None:
         records = records[:max_subjects]
@@ -202,7 +205,8 @@ def prepare_dataset(
     started = time.perf_counter()
     with atomic_directory(out) as staging:
         rows, subjects = [], []
-        for record, key in tqdm(list(zip(records, keys)), desc="prepare", unit="subject", disable=not progress):
+        report(progress, 0, len(records))
+        for record, key in zip(records, keys):
             subject_started = time.perf_counter()
             try:
                 prepared = prepare_subject(record.load(), config)
@@ -225,6 +229,7 @@ def prepare_dataset(
                     "seconds": round(time.perf_counter() - subject_started, 2),
                 }
             )
+            report(progress, len(subjects), len(records))
         pd.DataFrame(rows, columns=SLICE_COLUMNS).to_csv(staging / "slices.csv", index=False)
         (staging / "private_subject_map.json").write_text(
             json.dumps({key: record.name for record, key in zip(records, keys)}, indent=1)

@@ -28,7 +28,7 @@ def brats_root():
 @pytest.fixture(scope="module")
 def prepared_brats(tmp_path_factory, brats_root):
     out = tmp_path_factory.mktemp("prep") / "brats"
-    manifest = prepare_dataset("brats", brats_root, out, config=SMALL, max_subjects=4, progress=False)
+    manifest = prepare_dataset("brats", brats_root, out, config=SMALL, max_subjects=4)
     return out, manifest
 
 
@@ -99,7 +99,7 @@ def test_synthrad_layout_on_a_tree_written_from_real_volumes(tmp_path, brats_roo
         for name, array in (("ct", ct), ("mr", data), ("mask", mask)):
             nib.save(nib.Nifti1Image(array, t1.affine), str(folder / f"{name}.nii.gz"))
     out = tmp_path / "prepared"
-    manifest = prepare_dataset("synthrad", src, out, config=SMALL, progress=False)
+    manifest = prepare_dataset("synthrad", src, out, config=SMALL)
     assert manifest["source"] == "ct" and len(manifest["subjects"]) == 3
     dataset = PreparedDataset(out)
     source = dataset.array(dataset.subjects()[0], "source")
@@ -113,7 +113,11 @@ def test_synthrad_layout_on_a_tree_written_from_real_volumes(tmp_path, brats_roo
 
 def test_open_layout_synthesises_distinct_paired_subjects(tmp_path):
     out = tmp_path / "open"
-    manifest = prepare_dataset("open", None, out, config=SMALL, open_count=3, progress=False)
+    reports = []
+    manifest = prepare_dataset(
+        "open", None, out, config=SMALL, open_count=3, progress=lambda *report: reports.append(report)
+    )
+    assert reports == [(0, 3, ""), (1, 3, ""), (2, 3, ""), (3, 3, "")]
     dataset = PreparedDataset(out)
     keys = dataset.subjects()
     assert len(keys) == 3 and manifest["source"] == "ct"
@@ -136,17 +140,17 @@ def test_open_layout_synthesises_distinct_paired_subjects(tmp_path):
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path, brats_root):
     out = tmp_path / "p"
-    prepare_dataset("brats", brats_root, out, config=SMALL, max_subjects=1, progress=False)
+    prepare_dataset("brats", brats_root, out, config=SMALL, max_subjects=1)
     stamp = (out / "manifest.json").read_text()
     with pytest.raises(FileExistsError, match="overwrite"):
-        prepare_dataset("brats", brats_root, out, config=SMALL, max_subjects=1, progress=False)
+        prepare_dataset("brats", brats_root, out, config=SMALL, max_subjects=1)
     assert (out / "manifest.json").read_text() == stamp
     # A subject that fails mid-way leaves the previous dataset intact and no staging folder.
     broken = tmp_path / "broken"
     shutil.copytree(brats_root / "BraTS-GLI-00001-000", broken / "case")
     (broken / "case" / "t1n.nii.gz").write_bytes(b"junk")
     with pytest.raises(Exception, match="t1n.nii.gz"):
-        prepare_dataset("brats", broken, out, config=SMALL, overwrite=True, progress=False)
+        prepare_dataset("brats", broken, out, config=SMALL, overwrite=True)
     assert (out / "manifest.json").read_text() == stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "p"]
 

@@ -436,9 +436,7 @@ def test_real_slices(tmp_path):
     from lib.data.prepare import PrepareConfig, prepare_dataset
 
     out = tmp_path / "prepared"
-    prepare_dataset(
-        "brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3, progress=False
-    )
+    prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3)
     dataset = PreparedDataset(out)
     table = dataset.slices[dataset.slices["brain_fraction"] > 0.05].reset_index(drop=True)
     ct = np.stack([dataset.array(s, "source")[i] for s, i in zip(table["subject"], table["slice"])])

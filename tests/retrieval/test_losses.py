@@ -179,9 +179,7 @@ def test_invalid_arguments_raise_with_the_accepted_values():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> PreparedDataset:
     out = tmp_path_factory.mktemp("retrieval") / "prepared"
-    prepare_dataset(
-        "brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3, progress=False
-    )
+    prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3)
     return PreparedDataset(out)
 
 

@@ -31,9 +31,7 @@ def tiny_config(objective: Objective = Objective.DIRECTIONAL) -> BBDMConfig:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("bbdm") / "prepared"
-    prepare_dataset(
-        "brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3, progress=False
-    )
+    prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3)
     return out
 
 

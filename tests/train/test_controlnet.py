@@ -74,7 +74,6 @@ def inputs(tmp_path_factory):
         root / "prepared",
         config=PrepareConfig(size=SIZE, val_fraction=0.25, test_fraction=0.0),
         max_subjects=4,
-        progress=False,
     )
     save_bbdm(root / "model.pt", tiny_bbdm())
     save_encoder(root / "encoder.pt", seed=0)

@@ -37,7 +37,6 @@ def prepared(tmp_path_factory):
         out,
         config=PrepareConfig(size=32, val_fraction=0.4, test_fraction=0.2),
         max_subjects=5,
-        progress=False,
     )
     return out
 
