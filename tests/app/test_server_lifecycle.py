@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from main import bound_host, check_exposure
+from app.server.app import bound_host, check_exposure
 from tests.app.server_process import REPO, free_port, running_server
 from tests.app.test_server import infer
 
