@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -15,7 +16,14 @@ import numpy as np
 
 from lib.data.layouts import DEFAULT_OPEN_COUNT
 from lib.io.errors import VolumeReadError
-from lib.options_schema import Bounds, add_arguments, argument_type, option_type, options_from_arguments
+from lib.options_schema import (
+    Bounds,
+    add_arguments,
+    argument_type,
+    option_specs,
+    option_type,
+    options_from_arguments,
+)
 from lib.reconstruction_methods import METHODS
 from lib.reconstruction_options import InputOptions, ReconstructionOptions
 
@@ -43,6 +51,49 @@ FLAG_NAMES = {
     "dataset folder (src)": "dataset folder (--src)",
     "resume=True": "--resume",
 }
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that may add some of its arguments when it is first used.
+
+    The training commands take their arguments from the training configs (lib/train), whose
+    modules import torch: adding them only when that command runs or shows its help keeps
+    ``python main.py --help`` and every other command free of that import.
+
+    Args:
+        later: adds the remaining arguments to this parser (None: it has them all).
+    """
+
+    def __init__(self, *args: Any, later: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._later = later
+
+    def _complete(self) -> None:
+        if self._later is not None:
+            later, self._later = self._later, None
+            later(self)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+def config_arguments(module: str, name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Adds an argument for every field of the options dataclass ``name`` of ``module`` (imported then)."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        options_class = getattr(importlib.import_module(module), name)
+        add_arguments(parser, options_class, option_specs(options_class))
+
+    return add
 
 
 def at_least(kind: type, low: float, exclusive: bool = False) -> Callable[[str], Any]:
@@ -401,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="python main.py", description="ReBrain: sparse head CT to dense brain MRI.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (series skipped, ...)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
 
     prepare = commands.add_parser("prepare", help="preprocess a dataset layout into normalised brain slices")
     prepare.add_argument("--layout", required=True, choices=["brats", "synthrad", "open"])
@@ -442,15 +493,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.set_defaults(run=_inspect)
 
-    bbdm = commands.add_parser("train-bbdm", help="train the CT-to-MRI Brownian-bridge denoiser on a prepared dataset")
+    # The training commands' other arguments are the fields of their training config.
+    bbdm = commands.add_parser(
+        "train-bbdm",
+        help="train the CT-to-MRI Brownian-bridge denoiser on a prepared dataset",
+        later=config_arguments("lib.train.bbdm", "TrainConfig"),
+    )
     bbdm.add_argument("--data", required=True, help="prepared dataset folder (python main.py prepare)")
     bbdm.add_argument("--out", required=True, help="run folder: checkpoints, model.pt, logs, curves")
     bbdm.add_argument("--objective", choices=["directional", "plain"], default="directional")
-    bbdm.add_argument("--iters", type=int, default=2000)
     bbdm.add_argument("--resume", action="store_true", help="continue the run in --out")
-    bbdm.add_argument("--batch-size", type=int, default=8)
-    bbdm.add_argument("--lr", type=float, default=1e-4)
-    bbdm.add_argument("--seed", type=int, default=0)
     bbdm.add_argument(
         "--channels",
         type=int,
@@ -461,21 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
     bbdm.add_argument(
         "--neighbours", type=int, default=0, help="CT slices on each side as extra input channels (2.5-D)"
     )
-    bbdm.add_argument("--min-brain-fraction", type=float, default=0.05, help="skip training slices with less brain")
-    bbdm.add_argument("--val-every", type=int, default=250)
-    bbdm.add_argument("--val-slices", type=int, default=16)
-    bbdm.add_argument("--val-steps", type=int, default=10, help="sampling steps used for validation")
-    bbdm.add_argument("--checkpoint-every", type=int, default=250)
     bbdm.add_argument("--device", default="auto", help="auto, cpu or cuda")
     bbdm.add_argument("--quiet", action="store_true", help="no progress bar")
     bbdm.set_defaults(run=_train_bbdm)
 
     retrieval = commands.add_parser(
-        "train-retrieval", help="train the ViT retrieval encoder (contrastive + perceptual loss)"
+        "train-retrieval",
+        help="train the ViT retrieval encoder (contrastive + perceptual loss)",
+        later=config_arguments("lib.train.retrieval", "RetrievalTrainConfig"),
     )
     retrieval.add_argument("--data", required=True, help="prepared dataset folder")
     retrieval.add_argument("--out", required=True, help="run folder: checkpoint.pt, encoder.pt, logs")
-    retrieval.add_argument("--iters", type=int, default=1000)
     retrieval.add_argument("--resume", action="store_true")
     retrieval.add_argument("--patch-size", type=int, default=16)
     retrieval.add_argument("--width", type=int, default=192)
@@ -489,50 +537,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 3],
         help="transformer blocks whose features feed the perceptual term",
     )
-    retrieval.add_argument("--subjects-per-batch", type=int, default=4)
-    retrieval.add_argument("--run-length", type=int, default=8, help="adjacent slices per subject in a batch")
-    retrieval.add_argument("--positives", type=int, default=2, help="K: slices p+1..p+K are positives of p")
-    retrieval.add_argument("--percept-weight", type=float, default=0.5, help="lambda (0: contrastive loss only)")
-    retrieval.add_argument("--lr", type=float, default=3e-4)
-    retrieval.add_argument("--eval-every", type=int, default=100)
-    retrieval.add_argument("--checkpoint-every", type=int, default=100)
-    retrieval.add_argument("--seed", type=int, default=0)
     retrieval.add_argument("--device", default="auto")
     retrieval.add_argument("--quiet", action="store_true")
     retrieval.set_defaults(run=_train_retrieval)
 
     controlnet = commands.add_parser(
-        "train-controlnet", help="train the ControlNet guidance on a frozen BBDM with retrieved references"
+        "train-controlnet",
+        help="train the ControlNet guidance on a frozen BBDM with retrieved references",
+        later=config_arguments("lib.train.controlnet", "ControlNetTrainConfig"),
     )
     controlnet.add_argument("--data", required=True, help="prepared dataset folder")
     controlnet.add_argument("--bbdm", required=True, help="the trained BBDM's model.pt (kept frozen)")
     controlnet.add_argument("--kb", required=True, help="knowledge base folder (python main.py build-kb)")
     controlnet.add_argument("--encoder", required=True, help="the encoder.pt the knowledge base was built with")
     controlnet.add_argument("--out", required=True, help="run folder: checkpoints, controlnet.pt, logs, curves")
-    controlnet.add_argument("--iters", type=int, default=2000)
     controlnet.add_argument("--resume", action="store_true", help="continue the run in --out")
-    controlnet.add_argument("--batch-size", type=int, default=8)
-    controlnet.add_argument("--lr", type=float, default=1e-4)
-    controlnet.add_argument(
-        "--slerp-fraction", type=float, default=0.25, help="share of each batch trained on the SLERP fallback control"
-    )
-    controlnet.add_argument(
-        "--target",
-        choices=["reference", "own"],
-        default="reference",
-        help="x0 of a retrieval triplet: the reference's MRI (METHOD) or the slice's own",
-    )
-    controlnet.add_argument(
-        "--position-tolerance", type=float, default=0.1, help="retrieval position window (normalised position)"
-    )
-    controlnet.add_argument(
-        "--min-brain-fraction", type=float, default=0.05, help="skip training slices with less brain"
-    )
-    controlnet.add_argument("--val-every", type=int, default=250)
-    controlnet.add_argument("--val-slices", type=int, default=16)
-    controlnet.add_argument("--val-steps", type=int, default=10, help="sampling steps used for validation")
-    controlnet.add_argument("--checkpoint-every", type=int, default=250)
-    controlnet.add_argument("--seed", type=int, default=0)
     controlnet.add_argument("--device", default="auto", help="auto, cpu or cuda")
     controlnet.add_argument("--quiet", action="store_true", help="no progress bar")
     controlnet.set_defaults(run=_train_controlnet)

@@ -132,6 +132,8 @@ class OptionSpec:
                 value = float(raw)
             except (TypeError, ValueError):
                 raise ValueError(f"not a number: {raw!r}") from None
+            if self.bounds is None and not math.isfinite(value):
+                raise ValueError(f"must be a finite number, got {raw!r}")
         else:
             value = str(raw)
             if self.choices is not None and value not in self.choices:

@@ -5,6 +5,7 @@ with the same help, all made from the fields' metadata."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import subprocess
 import sys
@@ -191,3 +192,24 @@ def test_library_errors_are_reported_with_the_commands_flags(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert main(["prepare", "--layout", "open", "--subjects", "1", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'out'}: already exists (pass --overwrite to replace it)\n"
+
+
+CONTROLNET_INPUTS = ["--bbdm", "model.pt", "--kb", "kb", "--encoder", "encoder.pt"]
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "name", "required"),
+    [
+        ("train-bbdm", "lib.train.bbdm", "TrainConfig", []),
+        ("train-retrieval", "lib.train.retrieval", "RetrievalTrainConfig", []),
+        ("train-controlnet", "lib.train.controlnet", "ControlNetTrainConfig", CONTROLNET_INPUTS),
+    ],
+)
+def test_training_arguments_are_the_training_configs_fields(command, module, name, required):
+    """build_parser no longer retypes the training configs' defaults: each field is an argument."""
+    options_class = getattr(importlib.import_module(module), name)
+    arguments = build_parser().parse_args([command, "--data", "d", "--out", "o", *required])
+    assert set(option_specs(options_class)) <= set(vars(arguments))
+    assert options_class(**options_from_arguments(options_class, arguments)) == options_class()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([command, "--data", "d", "--out", "o", *required, "--iters", "0"])
