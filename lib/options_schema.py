@@ -147,7 +147,7 @@ class OptionSpec:
     def problem(self, value: Any) -> str | None:
         """Why a (converted) ``value`` is refused, or None; None is accepted where the default is None."""
         if value is None:
-            return None if self.none or self.default is None else "must be given"
+            return None if self.default is None else "must be given"
         if self.bounds is None:
             return None
         for item in value if self.many else (value,):
@@ -159,25 +159,21 @@ class OptionSpec:
 
     def describe(self) -> str:
         """The help line with the accepted range and the default, as the command line and the server show it."""
-        facts = []
-        if self.bounds is not None:
-            facts.append(str(self.bounds))
+        if self.is_switch:
+            return f"{self.help}; default {'true' if self.default else 'false'}"
+        facts = [str(self.bounds)] if self.bounds is not None else []
         if self.none and self.default is None:
             facts.append(f"default: {self.none}")
-        elif self.is_switch:
-            return f"{self.help}; default {'true' if self.default else 'false'}"
         elif self.default is not None and self.default != ():
             shown = " ".join(map(str, self.default)) if self.many else getattr(self.default, "value", self.default)
             facts.append(f"default {shown}")
         return f"{self.help} ({'; '.join(facts)})" if facts else self.help
 
 
-def _kind_of(hint: Any) -> tuple[type, bool, bool]:
-    """(kind, optional, many) of a field's type hint: ``int | None`` -> (int, True, False)."""
-    optional = False
+def _kind_of(hint: Any) -> tuple[type, bool]:
+    """(kind, many) of a field's type hint: ``int | None`` -> (int, False), ``tuple[int, ...]`` -> (int, True)."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         members = [member for member in typing.get_args(hint) if member is not type(None)]
-        optional = len(members) < len(typing.get_args(hint))
         if len(members) != 1:
             raise TypeError(f"unsupported option type {hint!r}")
         hint = members[0]
@@ -185,10 +181,10 @@ def _kind_of(hint: Any) -> tuple[type, bool, bool]:
         items = [item for item in typing.get_args(hint) if item is not Ellipsis]
         if len(set(items)) != 1:
             raise TypeError(f"unsupported option type {hint!r}")
-        return items[0], optional, True
+        return items[0], True
     if not isinstance(hint, type):
         raise TypeError(f"unsupported option type {hint!r}")
-    return hint, optional, False
+    return hint, False
 
 
 @functools.cache
@@ -204,7 +200,7 @@ def option_specs(options_class: type) -> dict[str, OptionSpec]:
     for field in dataclasses.fields(options_class):
         metadata = field.metadata
         try:
-            kind, _, many = _kind_of(hints[field.name])
+            kind, many = _kind_of(hints[field.name])
         except TypeError:
             if metadata:
                 raise
