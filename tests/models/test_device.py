@@ -1,0 +1,39 @@
+"""Devices and mixed precision: the device word, the precision option and its autocast context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib.models.device import Precision, autocast_context, resolve_device, resolve_precision, supports_bf16
+
+CPU = torch.device("cpu")
+
+
+def test_device_words():
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU") as error:
+            resolve_device("cuda")
+        assert "--" not in str(error.value)  # the library names no command-line flag
+
+
+def test_auto_keeps_float32_on_the_cpu():
+    """Issue 18 is a refactor: auto is bf16 on CUDA only until the CPU is measured (issue 19)."""
+    assert resolve_precision("auto", CPU) is Precision.FP32
+    assert resolve_precision(Precision.FP32, CPU) is Precision.FP32
+    with autocast_context(CPU, "auto"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(ValueError, match=r"precision must be one of \['auto', 'fp32', 'bf16'\]"):
+        resolve_precision("fp16", CPU)
+
+
+def test_bf16_on_the_cpu_computes_in_bfloat16_where_supported():
+    if supports_bf16(CPU):
+        assert resolve_precision("bf16", CPU) is Precision.BF16
+        with autocast_context(CPU, "bf16"):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    else:
+        with pytest.warns(UserWarning, match="no native bfloat16"):
+            assert resolve_precision("bf16", CPU) is Precision.FP32
