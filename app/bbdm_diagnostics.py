@@ -15,10 +15,10 @@ import argparse
 import torch
 
 from lib.data.dataset import PreparedSlices
-from lib.diffusion.bridge import BridgeSchedule, predict_x0, q_sample
+from lib.diffusion.scheduler import BridgeScheduler
 from lib.metrics import psnr
 from lib.models.denoiser import denoise, load_bbdm
-from lib.train.bbdm import slices_as_unit_volume, validation_indices
+from lib.train.bbdm import VALIDATION_MIN_BRAIN_FRACTION, slices_as_unit_volume, validation_indices
 
 
 def main() -> None:
@@ -30,33 +30,27 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 100, 300, 500, 700, 900, 990])
     args = parser.parse_args()
-    model, config = load_bbdm(args.model)
-    schedule = BridgeSchedule.from_config(config)
-    dataset = PreparedSlices(args.data, args.split, 0.2, config.neighbours)
+    model, spec = load_bbdm(args.model)
+    scheduler = BridgeScheduler(spec.scheduler)
+    dataset = PreparedSlices(args.data, args.split, VALIDATION_MIN_BRAIN_FRACTION, spec.neighbours)
     items = [dataset[i] for i in validation_indices(dataset, args.slices)]
     condition = torch.stack([item["source"] for item in items])
     x0 = torch.stack([item["target"] for item in items])
-    y = condition[:, config.neighbours : config.neighbours + 1]
+    y = condition[:, spec.neighbours : spec.neighbours + 1]
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     print(
-        f"{args.model} ({config.objective.value}); identity PSNR {psnr(slices_as_unit_volume(y), slices_as_unit_volume(x0)):.2f} dB\n"
+        f"{args.model} ({spec.scheduler.objective.value}); identity PSNR "
+        f"{psnr(slices_as_unit_volume(y), slices_as_unit_volume(x0)):.2f} dB\n"
     )
     print("| t | m_t | one-step x0 PSNR (dB) |\n|---|---|---|")
     with torch.no_grad():
         for step in args.steps:
             t = torch.full((len(items),), step)
-            x_t = q_sample(schedule, x0, y, t, noise)
-            estimate = predict_x0(
-                schedule,
-                denoise(model, x_t, t, condition),
-                x_t,
-                y,
-                t,
-                config.objective,
-                distance_range=config.distance_range,
-            )
+            x_t = scheduler.q_sample(x0, y, t, noise)
+            estimate = scheduler.predict_x0(denoise(model, x_t, t, condition), x_t, y, t)
             print(
-                f"| {step} | {schedule.m[step]:.3f} | {psnr(slices_as_unit_volume(estimate), slices_as_unit_volume(x0)):.2f} |"
+                f"| {step} | {scheduler.m[step]:.3f} | "
+                f"{psnr(slices_as_unit_volume(estimate), slices_as_unit_volume(x0)):.2f} |"
             )
 
 

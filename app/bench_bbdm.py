@@ -18,7 +18,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lib.diffusion.sampler import translate_slices
-from lib.models.denoiser import BBDMConfig, build_denoiser
+from lib.diffusion.scheduler import BridgeSchedulerConfig
+from lib.models.denoiser import BBDMConfig, BBDMSpec, build_denoiser
 from lib.models.device import resolve_device
 
 
@@ -87,18 +88,19 @@ def run(
         )
 
     condition = torch.rand(slices, config.condition_channels, size, size, device=device) * 2 - 1
+    spec = BBDMSpec(config, BridgeSchedulerConfig())
 
     def sample(steps: int) -> None:
         # Batched over slices in chunks of `batch`, as the pipeline does.
         for start in range(0, slices, batch):
-            translate_slices(model, config, condition[start : start + batch], steps=steps)
+            translate_slices(model, spec, condition[start : start + batch], steps=steps)
 
     per_step = _median_seconds(lambda: sample(2), max(1, repeats // 2), device) / 2
     rows.append((f"one sampling step, {slices} slices", f"{per_step:.2f} s", f"{per_step / base:.1f}"))
     for steps in steps_list:
         estimate = per_step * steps
         if estimate <= budget_s:
-            seconds = _median_seconds(lambda: sample(steps), 1, device)
+            seconds = _median_seconds(lambda steps=steps: sample(steps), 1, device)
             rows.append(
                 (f"sample {slices} slices, {steps} steps", f"{seconds:.1f} s (measured)", f"{seconds / base:.1f}")
             )
@@ -139,7 +141,8 @@ def main() -> None:
     config = BBDMConfig.for_channels(args.image_size, channels)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"BBDM denoiser benchmark: {args.image_size}x{args.image_size}, channels {channels}, attention at the last level; {label}; torch {torch.__version__}\n"
+        f"BBDM denoiser benchmark: {args.image_size}x{args.image_size}, channels {channels}, attention at the "
+        f"last level; {label}; torch {torch.__version__}\n"
     )
     print("| measure | value | ratio to baseline |\n|---|---|---|")
     for what, value, ratio in run(config, device, args.slices, args.steps, args.batch, args.repeats, args.budget_s):

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from lib.data.prepare import PrepareConfig, prepare_dataset
+from lib.diffusion.scheduler import BridgeSchedulerConfig, Objective
 from lib.io.checkpoint import save_checkpoint
 from lib.models.controlnet import controlnet_from_denoiser, save_controlnet, state_dict_hash
-from lib.models.denoiser import BBDMConfig, Objective, build_denoiser
+from lib.models.denoiser import BBDMConfig, BBDMSpec, bbdm_checkpoint, build_denoiser
 from lib.models.retrieval_encoder import CHECKPOINT_KIND, RetrievalConfig, build_retrieval_encoder
 from lib.presets import Preset, assemble_preset
 from lib.retrieval.build import build_knowledge_base
@@ -26,8 +27,8 @@ TINY_BBDM = BBDMConfig(
     attention_levels=(False, True),
     num_head_channels=16,
     norm_num_groups=8,
-    objective=Objective.PLAIN,
 )
+TINY_SCHEDULER = BridgeSchedulerConfig(objective=Objective.PLAIN)
 TINY_ENCODER = RetrievalConfig(
     image_size=32, patch_size=8, width=32, depth=2, heads=2, embedding_dim=16, perceptual_blocks=(0, 1)
 )
@@ -55,7 +56,7 @@ def make_tiny_preset(
     torch.manual_seed(seed)
     denoiser = build_denoiser(TINY_BBDM)
     bbdm_path = save_checkpoint(
-        folder / "bbdm.pt", {"kind": "bbdm", "config": TINY_BBDM.to_dict(), "model": denoiser.state_dict()}
+        folder / "bbdm.pt", bbdm_checkpoint(denoiser.state_dict(), BBDMSpec(TINY_BBDM, TINY_SCHEDULER))
     )
     encoder = build_retrieval_encoder(TINY_ENCODER)
     encoder_path = save_checkpoint(

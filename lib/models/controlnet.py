@@ -26,7 +26,7 @@ from monai.networks.nets import ControlNet, DiffusionModelUNet
 from torch import nn
 
 from lib.io.checkpoint import load_checkpoint, save_checkpoint
-from lib.models.denoiser import BBDMConfig, load_bbdm
+from lib.models.denoiser import BBDMConfig, BBDMSpec, load_bbdm
 from lib.models.weights_hash import state_dict_hash
 
 CONTROLNET_KIND = "controlnet"
@@ -83,7 +83,8 @@ def controlnet_from_denoiser(denoiser: DiffusionModelUNet, config: BBDMConfig) -
     if reshaped or missing or unexpected:
         raise ValueError(
             f"the denoiser does not have the architecture of the BBDM config {config.to_dict()}: "
-            f"shape mismatches {reshaped[:3]}, ControlNet weights without a counterpart {missing[:3]}, denoiser weights without one {unexpected[:3]}"
+            f"shape mismatches {reshaped[:3]}, ControlNet weights without a counterpart {missing[:3]}, "
+            f"denoiser weights without one {unexpected[:3]}"
         )
     controlnet.load_state_dict(source, strict=False)
     return controlnet
@@ -172,21 +173,22 @@ def save_controlnet(
 
 def load_controlled_denoiser(
     bbdm_path: str | os.PathLike[str], controlnet_path: str | os.PathLike[str], device: str | torch.device = "cpu"
-) -> tuple[ControlledDenoiser, BBDMConfig]:
-    """Load a BBDM ``model.pt`` and a ``controlnet.pt`` trained on it, in eval mode.
+) -> tuple[ControlledDenoiser, BBDMSpec]:
+    """Load a BBDM ``model.pt`` and a ``controlnet.pt`` trained on it, in eval mode, with the BBDM's spec.
 
     Raises:
         ValueError: a file is missing or of the wrong kind, or the ControlNet was trained on
             another BBDM.
     """
-    denoiser, config = load_bbdm(bbdm_path)
+    denoiser, spec = load_bbdm(bbdm_path)
     state = load_checkpoint(controlnet_path, kind=CONTROLNET_KIND)
     expected = state_dict_hash(denoiser.state_dict())
     if state["bbdm_hash"] != expected:
         raise ValueError(
-            f"{controlnet_path} was trained on another BBDM (weights hash {state['bbdm_hash'][:16]}...) than {bbdm_path} "
+            f"{controlnet_path} was trained on another BBDM (weights hash {state['bbdm_hash'][:16]}...) than "
+            f"{bbdm_path} "
             f"({expected[:16]}...); use the BBDM it was trained with or retrain the ControlNet"
         )
-    controlnet = build_controlnet(config)
+    controlnet = build_controlnet(spec.denoiser)
     controlnet.load_state_dict(state["model"])
-    return ControlledDenoiser(denoiser, controlnet).to(device).eval(), config
+    return ControlledDenoiser(denoiser, controlnet).to(device).eval(), spec

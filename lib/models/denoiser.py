@@ -1,31 +1,30 @@
 """The BBDM denoiser: MONAI's 2-D DiffusionModelUNet on [x_t, y] with one config object.
 
-The config is saved inside every checkpoint and is all that is needed to rebuild the model.
+A BBDM checkpoint (``model.pt``) holds the denoiser's weights, its config (:class:`BBDMConfig`,
+all that is needed to rebuild the network) and, beside it, the settings of the bridge it was
+trained on (:class:`lib.diffusion.scheduler.BridgeSchedulerConfig`); :class:`BBDMSpec` is the
+two together, what sampling needs.
 """
 
 from __future__ import annotations
 
-import enum
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from lib.diffusion.scheduler import BridgeSchedulerConfig
 from lib.io.checkpoint import load_checkpoint
 from lib.models.config_dict import config_from_dict
 
-
-class Objective(str, enum.Enum):
-    """What the denoiser is trained to output (METHOD.md section 1)."""
-
-    DIRECTIONAL = "directional"  # m_t * (y - x0) / ||y - x0|| + sqrt(delta_t) * eps
-    PLAIN = "plain"  # m_t * (y - x0) + sqrt(delta_t) * eps (BBDM)
+BBDM_KIND = "bbdm"
 
 
 @dataclass
 class BBDMConfig:
-    """Architecture and bridge settings of a BBDM model.
+    """Architecture of a BBDM denoiser (the bridge's settings are its scheduler's).
 
     Attributes:
         image_size: in-plane size of the slices it was trained on.
@@ -35,14 +34,6 @@ class BBDMConfig:
         num_head_channels: channels per attention head.
         norm_num_groups: GroupNorm groups (must divide every entry of ``channels``).
         neighbours: CT slices on each side given as extra conditioning channels (2.5-D).
-        objective: training target, see :class:`Objective`.
-        timesteps: T, the number of bridge steps in training.
-        max_var: s, the bridge variance scale (delta_t = 2 s (m_t - m_t^2)).
-        m_min: m at t = 0 (BBDM's linear grid starts at 0.001).
-        m_max: m at t = T - 1 (0.999).
-        direction_eps: e in the directional target's denominator.
-        distance_range: 1st and 99th percentiles of ||y - x0|| over training slices; bounds
-            the directional x0 recovery (measured by training when not given).
     """
 
     image_size: int = 128
@@ -52,27 +43,18 @@ class BBDMConfig:
     num_head_channels: int = 32
     norm_num_groups: int = 16
     neighbours: int = 0
-    objective: Objective = Objective.DIRECTIONAL
-    timesteps: int = 1000
-    max_var: float = 1.0
-    m_min: float = 0.001
-    m_max: float = 0.999
-    direction_eps: float = 1e-8
-    distance_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
-        self.objective = Objective(self.objective)
         self.channels = tuple(int(c) for c in self.channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
-        if self.distance_range is not None:
-            self.distance_range = (float(self.distance_range[0]), float(self.distance_range[1]))
         if len(self.channels) != len(self.attention_levels):
             raise ValueError(f"channels {self.channels} and attention_levels {self.attention_levels} differ in length")
         if any(c % self.norm_num_groups for c in self.channels):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every channel count {self.channels}")
         if self.image_size % 2 ** (len(self.channels) - 1):
             raise ValueError(
-                f"image_size {self.image_size} must be divisible by {2 ** (len(self.channels) - 1)} for {len(self.channels)} levels"
+                f"image_size {self.image_size} must be divisible by {2 ** (len(self.channels) - 1)} for "
+                f"{len(self.channels)} levels"
             )
 
     @property
@@ -83,10 +65,8 @@ class BBDMConfig:
     def to_dict(self) -> dict:
         """Plain-type dict (for checkpoints and JSON)."""
         values = asdict(self)
-        values["objective"] = self.objective.value
         values["channels"] = list(self.channels)
         values["attention_levels"] = list(self.attention_levels)
-        values["distance_range"] = list(self.distance_range) if self.distance_range is not None else None
         return values
 
     @classmethod
@@ -106,6 +86,52 @@ class BBDMConfig:
     def from_dict(cls, values: dict) -> BBDMConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are an error."""
         return config_from_dict(cls, values, "BBDM config")
+
+
+@dataclass(frozen=True)
+class BBDMSpec:
+    """A BBDM's two configs: the denoiser's architecture and the bridge it was trained on.
+
+    Attributes:
+        denoiser: the UNet's config.
+        scheduler: the bridge scheduler's settings (objective, schedule, distance range).
+    """
+
+    denoiser: BBDMConfig
+    scheduler: BridgeSchedulerConfig
+
+    @property
+    def image_size(self) -> int:
+        """In-plane size of the slices the model works on."""
+        return self.denoiser.image_size
+
+    @property
+    def neighbours(self) -> int:
+        """CT slices on each side of y in the conditioning input."""
+        return self.denoiser.neighbours
+
+    def to_checkpoint(self) -> dict[str, dict]:
+        """The checkpoint entries: ``config`` (the denoiser's) and ``scheduler``."""
+        return {"config": self.denoiser.to_dict(), "scheduler": self.scheduler.to_dict()}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> BBDMSpec:
+        """Read the two configs from a checkpoint's ``config`` and ``scheduler`` entries.
+
+        Checkpoints written before the scheduler had its own config (the shipped presets among
+        them) kept the bridge's settings inside ``config``; they are split off here, so those
+        files load unchanged.
+
+        Raises:
+            ValueError: unknown keys in either config.
+        """
+        values = dict(state["config"])
+        if "scheduler" in state:
+            scheduler = state["scheduler"]
+        else:
+            names = {item.name for item in fields(BridgeSchedulerConfig)}
+            scheduler = {name: values.pop(name) for name in list(values) if name in names}
+        return cls(BBDMConfig.from_dict(values), BridgeSchedulerConfig.from_dict(scheduler))
 
 
 def build_denoiser(config: BBDMConfig) -> DiffusionModelUNet:
@@ -129,14 +155,19 @@ def denoise(
     return model(torch.cat([x_t, condition], dim=1), timesteps)
 
 
-def load_bbdm(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, BBDMConfig]:
-    """Load a trained denoiser (EMA weights) and its config from ``model.pt``.
+def bbdm_checkpoint(weights: dict[str, torch.Tensor], spec: BBDMSpec) -> dict[str, Any]:
+    """The content of a BBDM model file (``model.pt``): what :func:`load_bbdm` reads."""
+    return {"kind": BBDM_KIND, **spec.to_checkpoint(), "model": weights}
+
+
+def load_bbdm(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[torch.nn.Module, BBDMSpec]:
+    """Load a trained denoiser (EMA weights) and its spec from ``model.pt``.
 
     Raises:
         ValueError: not a BBDM model file.
     """
-    state = load_checkpoint(path, kind="bbdm")
-    config = BBDMConfig.from_dict(state["config"])
-    model = build_denoiser(config)
+    state = load_checkpoint(path, kind=BBDM_KIND)
+    spec = BBDMSpec.from_checkpoint(state)
+    model = build_denoiser(spec.denoiser)
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), config
+    return model.to(device).eval(), spec

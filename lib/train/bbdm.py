@@ -1,84 +1,87 @@
-"""Training the BBDM denoiser: AdamW, EMA, mixed precision on GPU, checkpoints and resume.
+"""Training the BBDM denoiser: AdamW, EMA, mixed precision, checkpoints and resume.
 
 A run folder holds::
 
-    config.json        the model config and the training config
+    config.json        the model config, the bridge scheduler's settings and the training config
     checkpoint.pt      everything needed to resume (model, EMA, optimiser, RNG, iteration)
-    model.pt           the EMA weights and the model config: what inference loads
+    model.pt           the EMA weights, the model config and the scheduler's: what inference loads
     loss.csv           iteration, loss, learning rate, seconds
     validation.csv     iteration, PSNR / SSIM (whole slice) and PSNR inside the brain mask
     curves.png         the loss and validation curves
 
-Every random draw (batch indices, time steps, noise) comes from one seeded generator whose
-state is checkpointed, so a resumed run continues exactly as an uninterrupted one.
+The loop itself (resume, seeding, precision, checkpoints) is :func:`lib.train.loop.run_training`;
+this module supplies the data, the network and the bridge loss.
 """
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import os
-import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset
 
-from lib.diffusion.bridge import BridgeSchedule, q_sample, training_target
+from lib.data.dataset import PreparedSlices
 from lib.diffusion.sampler import translate_slices
+from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig
 from lib.metrics import psnr, ssim_2d
-from lib.models.denoiser import BBDMConfig, build_denoiser, denoise
-from lib.models.device import autocast_context, resolve_device
+from lib.models.denoiser import BBDMConfig, BBDMSpec, bbdm_checkpoint, build_denoiser
+from lib.progress import ProgressFn
+from lib.train.loop import LoopConfig, Trainer, TrainingPlan, run_training
 from lib.train.run_folder import TrainingRun
 
 LOSS_COLUMNS = ["iteration", "loss", "lr", "seconds"]
 VALIDATION_COLUMNS = ["iteration", "psnr", "ssim", "psnr_brain"]
+# Validation slices need at least this brain fraction (or the training threshold, if higher).
+# The fixed validation set is a few evenly spaced slices; near the top and bottom of the head a
+# slice is mostly background, whose easy zeros would inflate PSNR and SSIM and make the curves
+# say little about the brain, which is what the model is for.
+VALIDATION_MIN_BRAIN_FRACTION = 0.2
+
+# (neighbours, min_brain_fraction) -> training slices and validation slices (None: no validation).
+SliceSets = Callable[[int, float], tuple[Dataset, Dataset | None]]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
     """How a BBDM model is trained (saved beside the model config)."""
 
-    iters: int = 2000
-    batch_size: int = 8
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    seed: int = 0
-    val_every: int = 250
-    val_slices: int = 16
-    val_steps: int = 10
-    checkpoint_every: int = 250
-    device: str = "auto"
+    batch_size: int = field(default=8, metadata={"help": "slices per training batch", "min": 1})
+    ema_decay: float = field(
+        default=0.999, metadata={"help": "decay of the weights' moving average that is shipped", "min": 0.0, "max": 1.0}
+    )
+    grad_clip: float = field(default=1.0, metadata={"help": "maximum gradient norm", "min": 0.0})
+    val_every: int = field(default=250, metadata={"help": "iterations between validations", "min": 1})
+    val_slices: int = field(default=16, metadata={"help": "fixed validation slices", "min": 1})
+    val_steps: int = field(default=10, metadata={"help": "sampling steps used for validation", "min": 2})
+    min_brain_fraction: float = field(
+        default=0.05, metadata={"help": "skip training slices with less brain", "min": 0.0, "max": 1.0}
+    )
 
 
-def bridge_training_pair(
-    schedule: BridgeSchedule,
-    config: BBDMConfig,
-    condition: torch.Tensor,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The network input x_t and its training target for one batch (METHOD.md section 1).
+def prepared_slices(
+    data: str | os.PathLike[str], neighbours: int, min_brain_fraction: float
+) -> tuple[PreparedSlices, PreparedSlices | None]:
+    """The training and validation slices of a prepared dataset (:data:`SliceSets` with ``data`` bound).
 
-    Args:
-        schedule: the bridge schedule.
-        config: the model config (neighbours, objective).
-        condition: (B, C, H, W) CT slices; the centre channel is the bridge's y.
-        x0: (B, 1, H, W) MRI slices.
-        t: (B,) step indices.
-        noise: (B, 1, H, W) standard normal noise.
-
-    Returns:
-        ``x_t`` from :func:`q_sample` and the target from :func:`training_target`.
+    Validation slices need :data:`VALIDATION_MIN_BRAIN_FRACTION`; a dataset without any trains
+    without validation, with a warning.
     """
-    y = condition[:, config.neighbours : config.neighbours + 1]
-    x_t = q_sample(schedule, x0, y, t, noise)
-    return x_t, training_target(schedule, x0, y, t, noise, config.objective, config.direction_eps)
+    train_set = PreparedSlices(data, "train", min_brain_fraction, neighbours)
+    try:
+        val_set = PreparedSlices(data, "val", max(min_brain_fraction, VALIDATION_MIN_BRAIN_FRACTION), neighbours)
+    except ValueError:
+        warnings.warn(f"{data}: no validation slices; training without validation", stacklevel=2)
+        val_set = None
+    return train_set, val_set
 
 
 def _batch(dataset: Dataset, indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
@@ -109,7 +112,7 @@ def slices_as_unit_volume(slices: torch.Tensor) -> np.ndarray:
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    config: BBDMConfig,
+    spec: BBDMSpec,
     dataset: Dataset,
     indices: Sequence[int],
     steps: int,
@@ -125,7 +128,7 @@ def evaluate(
     batch = _batch(dataset, indices, device)
     generator = torch.Generator(device=device).manual_seed(seed)
     control = control.to(device) if control is not None else None
-    prediction = translate_slices(model, config, batch["source"], steps=steps, generator=generator, control=control)
+    prediction = translate_slices(model, spec, batch["source"], steps=steps, generator=generator, control=control)
     predicted, target = slices_as_unit_volume(prediction), slices_as_unit_volume(batch["target"])
     mask = batch["mask"][:, 0].permute(1, 2, 0).cpu().numpy() > 0.5
     return {
@@ -188,126 +191,178 @@ def plot_comparison(runs: Sequence[str | os.PathLike[str]], out: str | os.PathLi
     return Path(out)
 
 
-def optimiser_state(
-    model: torch.nn.Module, train_config: TrainConfig, resumed: dict | None, weights_key: str
-) -> tuple[AveragedModel, torch.optim.Optimizer, torch.Generator]:
-    """EMA copy, AdamW optimiser and sampling generator of ``model``, restored from a resume
-    checkpoint (``resumed``, whose ``weights_key`` holds the model's weights) when given."""
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_config.ema_decay), use_buffers=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
-    generator = torch.Generator().manual_seed(train_config.seed)
-    if resumed is not None:
-        model.load_state_dict(resumed[weights_key])
-        ema.load_state_dict(resumed["ema"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        generator.set_state(resumed["generator"])
-    return ema, optimizer, generator
+def bridge_loss(
+    scheduler: BridgeScheduler,
+    network: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    condition: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    neighbours: int,
+    autocast: contextlib.AbstractContextManager,
+) -> torch.Tensor:
+    """The BBDM loss of one batch (METHOD.md section 1), in float32.
+
+    Args:
+        scheduler: the bridge.
+        network: ``(input, t) -> output`` on the input ``[x_t, condition]`` (the denoiser, or the
+            ControlNet-guided denoiser with its control bound).
+        condition: (B, C, H, W) CT slices; the centre channel is the bridge's y.
+        x0: (B, 1, H, W) MRI slices.
+        t: (B,) step indices.
+        noise: (B, 1, H, W) standard normal noise.
+        neighbours: CT slices on each side of y in ``condition``.
+        autocast: the forward pass's mixed-precision context.
+
+    Returns:
+        The mean squared error between the network output and the training target.
+    """
+    x_t, target = scheduler.training_pair(x0, condition[:, neighbours : neighbours + 1], t, noise)
+    with autocast:
+        output = network(torch.cat([x_t, condition], dim=1), t)
+    return torch.nn.functional.mse_loss(output.float(), target)
+
+
+class BridgeTrainer(Trainer):
+    """What the BBDM and the ControlNet trainers share: batches drawn with the loop's generator,
+    the bridge loss (:func:`bridge_loss`), and the curves.
+
+    A subclass's :meth:`prepare` sets the attributes below; :meth:`batch` gives the batch.
+    """
+
+    loss_columns = LOSS_COLUMNS
+    spec: BBDMSpec  # the BBDM's configs
+    scheduler: BridgeScheduler  # the bridge the BBDM is trained on
+    train_config: TrainConfig
+    device: torch.device
+    items: int  # how many training items the batches are drawn from
+
+    @abc.abstractmethod
+    def batch(
+        self, picks: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """The items ``picks``: condition (B, C, S, S), x0 (B, 1, S, S), and the network that
+        translates them (``(input, t) -> output``, on the input ``[x_t, condition]``)."""
+
+    def loss(
+        self, generator: torch.Generator, autocast: contextlib.AbstractContextManager
+    ) -> tuple[torch.Tensor, list[Any]]:
+        size = self.train_config.batch_size
+        picks = torch.randint(self.items, (size,), generator=generator)
+        t = torch.randint(self.scheduler.config.timesteps, (size,), generator=generator).to(self.device)
+        condition, x0, network = self.batch(picks.tolist())
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        loss = bridge_loss(self.scheduler, network, condition, x0, t, noise, self.spec.neighbours, autocast)
+        return loss, [self.train_config.lr]
+
+    def finish(self, out: Path) -> None:
+        plot_curves(out)
+
+
+class BBDMTrainer(BridgeTrainer):
+    """The BBDM's part of the training loop: slices, the denoiser, the bridge loss, validation.
+
+    Args:
+        slices: where the training and validation slices come from.
+        config: model config (on resume the checkpoint's is used).
+        scheduler: the bridge's settings (default: BBDM's; on resume the checkpoint's). A
+            ``distance_range`` of None is measured on the training slices.
+    """
+
+    kind = "bbdm-train"
+    weights_name = "model.pt"
+    validation_columns = VALIDATION_COLUMNS
+
+    def __init__(self, slices: SliceSets, config: BBDMConfig, scheduler: BridgeSchedulerConfig | None = None) -> None:
+        self.slices = slices
+        self.spec = BBDMSpec(config, scheduler if scheduler is not None else BridgeSchedulerConfig())
+
+    def prepare(self, train_config: TrainConfig, run: TrainingRun, device: torch.device) -> TrainingPlan:
+        if run.state is not None:
+            self.spec = BBDMSpec.from_checkpoint(run.state)
+        self.train_config, self.device = train_config, device
+        self.train_set, self.val_set = self.slices(self.spec.neighbours, train_config.min_brain_fraction)
+        sample = self.train_set[0]
+        expected = (self.spec.denoiser.condition_channels, self.spec.image_size, self.spec.image_size)
+        if tuple(sample["source"].shape) != expected:
+            raise ValueError(
+                f"training slices have shape {tuple(sample['source'].shape)}, the model expects {expected} "
+                "(image_size, neighbours)"
+            )
+        if self.spec.scheduler.distance_range is None:
+            measured = measure_distance_range(self.train_set, self.spec.neighbours)
+            self.spec = replace(self.spec, scheduler=replace(self.spec.scheduler, distance_range=measured))
+        self.scheduler = BridgeScheduler(self.spec.scheduler)
+        self.items = len(self.train_set)
+        self.val_indices = validation_indices(self.val_set, train_config.val_slices) if self.val_set is not None else []
+        return TrainingPlan(
+            record={"model": self.spec.denoiser.to_dict(), "scheduler": self.spec.scheduler.to_dict()},
+            validate_every=train_config.val_every if self.val_indices else None,
+            ema_decay=train_config.ema_decay,
+            grad_clip=train_config.grad_clip,
+        )
+
+    def build(self, channels_last: bool) -> torch.nn.Module:
+        self.model = build_denoiser(self.spec.denoiser).to(self.device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        return self.model
+
+    def batch(
+        self, picks: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        batch = _batch(self.train_set, picks, self.device)
+        return batch["source"], batch["target"], self.model
+
+    def validate(self, module: torch.nn.Module) -> tuple[dict[str, float], str]:
+        scores = evaluate(
+            module,
+            self.spec,
+            self.val_set,
+            self.val_indices,
+            self.train_config.val_steps,
+            self.device,
+            seed=self.train_config.seed,
+        )
+        return scores, (
+            f"validation PSNR {scores['psnr']:.2f} dB (brain {scores['psnr_brain']:.2f}), SSIM {scores['ssim']:.4f}"
+        )
+
+    def state(self) -> dict[str, Any]:
+        return self.spec.to_checkpoint()
+
+    def weights(self, module: torch.nn.Module) -> dict[str, Any]:
+        return bbdm_checkpoint(module.state_dict(), self.spec)
 
 
 def train_bbdm(
-    train_set: Dataset,
-    val_set: Dataset | None,
+    data: str | os.PathLike[str],
     out: str | os.PathLike[str],
     config: BBDMConfig,
     train_config: TrainConfig,
+    scheduler: BridgeSchedulerConfig | None = None,
+    device: str = "auto",
     resume: bool = False,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
 ) -> dict[str, float]:
-    """Train (or resume training) a BBDM denoiser; see the module docstring for the outputs.
+    """Train (or resume training) a BBDM denoiser on a prepared dataset; see the module docstring.
 
     Args:
-        train_set: items with ``source`` (C, S, S), ``target`` and ``mask`` (1, S, S).
-        val_set: held-out items for periodic validation (None: no validation).
+        data: prepared dataset folder (its train and val splits).
         out: the run folder.
         config: model config (ignored on resume: the checkpoint's config is used).
-        train_config: training settings.
+        train_config: training settings (on resume the checkpoint's, except ``iters`` and ``precision``).
+        scheduler: the bridge's settings (default: BBDM's; ignored on resume).
+        device: ``auto``, ``cpu`` or ``cuda``.
         resume: continue from ``out/checkpoint.pt``.
-        progress: show a progress bar.
+        progress: called after each iteration (validation lines as its message).
 
     Returns:
         The last validation scores (empty without a validation set).
 
     Raises:
-        FileExistsError: ``out`` holds a run and ``resume`` is false.
+        RunExistsError: ``out`` holds a run and ``resume`` is false.
         ValueError: no checkpoint to resume, or data that does not fit the model.
     """
-    out = Path(out)
-    run = TrainingRun(out, "bbdm-train", resume, {"loss": LOSS_COLUMNS, "validation": VALIDATION_COLUMNS})
-    if run.state is not None:
-        config = BBDMConfig.from_dict(run.state["config"])
-        train_config = TrainConfig(
-            **{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device}
-        )
-    sample = train_set[0]
-    expected = (config.condition_channels, config.image_size, config.image_size)
-    if tuple(sample["source"].shape) != expected:
-        raise ValueError(
-            f"training slices have shape {tuple(sample['source'].shape)}, the model expects {expected} (image_size, neighbours)"
-        )
-
-    if config.distance_range is None:
-        config = replace(config, distance_range=measure_distance_range(train_set, config.neighbours))
-    device = resolve_device(train_config.device)
-    torch.manual_seed(train_config.seed)
-    model = build_denoiser(config).to(device)
-    ema, optimizer, generator = optimiser_state(model, train_config, run.state, "model")
-    run.begin({"model": config.to_dict(), "training": asdict(train_config)})
-
-    schedule = BridgeSchedule.from_config(config)
-    val_indices = validation_indices(val_set, train_config.val_slices) if val_set is not None else []
-    autocast = autocast_context(device)
-    scores: dict[str, float] = {}
-
-    def save(iteration: int) -> None:
-        run.save(
-            iteration,
-            {
-                "config": config.to_dict(),
-                "train_config": asdict(train_config),
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-            },
-            "model.pt",
-            {"kind": "bbdm", "config": config.to_dict(), "model": ema.module.state_dict()},
-        )
-
-    started = time.perf_counter()
-    bar = run.iterations(train_config.iters, "train-bbdm", progress)
-    for iteration in bar:
-        model.train()
-        indices = torch.randint(len(train_set), (train_config.batch_size,), generator=generator)
-        t = torch.randint(config.timesteps, (train_config.batch_size,), generator=generator)
-        batch = _batch(train_set, indices.tolist(), device)
-        condition, x0 = batch["source"], batch["target"]
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        x_t, target = bridge_training_pair(schedule, config, condition, x0, t.to(device), noise)
-        with autocast:
-            output = denoise(model, x_t, t.to(device), condition)
-        loss = torch.nn.functional.mse_loss(output.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip)
-        optimizer.step()
-        ema.update_parameters(model)
-        run.log("loss", [iteration, f"{loss.item():.6g}", train_config.lr, f"{time.perf_counter() - started:.1f}"])
-        bar.set_postfix(loss=f"{loss.item():.4g}")
-
-        if val_indices and (iteration % train_config.val_every == 0 or iteration == train_config.iters):
-            scores = evaluate(
-                ema.module, config, val_set, val_indices, train_config.val_steps, device, seed=train_config.seed
-            )
-            run.log(
-                "validation",
-                [iteration, f"{scores['psnr']:.4f}", f"{scores['ssim']:.4f}", f"{scores['psnr_brain']:.4f}"],
-            )
-            bar.write(
-                f"iteration {iteration}: validation PSNR {scores['psnr']:.2f} dB (brain {scores['psnr_brain']:.2f}), SSIM {scores['ssim']:.4f}"
-            )
-        if iteration % train_config.checkpoint_every == 0 or iteration == train_config.iters:
-            save(iteration)
-    if run.start >= train_config.iters:
-        save(run.start)
-    plot_curves(out)
-    return scores
+    trainer = BBDMTrainer(partial(prepared_slices, data), config, scheduler)
+    return run_training(trainer, out, train_config, device, resume, progress)

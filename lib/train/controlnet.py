@@ -10,7 +10,7 @@ control and y's own MRI as x0: the fallback the pipeline takes when retrieval fa
 
 A run folder holds::
 
-    config.json        BBDM config, training config, input files and their hashes
+    config.json        BBDM config and scheduler settings, training config, input files and their hashes
     triplets.csv       each training slice's reference: row, subject, slice, position,
                        reference_id, reference_subject, reference_slice, reference_position,
                        similarity, success (similarity >= tau)
@@ -22,42 +22,42 @@ A run folder holds::
                        comparison, of the frozen BBDM alone (bbdm_*), on fixed val slices
     curves.png         the loss and validation curves
 
-Every random draw comes from one seeded generator whose state is checkpointed, so a resumed
-run continues exactly as an uninterrupted one.
+The loop itself (resume, seeding, precision, checkpoints) is :func:`lib.train.loop.run_training`;
+every random draw comes from its seeded generator, so a resumed run continues exactly as an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
-import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from lib.data.dataset import PreparedDataset, PreparedSlices
-from lib.diffusion.bridge import BridgeSchedule
+from lib.diffusion.scheduler import BridgeScheduler
 from lib.diffusion.slerp import slerp
 from lib.models.controlnet import ControlledDenoiser, controlnet_checkpoint, controlnet_from_denoiser, state_dict_hash
-from lib.models.denoiser import BBDMConfig, load_bbdm
-from lib.models.device import autocast_context, resolve_device
+from lib.models.denoiser import BBDMSpec, load_bbdm
 from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices, encoder_hash, load_retrieval_encoder
+from lib.progress import ProgressFn
 from lib.retrieval.knowledge_base import KnowledgeBase
 from lib.train.bbdm import (
-    LOSS_COLUMNS,
+    VALIDATION_MIN_BRAIN_FRACTION,
+    BridgeTrainer,
     TrainConfig,
-    bridge_training_pair,
     evaluate,
-    optimiser_state,
-    plot_curves,
     validation_indices,
 )
+from lib.train.loop import TrainingPlan, run_training
 from lib.train.run_folder import TrainingRun
 
 CHECKPOINT_KIND = "controlnet-train"
@@ -74,12 +74,10 @@ TRIPLET_COLUMNS = [
     "similarity",
     "success",
 ]
-# As for BBDM validation (app/cli.py): validation slices need a substantial brain area.
-VALIDATION_MIN_BRAIN_FRACTION = 0.2
 _QUERY_CHUNK = 512  # slices embedded and queried at a time, so memory stays bounded
 
 
-class ControlTarget(str, enum.Enum):
+class ControlTarget(enum.StrEnum):
     """Which MRI a retrieval triplet is trained to produce."""
 
     REFERENCE = "reference"  # the MRI paired with the reference r (METHOD.md section 3)
@@ -95,23 +93,33 @@ class ControlNetTrainConfig(TrainConfig):
             neighbouring CT slices and whose x0 is y's own MRI.
         target: a :class:`ControlTarget` value.
         position_tolerance: retrieval position window half-width (normalised position).
-        min_brain_fraction: training slices with less brain are skipped.
     """
 
-    slerp_fraction: float = 0.25
-    target: str = ControlTarget.REFERENCE.value
-    position_tolerance: float = 0.1
-    min_brain_fraction: float = 0.05
+    slerp_fraction: float = field(
+        default=0.25,
+        metadata={
+            "help": "share of each batch whose control is the SLERP of y's own neighbouring CT slices",
+            "min": 0.0,
+            "max": 1.0,
+        },
+    )
+    target: str = field(
+        default=ControlTarget.REFERENCE.value,
+        metadata={
+            "help": "which MRI a retrieval triplet trains towards: the reference's (reference) or y's own (own)",
+            "choices": [target.value for target in ControlTarget],
+        },
+    )
+    position_tolerance: float = field(
+        default=0.1, metadata={"help": "retrieval position window half-width (normalised position)", "min": 0.0}
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         try:
             self.target = ControlTarget(self.target).value
         except ValueError:
             raise ValueError(f"target must be one of {[t.value for t in ControlTarget]}, got {self.target!r}") from None
-        if not 0.0 <= self.slerp_fraction <= 1.0:
-            raise ValueError(f"slerp_fraction must be in [0, 1], got {self.slerp_fraction}")
-        if not (np.isfinite(self.position_tolerance) and self.position_tolerance >= 0):
-            raise ValueError(f"position_tolerance must be finite and >= 0, got {self.position_tolerance}")
 
     @property
     def slerp_count(self) -> int:
@@ -230,38 +238,9 @@ class TripletBatches:
         return tuple(torch.stack(tensors).to(device) for tensors in (conditions, controls, targets))  # type: ignore[return-value]
 
 
-def controlnet_step(
-    model: ControlledDenoiser,
-    optimizer: torch.optim.Optimizer,
-    schedule: BridgeSchedule,
-    config: BBDMConfig,
-    condition: torch.Tensor,
-    control: torch.Tensor,
-    x0: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    grad_clip: float = 1.0,
-    autocast: contextlib.AbstractContextManager | None = None,
-) -> float:
-    """One optimiser step on the ControlNet with the BBDM's loss; returns the loss.
-
-    The optimiser should hold ``model.trainable_parameters()`` only: the denoiser is frozen.
-    """
-    model.train()
-    x_t, target = bridge_training_pair(schedule, config, condition, x0, t, noise)
-    with autocast if autocast is not None else contextlib.nullcontext():
-        output = model(torch.cat([x_t, condition], dim=1), t, control)
-    loss = torch.nn.functional.mse_loss(output.float(), target)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(model.trainable_parameters()), grad_clip)
-    optimizer.step()
-    return loss.item()
-
-
 def _check_sizes(
     size: int,
-    config: BBDMConfig,
+    spec: BBDMSpec,
     bbdm: Path,
     knowledge_base: KnowledgeBase,
     encoder_size: int,
@@ -270,9 +249,9 @@ def _check_sizes(
 ) -> None:
     """Every model and the knowledge base must work on the prepared dataset's slice size."""
     found = {
-        f"the BBDM {bbdm}": config.image_size,
+        f"the BBDM {bbdm}": spec.image_size,
         f"the retrieval encoder {encoder}": encoder_size,
-        f"the knowledge base {knowledge_base.root}": int(knowledge_base.manifest["slice_shape"][0]),
+        f"the knowledge base {knowledge_base.root}": int(knowledge_base.manifest.slice_shape[0]),
     }
     wrong = [f"{what} is for {value}x{value} slices" for what, value in found.items() if value != size]
     if wrong:
@@ -283,13 +262,13 @@ def _validation_set(
     dataset: PreparedDataset,
     knowledge_base: KnowledgeBase,
     encoder: RetrievalEncoder,
-    config: BBDMConfig,
+    neighbours: int,
     train_config: ControlNetTrainConfig,
 ) -> tuple[PreparedSlices | None, list[int], torch.Tensor | None]:
     """Fixed validation slices with a retrieved reference, and their controls (None: no validation)."""
     try:
         val_set = PreparedSlices(
-            dataset, "val", max(train_config.min_brain_fraction, VALIDATION_MIN_BRAIN_FRACTION), config.neighbours
+            dataset, "val", max(train_config.min_brain_fraction, VALIDATION_MIN_BRAIN_FRACTION), neighbours
         )
     except ValueError:
         warnings.warn(f"{dataset.root}: no validation slices; training the ControlNet without validation", stacklevel=3)
@@ -313,15 +292,157 @@ def _validation_set(
     return val_set, table["row"].tolist(), control
 
 
+class ControlNetTrainer(BridgeTrainer):
+    """The ControlNet's part of the training loop: triplets, the frozen BBDM, the guided loss.
+
+    Args:
+        data: prepared dataset folder.
+        bbdm: the trained BBDM's ``model.pt`` (frozen).
+        kb: knowledge base folder.
+        encoder: the retrieval encoder's ``encoder.pt`` the knowledge base was built with.
+    """
+
+    kind = CHECKPOINT_KIND
+    weights_name = "controlnet.pt"
+    weights_key = "controlnet"
+    validation_columns = VALIDATION_COLUMNS
+
+    def __init__(
+        self,
+        data: str | os.PathLike[str],
+        bbdm: str | os.PathLike[str],
+        kb: str | os.PathLike[str],
+        encoder: str | os.PathLike[str],
+    ) -> None:
+        self.data, self.bbdm, self.kb, self.encoder = data, bbdm, kb, encoder
+
+    def prepare(self, train_config: ControlNetTrainConfig, run: TrainingRun, device: torch.device) -> TrainingPlan:
+        self.train_config, self.device = train_config, device
+        dataset = PreparedDataset(self.data)
+        self.denoiser, self.spec = load_bbdm(self.bbdm, device)
+        self.bbdm_hash = state_dict_hash(self.denoiser.state_dict())
+        if run.state is not None and run.state["bbdm_hash"] != self.bbdm_hash:
+            raise ValueError(
+                f"{run.out}: this run trains a ControlNet for another BBDM than {self.bbdm} (weights hash differs)"
+            )
+        encoder_model, encoder_config = load_retrieval_encoder(self.encoder, device)
+        self.encoder_hash = encoder_hash(encoder_model, encoder_config)
+        knowledge_base = KnowledgeBase.load(self.kb, expected_encoder_hash=self.encoder_hash)
+        _check_sizes(
+            int(dataset.manifest["config"]["size"]),
+            self.spec,
+            Path(self.bbdm),
+            knowledge_base,
+            encoder_config.image_size,
+            Path(self.encoder),
+            Path(self.data),
+        )
+        self.train_set = PreparedSlices(dataset, "train", train_config.min_brain_fraction, self.spec.neighbours)
+        self.triplets = retrieve_references(
+            self.train_set, knowledge_base, encoder_model, train_config.position_tolerance
+        )
+        if self.triplets.empty:
+            raise ValueError(
+                f"no training slice of {self.data} found a reference from another subject in {self.kb} (position "
+                f"tolerance {train_config.position_tolerance})"
+            )
+        self.batches = TripletBatches(self.train_set, knowledge_base, self.triplets, train_config.target)
+        self.items = len(self.batches)
+        self.val_set, self.val_rows, self.val_control = _validation_set(
+            dataset, knowledge_base, encoder_model, self.spec.neighbours, train_config
+        )
+        self.scheduler = BridgeScheduler(self.spec.scheduler)
+        # The frozen BBDM's scores do not change during training: measure them once.
+        self.baseline = (
+            evaluate(
+                self.denoiser,
+                self.spec,
+                self.val_set,
+                self.val_rows,
+                train_config.val_steps,
+                device,
+                seed=train_config.seed,
+            )
+            if self.val_set is not None
+            else {}
+        )
+        return TrainingPlan(
+            record={
+                "model": self.spec.denoiser.to_dict(),
+                "scheduler": self.spec.scheduler.to_dict(),
+                "inputs": {
+                    "data": str(self.data),
+                    "bbdm": str(self.bbdm),
+                    "bbdm_hash": self.bbdm_hash,
+                    "kb": str(self.kb),
+                    "encoder": str(self.encoder),
+                    "encoder_hash": self.encoder_hash,
+                },
+                "triplets": {
+                    "slices": len(self.train_set),
+                    "with_reference": len(self.triplets),
+                    "successful": int(self.triplets["success"].sum()),
+                },
+            },
+            validate_every=train_config.val_every if self.val_set is not None else None,
+            ema_decay=train_config.ema_decay,
+            grad_clip=train_config.grad_clip,
+        )
+
+    def build(self, channels_last: bool) -> torch.nn.Module:
+        # The control embedding's first convolution starts random (the loop has seeded torch).
+        controlnet = controlnet_from_denoiser(self.denoiser, self.spec.denoiser).to(self.device)
+        # Only the ControlNet is optimised: the frozen denoiser is not part of the trained module.
+        self.model = ControlledDenoiser(self.denoiser, controlnet)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        return self.model.controlnet
+
+    def batch(
+        self, picks: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        condition, control, x0 = self.batches.batch(picks, self.train_config.slerp_count, self.device)
+        return condition, x0, partial(self.model, control=control)
+
+    def validate(self, module: torch.nn.Module) -> tuple[dict[str, float], str]:
+        controlled = evaluate(
+            ControlledDenoiser(self.denoiser, module),
+            self.spec,
+            self.val_set,
+            self.val_rows,
+            self.train_config.val_steps,
+            self.device,
+            seed=self.train_config.seed,
+            control=self.val_control,
+        )
+        scores = {**controlled, **{f"bbdm_{name}": value for name, value in self.baseline.items()}}
+        return scores, f"validation PSNR {scores['psnr']:.2f} dB with control, {scores['bbdm_psnr']:.2f} dB BBDM alone"
+
+    def state(self) -> dict[str, Any]:
+        return {**self.spec.to_checkpoint(), "bbdm_hash": self.bbdm_hash}
+
+    def weights(self, module: torch.nn.Module) -> dict[str, Any]:
+        return controlnet_checkpoint(
+            module,
+            self.spec.denoiser,
+            self.bbdm_hash,
+            {"encoder_hash": self.encoder_hash, "train_config": self.train_config.to_dict()},
+        )
+
+    def begin(self, out: Path) -> None:
+        self.triplets.to_csv(out / "triplets.csv", index=False)
+
+
 def train_controlnet(
     data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     bbdm: str | os.PathLike[str],
     kb: str | os.PathLike[str],
     encoder: str | os.PathLike[str],
-    out: str | os.PathLike[str],
     train_config: ControlNetTrainConfig,
+    device: str = "auto",
     resume: bool = False,
-    progress: bool = True,
+    progress: ProgressFn | None = None,
 ) -> dict[str, float]:
     """Train (or resume training) a ControlNet on a frozen BBDM; see the module docstring.
 
@@ -331,145 +452,24 @@ def train_controlnet(
 
     Args:
         data: prepared dataset folder.
+        out: the run folder.
         bbdm: the trained BBDM's ``model.pt`` (frozen).
         kb: knowledge base folder.
         encoder: the retrieval encoder's ``encoder.pt`` the knowledge base was built with.
-        out: the run folder.
         train_config: training settings (on resume the checkpoint's are used, except
-            ``iters`` and ``device``).
+            ``iters`` and ``precision``).
+        device: ``auto``, ``cpu`` or ``cuda``.
         resume: continue from ``out/checkpoint.pt``.
-        progress: show a progress bar.
+        progress: called after each iteration (validation lines as its message).
 
     Returns:
         The last validation scores (empty without validation): ``psnr``, ``ssim``,
         ``psnr_brain`` and the BBDM's ``bbdm_psnr``, ``bbdm_ssim``, ``bbdm_psnr_brain``.
 
     Raises:
-        FileExistsError: ``out`` holds a run and ``resume`` is false.
+        RunExistsError: ``out`` holds a run and ``resume`` is false.
         ValueError: a missing or unreadable input, a knowledge base built with another
             encoder, sizes that do not match the data, a resumed run on another BBDM, or no
             training slice with a reference.
     """
-    out = Path(out)
-    run = TrainingRun(out, CHECKPOINT_KIND, resume, {"loss": LOSS_COLUMNS, "validation": VALIDATION_COLUMNS})
-    if run.state is not None:
-        train_config = ControlNetTrainConfig(
-            **{**run.state["train_config"], "iters": train_config.iters, "device": train_config.device}
-        )
-    device = resolve_device(train_config.device)
-    dataset = PreparedDataset(data)
-    denoiser, config = load_bbdm(bbdm, device)
-    bbdm_hash = state_dict_hash(denoiser.state_dict())
-    if run.state is not None and run.state["bbdm_hash"] != bbdm_hash:
-        raise ValueError(f"{out}: this run trains a ControlNet for another BBDM than {bbdm} (weights hash differs)")
-    encoder_model, encoder_config = load_retrieval_encoder(encoder, device)
-    encoder_digest = encoder_hash(encoder_model, encoder_config)
-    knowledge_base = KnowledgeBase.load(kb, expected_encoder_hash=encoder_digest)
-    _check_sizes(
-        int(dataset.manifest["config"]["size"]),
-        config,
-        Path(bbdm),
-        knowledge_base,
-        encoder_config.image_size,
-        Path(encoder),
-        Path(data),
-    )
-
-    train_set = PreparedSlices(dataset, "train", train_config.min_brain_fraction, config.neighbours)
-    triplets = retrieve_references(train_set, knowledge_base, encoder_model, train_config.position_tolerance)
-    if triplets.empty:
-        raise ValueError(
-            f"no training slice of {data} found a reference from another subject in {kb} (position tolerance {train_config.position_tolerance})"
-        )
-    batches = TripletBatches(train_set, knowledge_base, triplets, train_config.target)
-    val_set, val_rows, val_control = _validation_set(dataset, knowledge_base, encoder_model, config, train_config)
-
-    torch.manual_seed(train_config.seed)  # the control embedding's first convolution starts random
-    controlnet = controlnet_from_denoiser(denoiser, config).to(device)
-    model = ControlledDenoiser(denoiser, controlnet)
-    # Only the ControlNet is optimised: the frozen denoiser is not part of it.
-    ema, optimizer, generator = optimiser_state(controlnet, train_config, run.state, "controlnet")
-    ema_model = ControlledDenoiser(denoiser, ema.module)
-    run.begin(
-        {
-            "model": config.to_dict(),
-            "training": asdict(train_config),
-            "inputs": {
-                "data": str(data),
-                "bbdm": str(bbdm),
-                "bbdm_hash": bbdm_hash,
-                "kb": str(kb),
-                "encoder": str(encoder),
-                "encoder_hash": encoder_digest,
-            },
-            "triplets": {
-                "slices": len(train_set),
-                "with_reference": len(triplets),
-                "successful": int(triplets["success"].sum()),
-            },
-        }
-    )
-    triplets.to_csv(out / "triplets.csv", index=False)
-
-    schedule = BridgeSchedule.from_config(config)
-    autocast = autocast_context(device)
-    baseline: dict[str, float] = {}
-    if val_set is not None:
-        # The frozen BBDM's scores do not change during training: measure them once.
-        baseline = evaluate(denoiser, config, val_set, val_rows, train_config.val_steps, device, seed=train_config.seed)
-    scores: dict[str, float] = {}
-
-    def save(iteration: int) -> None:
-        run.save(
-            iteration,
-            {
-                "config": config.to_dict(),
-                "train_config": asdict(train_config),
-                "bbdm_hash": bbdm_hash,
-                "controlnet": controlnet.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-            },
-            "controlnet.pt",
-            controlnet_checkpoint(
-                ema.module, config, bbdm_hash, {"encoder_hash": encoder_digest, "train_config": asdict(train_config)}
-            ),
-        )
-
-    started = time.perf_counter()
-    bar = run.iterations(train_config.iters, "train-controlnet", progress)
-    for iteration in bar:
-        picks = torch.randint(len(batches), (train_config.batch_size,), generator=generator)
-        t = torch.randint(config.timesteps, (train_config.batch_size,), generator=generator).to(device)
-        condition, control, x0 = batches.batch(picks.tolist(), train_config.slerp_count, device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        loss = controlnet_step(
-            model, optimizer, schedule, config, condition, control, x0, t, noise, train_config.grad_clip, autocast
-        )
-        ema.update_parameters(controlnet)
-        run.log("loss", [iteration, f"{loss:.6g}", train_config.lr, f"{time.perf_counter() - started:.1f}"])
-        bar.set_postfix(loss=f"{loss:.4g}")
-
-        if val_set is not None and (iteration % train_config.val_every == 0 or iteration == train_config.iters):
-            controlled = evaluate(
-                ema_model,
-                config,
-                val_set,
-                val_rows,
-                train_config.val_steps,
-                device,
-                seed=train_config.seed,
-                control=val_control,
-            )
-            scores = {**controlled, **{f"bbdm_{name}": value for name, value in baseline.items()}}
-            run.log("validation", [iteration, *(f"{scores[column]:.4f}" for column in VALIDATION_COLUMNS[1:])])
-            bar.write(
-                f"iteration {iteration}: validation PSNR {scores['psnr']:.2f} dB with control, {scores['bbdm_psnr']:.2f} dB BBDM alone"
-            )
-        if iteration % train_config.checkpoint_every == 0 or iteration == train_config.iters:
-            save(iteration)
-    if run.start >= train_config.iters:
-        save(run.start)
-    plot_curves(out)
-    return scores
+    return run_training(ControlNetTrainer(data, bbdm, kb, encoder), out, train_config, device, resume, progress)

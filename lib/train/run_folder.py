@@ -1,8 +1,8 @@
 """A training run folder: resume checkpoint, inference weights, config.json and CSV logs.
 
-Every trainer (BBDM, retrieval encoder) keeps the same layout and the same resume rules: a
-folder that holds a run is continued only with ``resume``; the CSV logs are cut back to the
-checkpoint's iteration, because a resumed run repeats the iterations after it.
+Every trainer (BBDM, ControlNet, retrieval encoder) keeps the same layout and the same resume
+rules: a folder that holds a run is continued only with ``resume``; the CSV logs are cut back to
+the checkpoint's iteration, because a resumed run repeats the iterations after it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from lib.io.checkpoint import load_checkpoint, save_checkpoint
+
+
+class RunExistsError(FileExistsError):
+    """The run folder holds a training run already, and resuming it was not asked for."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(f"{folder}: holds a training run already (resume=True continues it)")
+        self.folder = folder
 
 
 class TrainingRun:
@@ -28,7 +34,7 @@ class TrainingRun:
         logs: CSV log name -> its columns (first column: iteration).
 
     Raises:
-        FileExistsError: ``out`` holds a run and ``resume`` is false.
+        RunExistsError: ``out`` holds a run and ``resume`` is false.
         ValueError: ``resume`` without a readable checkpoint of this kind.
     """
 
@@ -37,7 +43,7 @@ class TrainingRun:
         self.kind = kind
         self.checkpoint_path = self.out / "checkpoint.pt"
         if self.checkpoint_path.exists() and not resume:
-            raise FileExistsError(f"{self.out}: holds a training run already (pass --resume to continue it)")
+            raise RunExistsError(self.out)
         self.state: dict[str, Any] | None = load_checkpoint(self.checkpoint_path, kind=kind) if resume else None
         self.start = int(self.state["iteration"]) if self.state is not None else 0
         self.columns = logs
@@ -61,17 +67,6 @@ class TrainingRun:
                 writer = csv.writer(handle)
                 writer.writerow(columns)
                 writer.writerows(self.rows[name])
-
-    def iterations(self, iters: int, description: str, progress: bool) -> tqdm:
-        """The remaining iterations (start + 1 .. iters) with a progress bar."""
-        return tqdm(
-            range(self.start + 1, iters + 1),
-            desc=description,
-            unit="it",
-            disable=not progress,
-            initial=self.start,
-            total=iters,
-        )
 
 
 def _rows_up_to(path: Path, iteration: int) -> list[list[str]]:

@@ -3,11 +3,14 @@ the sampler hook, and checkpoints tied to the BBDM they were trained on."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import pytest
 import torch
 
-from lib.diffusion.bridge import BridgeSchedule
 from lib.diffusion.sampler import translate_slices
+from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig
 from lib.io.checkpoint import save_checkpoint
 from lib.models.controlnet import (
     CONTROLNET_ONLY_PREFIXES,
@@ -18,10 +21,11 @@ from lib.models.controlnet import (
     save_controlnet,
     state_dict_hash,
 )
-from lib.models.denoiser import BBDMConfig, build_denoiser
-from lib.train.controlnet import controlnet_step
+from lib.models.denoiser import BBDMConfig, BBDMSpec, bbdm_checkpoint, build_denoiser
+from lib.train.bbdm import bridge_loss
 
 SIZE = 16
+SCHEDULER = BridgeSchedulerConfig(timesteps=100)
 
 
 def tiny_config(neighbours: int = 0) -> BBDMConfig:
@@ -32,7 +36,6 @@ def tiny_config(neighbours: int = 0) -> BBDMConfig:
         num_head_channels=16,
         norm_num_groups=8,
         neighbours=neighbours,
-        timesteps=100,
     )
 
 
@@ -99,14 +102,19 @@ def test_only_the_controlnet_trains():
     model = ControlledDenoiser(denoiser, controlnet_from_denoiser(denoiser, config))
     initial = {name: tensor.clone() for name, tensor in model.controlnet.state_dict().items()}
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
-    schedule = BridgeSchedule.from_config(config)
+    scheduler = BridgeScheduler(SCHEDULER)
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         condition, x0, noise = (torch.randn((2, 1, SIZE, SIZE), generator=generator) for _ in range(3))
         control = torch.rand((2, 1, SIZE, SIZE), generator=generator)
-        t = torch.randint(config.timesteps, (2,), generator=generator)
-        loss = controlnet_step(model, optimizer, schedule, config, condition, control, x0, t, noise)
-        assert loss > 0
+        t = torch.randint(SCHEDULER.timesteps, (2,), generator=generator)
+        model.train()
+        network = functools.partial(model, control=control)
+        loss = bridge_loss(scheduler, network, condition, x0, t, noise, 0, contextlib.nullcontext())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        assert loss.item() > 0
     assert not denoiser.training and model.controlnet.training
     assert all(not p.requires_grad for p in denoiser.parameters())
     assert all(torch.equal(tensor, before[name]) for name, tensor in denoiser.state_dict().items())
@@ -126,13 +134,14 @@ def test_sampler_hook_with_a_fresh_controlnet_equals_the_bbdm_alone():
     model = ControlledDenoiser(denoiser, controlnet_from_denoiser(denoiser, config)).eval()
     condition = torch.rand((2, 1, SIZE, SIZE)) * 2 - 1
     control = torch.rand((2, 1, SIZE, SIZE))
-    plain = translate_slices(denoiser, config, condition, steps=4)
-    controlled = translate_slices(model, config, condition, steps=4, control=control)
+    spec = BBDMSpec(config, SCHEDULER)
+    plain = translate_slices(denoiser, spec, condition, steps=4)
+    controlled = translate_slices(model, spec, condition, steps=4, control=control)
     assert torch.equal(plain, controlled)
 
 
 def save_bbdm(path, denoiser: torch.nn.Module, config: BBDMConfig) -> None:
-    save_checkpoint(path, {"kind": "bbdm", "config": config.to_dict(), "model": denoiser.state_dict()})
+    save_checkpoint(path, bbdm_checkpoint(denoiser.state_dict(), BBDMSpec(config, SCHEDULER)))
 
 
 def test_checkpoint_round_trip_and_refusal_on_another_bbdm(tmp_path):
@@ -146,7 +155,7 @@ def test_checkpoint_round_trip_and_refusal_on_another_bbdm(tmp_path):
     bbdm_hash = state_dict_hash(denoiser.state_dict())
     save_controlnet(tmp_path / "controlnet.pt", controlnet, config, bbdm_hash, {"iteration": 7})
     loaded, loaded_config = load_controlled_denoiser(tmp_path / "model.pt", tmp_path / "controlnet.pt")
-    assert loaded_config == config and not loaded.training
+    assert loaded_config == BBDMSpec(config, SCHEDULER) and not loaded.training
     x, t, control = inputs(config)
     with torch.no_grad():
         assert torch.equal(loaded(x, t, control), ControlledDenoiser(denoiser, controlnet)(x, t, control))

@@ -9,48 +9,44 @@ import torch
 from torch.utils.data import Subset
 
 from lib.data.dataset import PreparedSlices
-from lib.data.prepare import PrepareConfig, prepare_dataset
 from lib.diffusion.sampler import translate_slices
+from lib.diffusion.scheduler import BridgeSchedulerConfig, Objective
 from lib.metrics import psnr
-from lib.models.denoiser import BBDMConfig, Objective, load_bbdm
-from lib.train.bbdm import TrainConfig, train_bbdm
-from tests.conftest import SHARED_DATA, require
+from lib.models.denoiser import BBDMConfig, load_bbdm
+from lib.train.bbdm import BBDMTrainer, TrainConfig, train_bbdm
+from lib.train.loop import run_training
+from lib.train.run_folder import RunExistsError
 
 
-def tiny_config(objective: Objective = Objective.DIRECTIONAL) -> BBDMConfig:
+def tiny_config() -> BBDMConfig:
     return BBDMConfig(
         image_size=32,
         channels=(16, 32),
         attention_levels=(False, True),
         num_head_channels=16,
         norm_num_groups=8,
-        objective=objective,
     )
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bbdm") / "prepared"
-    prepare_dataset("brats", require(SHARED_DATA / "brats_dev"), out, config=PrepareConfig(size=32), max_subjects=3)
-    return out
 
 
 def test_resumed_run_equals_an_uninterrupted_one(prepared, tmp_path):
-    train, val = PreparedSlices(prepared, "train", 0.1), PreparedSlices(prepared, "val", 0.2)
-    settings = dict(batch_size=2, val_every=3, val_slices=2, val_steps=3, checkpoint_every=3, seed=5)
-    train_bbdm(train, val, tmp_path / "whole", tiny_config(), TrainConfig(iters=6, **settings), progress=False)
-    train_bbdm(train, val, tmp_path / "split", tiny_config(), TrainConfig(iters=3, **settings), progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
-        train_bbdm(train, val, tmp_path / "split", tiny_config(), TrainConfig(iters=6, **settings), progress=False)
-    train_bbdm(
-        train, val, tmp_path / "split", tiny_config(), TrainConfig(iters=6, **settings), resume=True, progress=False
+    settings = dict(
+        batch_size=2, val_every=3, val_slices=2, val_steps=3, checkpoint_every=3, seed=5, min_brain_fraction=0.1
     )
+    train_bbdm(prepared, tmp_path / "whole", tiny_config(), TrainConfig(iters=6, **settings))
+    train_bbdm(prepared, tmp_path / "split", tiny_config(), TrainConfig(iters=3, **settings))
+    with pytest.raises(RunExistsError, match=r"resume=True continues it"):
+        train_bbdm(prepared, tmp_path / "split", tiny_config(), TrainConfig(iters=6, **settings))
+    train_bbdm(prepared, tmp_path / "split", tiny_config(), TrainConfig(iters=6, **settings), resume=True)
     whole, split = (pd.read_csv(tmp_path / name / "loss.csv") for name in ("whole", "split"))
     assert list(whole.iteration) == list(range(1, 7))
     np.testing.assert_array_equal(whole.loss, split.loss)
     assert len(pd.read_csv(tmp_path / "split" / "validation.csv")) == 2
-    # The distance range for the directional x0 recovery was measured on the training slices.
-    low, high = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)["config"]["distance_range"]
+    # The distance range for the directional x0 recovery was measured on the training slices, and
+    # is saved with the scheduler's settings, apart from the model config.
+    saved = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    assert "distance_range" not in saved["config"]
+    low, high = saved["scheduler"]["distance_range"]
+    train = PreparedSlices(prepared, "train", 0.1)
     distances = [float((train[i]["source"][0] - train[i]["target"][0]).norm()) for i in range(len(train))]
     assert min(distances) <= low < high <= max(distances)
     a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True)["model"] for name in ("whole", "split"))
@@ -63,9 +59,7 @@ def test_wrong_slice_size_is_refused(prepared, tmp_path):
         image_size=64, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8
     )
     with pytest.raises(ValueError, match="model expects"):
-        train_bbdm(
-            PreparedSlices(prepared, "train"), None, tmp_path / "r", config, TrainConfig(iters=1), progress=False
-        )
+        train_bbdm(prepared, tmp_path / "r", config, TrainConfig(iters=1))
 
 
 @pytest.mark.parametrize("objective", list(Objective))
@@ -74,13 +68,13 @@ def test_overfitting_real_slices_learns_the_translation(prepared, tmp_path, obje
     train = PreparedSlices(prepared, "train", 0.3)
     handful = Subset(train, [0, len(train) // 3, 2 * len(train) // 3, len(train) - 1])
     run = tmp_path / objective.value
-    train_bbdm(
-        handful,
-        None,
-        run,
-        tiny_config(objective),
-        TrainConfig(iters=400, batch_size=4, lr=2e-3, ema_decay=0.9, checkpoint_every=400, seed=0),
-        progress=False,
+    trainer = BBDMTrainer(
+        lambda neighbours, min_brain_fraction: (handful, None),
+        tiny_config(),
+        BridgeSchedulerConfig(objective=objective),
+    )
+    run_training(
+        trainer, run, TrainConfig(iters=400, batch_size=4, lr=2e-3, ema_decay=0.9, checkpoint_every=400, seed=0)
     )
     loss = pd.read_csv(run / "loss.csv").loss.to_numpy()
     assert loss[:20].mean() / loss[-20:].mean() > 5
@@ -98,12 +92,10 @@ def test_overfitting_real_slices_learns_the_translation(prepared, tmp_path, obje
 def test_checkpoint_round_trip_gives_bit_identical_samples(prepared, tmp_path):
     train = PreparedSlices(prepared, "train", 0.3)
     train_bbdm(
-        train,
-        None,
+        prepared,
         tmp_path / "r",
         tiny_config(),
-        TrainConfig(iters=2, batch_size=2, checkpoint_every=2),
-        progress=False,
+        TrainConfig(iters=2, batch_size=2, checkpoint_every=2, min_brain_fraction=0.3, val_slices=1, val_steps=2),
     )
     y = torch.stack([train[i]["source"] for i in range(3)])
 

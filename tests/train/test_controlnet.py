@@ -11,15 +11,17 @@ import torch
 from app.cli import main
 from lib.data.dataset import PreparedDataset, PreparedSlices
 from lib.data.prepare import PrepareConfig, prepare_dataset
+from lib.diffusion.scheduler import BridgeSchedulerConfig
 from lib.diffusion.slerp import slerp
 from lib.io.checkpoint import save_checkpoint
 from lib.models.controlnet import load_controlled_denoiser
-from lib.models.denoiser import BBDMConfig, build_denoiser
+from lib.models.denoiser import BBDMConfig, BBDMSpec, bbdm_checkpoint, build_denoiser
 from lib.models.retrieval_encoder import CHECKPOINT_KIND as ENCODER_KIND
 from lib.models.retrieval_encoder import RetrievalConfig, build_retrieval_encoder, load_retrieval_encoder
 from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.knowledge_base import KnowledgeBase
 from lib.train.controlnet import ControlNetTrainConfig, TripletBatches, retrieve_references, train_controlnet
+from lib.train.run_folder import RunExistsError
 from tests.conftest import SHARED_DATA, require
 
 SIZE = 32
@@ -45,7 +47,6 @@ def tiny_bbdm(image_size: int = SIZE) -> BBDMConfig:
         attention_levels=(False, True),
         num_head_channels=16,
         norm_num_groups=8,
-        timesteps=100,
     )
 
 
@@ -61,7 +62,7 @@ def save_bbdm(path, config: BBDMConfig) -> None:
     with torch.no_grad():  # all weights random (MONAI zero-initialises the output convolution)
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.05)
-    save_checkpoint(path, {"kind": "bbdm", "config": config.to_dict(), "model": model.state_dict()})
+    save_checkpoint(path, bbdm_checkpoint(model.state_dict(), BBDMSpec(config, BridgeSchedulerConfig(timesteps=100))))
 
 
 @pytest.fixture(scope="module")
@@ -131,14 +132,12 @@ def test_batches_mix_retrieval_triplets_and_slerp_pairs(inputs):
 
 
 def test_resumed_run_equals_an_uninterrupted_one(inputs, tmp_path):
-    paths = (inputs["data"], inputs["bbdm"], inputs["kb"], inputs["encoder"])
-    scores = train_controlnet(*paths, tmp_path / "whole", ControlNetTrainConfig(iters=3, **SETTINGS), progress=False)
-    train_controlnet(*paths, tmp_path / "split", ControlNetTrainConfig(iters=2, **SETTINGS), progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
-        train_controlnet(*paths, tmp_path / "split", ControlNetTrainConfig(iters=3, **SETTINGS), progress=False)
-    train_controlnet(
-        *paths, tmp_path / "split", ControlNetTrainConfig(iters=3, **SETTINGS), resume=True, progress=False
-    )
+    data, models = inputs["data"], (inputs["bbdm"], inputs["kb"], inputs["encoder"])
+    scores = train_controlnet(data, tmp_path / "whole", *models, ControlNetTrainConfig(iters=3, **SETTINGS))
+    train_controlnet(data, tmp_path / "split", *models, ControlNetTrainConfig(iters=2, **SETTINGS))
+    with pytest.raises(RunExistsError, match="resume=True continues it"):
+        train_controlnet(data, tmp_path / "split", *models, ControlNetTrainConfig(iters=3, **SETTINGS))
+    train_controlnet(data, tmp_path / "split", *models, ControlNetTrainConfig(iters=3, **SETTINGS), resume=True)
 
     whole, split = (pd.read_csv(tmp_path / name / "loss.csv") for name in ("whole", "split"))
     assert list(whole.iteration) == [1, 2, 3]
@@ -166,23 +165,13 @@ def test_inputs_that_do_not_belong_together_are_refused(inputs, tmp_path):
     save_encoder(root / "other_encoder.pt", seed=1)
     with pytest.raises(ValueError, match="built with encoder"):
         train_controlnet(
-            inputs["data"],
-            inputs["bbdm"],
-            inputs["kb"],
-            root / "other_encoder.pt",
-            tmp_path / "a",
-            config,
-            progress=False,
+            inputs["data"], tmp_path / "a", inputs["bbdm"], inputs["kb"], root / "other_encoder.pt", config
         )
     save_bbdm(root / "bbdm64.pt", tiny_bbdm(64))
     with pytest.raises(ValueError, match=r"holds 32x32 slices, but the BBDM .* is for 64x64"):
-        train_controlnet(
-            inputs["data"], root / "bbdm64.pt", inputs["kb"], inputs["encoder"], tmp_path / "b", config, progress=False
-        )
+        train_controlnet(inputs["data"], tmp_path / "b", root / "bbdm64.pt", inputs["kb"], inputs["encoder"], config)
     with pytest.raises(ValueError, match="no such checkpoint"):
-        train_controlnet(
-            inputs["data"], root / "missing.pt", inputs["kb"], inputs["encoder"], tmp_path / "c", config, progress=False
-        )
+        train_controlnet(inputs["data"], tmp_path / "c", root / "missing.pt", inputs["kb"], inputs["encoder"], config)
     with pytest.raises(ValueError, match="target must be one of"):
         ControlNetTrainConfig(target="mri")
     assert not any((tmp_path / name).exists() for name in "abc")

@@ -20,6 +20,7 @@ from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.evaluation import held_out_slices, retrieval_accuracy
 from lib.retrieval.knowledge_base import KnowledgeBase, KnowledgeBaseError
 from lib.train.retrieval import RetrievalTrainConfig, train_retrieval
+from lib.train.run_folder import RunExistsError
 from tests.conftest import SHARED_DATA, require
 
 TINY = RetrievalConfig(
@@ -45,18 +46,16 @@ def prepared(tmp_path_factory):
 def trained(prepared, tmp_path_factory):
     run = tmp_path_factory.mktemp("run") / "encoder"
     settings = dict(subjects_per_batch=2, run_length=4, eval_every=2, checkpoint_every=2, seed=1)
-    train_retrieval(prepared, run, TINY, RetrievalTrainConfig(iters=4, **settings), progress=False)
+    train_retrieval(prepared, run, TINY, RetrievalTrainConfig(iters=4, **settings))
     return run, settings
 
 
 def test_resumed_training_equals_an_uninterrupted_run(prepared, trained, tmp_path):
     run, settings = trained
-    train_retrieval(prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=2, **settings), progress=False)
-    with pytest.raises(FileExistsError, match="--resume"):
-        train_retrieval(prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=4, **settings), progress=False)
-    train_retrieval(
-        prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=4, **settings), resume=True, progress=False
-    )
+    train_retrieval(prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=2, **settings))
+    with pytest.raises(RunExistsError, match="resume=True continues it"):
+        train_retrieval(prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=4, **settings))
+    train_retrieval(prepared, tmp_path / "split", TINY, RetrievalTrainConfig(iters=4, **settings), resume=True)
     whole, split = (pd.read_csv(path / "loss.csv") for path in (run, tmp_path / "split"))
     assert list(whole.iteration) == [1, 2, 3, 4]
     np.testing.assert_array_equal(whole.loss, split.loss)

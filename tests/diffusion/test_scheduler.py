@@ -1,4 +1,5 @@
-"""Bridge schedule, forward marginal, targets, x0 recovery and the sampler against METHOD.md."""
+"""The bridge scheduler (schedule, forward marginal, targets, x0 recovery, step) and the sampling
+loop against METHOD.md."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import math
 import pytest
 import torch
 
-from lib.diffusion.bridge import BridgeSchedule, predict_x0, q_sample, training_target
-from lib.diffusion.sampler import sample_bridge, sampling_timesteps
-from lib.models.denoiser import Objective
+from lib.diffusion.sampler import sample_bridge
+from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig, Objective
 from tests.conftest import BRATS_CASE, require
 
 
+def scheduler(objective: Objective = Objective.DIRECTIONAL, direction_eps: float = 0.0, **settings) -> BridgeScheduler:
+    """BBDM's bridge; e = 0 in the directional target makes the x0 identities exact."""
+    return BridgeScheduler(BridgeSchedulerConfig(objective=objective, direction_eps=direction_eps, **settings))
+
+
 def test_schedule_values_match_the_formulas():
-    schedule = BridgeSchedule(timesteps=1000, max_var=0.5)
+    schedule = scheduler(timesteps=1000, max_var=0.5)
     for t in (0, 1, 500, 998, 999):
         m = 0.001 + (0.999 - 0.001) * t / 999
         assert schedule.m[t].item() == pytest.approx(m, abs=1e-12)
@@ -23,12 +28,22 @@ def test_schedule_values_match_the_formulas():
     assert schedule.delta.max().item() == pytest.approx(0.25, abs=1e-6)
     assert schedule.delta[0].item() < 1e-3 and schedule.delta[-1].item() < 1e-3
     with pytest.raises(ValueError, match="m_min < m_max"):
-        BridgeSchedule(10, m_min=0.5, m_max=0.4)
+        BridgeSchedulerConfig(10, m_min=0.5, m_max=0.4)
+    with pytest.raises(ValueError, match="timesteps must be >= 2"):
+        BridgeSchedulerConfig(1)
+
+
+def test_config_round_trip_and_unknown_keys():
+    config = BridgeSchedulerConfig(objective="plain", distance_range=(1, 30))
+    assert config.objective is Objective.PLAIN and config.distance_range == (1.0, 30.0)
+    assert BridgeSchedulerConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown bridge scheduler config keys"):
+        BridgeSchedulerConfig.from_dict({**config.to_dict(), "channels": [1]})
 
 
 def test_forward_sample_mean_and_variance_monte_carlo():
     """x_t ~ N((1 - m_t) x0 + m_t y, delta_t): checked with 200k draws per pixel value."""
-    schedule = BridgeSchedule(1000)
+    schedule = scheduler()
     generator = torch.Generator().manual_seed(0)
     x0, y = (
         torch.full((200_000, 1, 1, 1), -0.6, dtype=torch.float64),
@@ -37,7 +52,7 @@ def test_forward_sample_mean_and_variance_monte_carlo():
     for step in (100, 500, 900):
         t = torch.full((200_000,), step)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-        x_t = q_sample(schedule, x0, y, t, noise)
+        x_t = schedule.q_sample(x0, y, t, noise)
         m, delta = schedule.m[step].item(), schedule.delta[step].item()
         # Standard error of the mean is sqrt(delta / n) < 1.6e-3; of the variance ~ delta * sqrt(2 / n).
         assert x_t.mean().item() == pytest.approx((1 - m) * -0.6 + m * 0.8, abs=5 * math.sqrt(delta / 200_000))
@@ -53,44 +68,44 @@ def _pair(seed: int = 0, shape=(3, 1, 16, 16)) -> tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize("objective", list(Objective))
 def test_targets_match_the_formulas(objective):
-    schedule = BridgeSchedule(1000)
+    schedule = scheduler(objective)
     x0, y = _pair()
     t = torch.tensor([10, 500, 990])
     noise = torch.randn_like(x0)
-    target = training_target(schedule, x0, y, t, noise, objective, eps=0.0)
+    target = schedule.training_target(x0, y, t, noise)
     for b in range(3):
         m, delta = schedule.m[t[b]].item(), schedule.delta[t[b]].item()
         direction = y[b] - x0[b]
         if objective is Objective.DIRECTIONAL:
             direction = direction / direction.norm()
         torch.testing.assert_close(target[b], m * direction + math.sqrt(delta) * noise[b])
+    x_t, paired = schedule.training_pair(x0, y, t, noise)
+    assert torch.equal(x_t, schedule.q_sample(x0, y, t, noise)) and torch.equal(paired, target)
 
 
 @pytest.mark.parametrize("objective", list(Objective))
 @pytest.mark.parametrize("step", [0, 1, 300, 700, 998, 999])
 def test_x0_recovery_is_exact_for_the_exact_target(objective, step):
-    schedule = BridgeSchedule(1000)
+    schedule = scheduler(objective)
     x0, y = _pair(seed=step)
     t = torch.full((3,), step)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    x_t = q_sample(schedule, x0, y, t, noise)
-    target = training_target(schedule, x0, y, t, noise, objective, eps=0.0)
-    recovered = predict_x0(schedule, target, x_t, y, t, objective, clip=False)
+    x_t, target = schedule.training_pair(x0, y, t, noise)
+    recovered = schedule.predict_x0(target, x_t, y, t, clip=False)
     torch.testing.assert_close(recovered, x0, atol=1e-9, rtol=0)
 
 
 def test_naive_recovery_is_wrong_for_the_directional_objective():
     """METHOD.md's caution: x_t - eps_theta is not x0 under the directional target."""
-    schedule = BridgeSchedule(1000)
+    schedule = BridgeScheduler(BridgeSchedulerConfig(objective=Objective.DIRECTIONAL))
     x0, y = _pair()
     t = torch.full((3,), 500)
     noise = torch.randn_like(x0)
-    x_t = q_sample(schedule, x0, y, t, noise)
-    target = training_target(schedule, x0, y, t, noise, Objective.DIRECTIONAL)
+    x_t, target = schedule.training_pair(x0, y, t, noise)
     assert (x_t - target - x0).abs().max() > 0.1
 
 
-def oracle(x0: torch.Tensor, schedule: BridgeSchedule, objective: Objective):
+def oracle(x0: torch.Tensor, schedule: BridgeScheduler):
     """A denoiser that knows x0 and returns the exact target for the current x_t.
 
     The noise it implies is eps = (x_t - (1 - m_t) x0 - m_t y) / sqrt(delta_t).
@@ -100,7 +115,7 @@ def oracle(x0: torch.Tensor, schedule: BridgeSchedule, objective: Objective):
         y = condition[:, :1]
         m, delta = schedule.coefficients(t, x_t)
         eps = (x_t - (1 - m) * x0 - m * y) / delta.sqrt()
-        return training_target(schedule, x0, y, t, eps, objective, eps=0.0)
+        return schedule.training_target(x0, y, t, eps)
 
     return denoise
 
@@ -108,9 +123,9 @@ def oracle(x0: torch.Tensor, schedule: BridgeSchedule, objective: Objective):
 @pytest.mark.parametrize("objective", list(Objective))
 @pytest.mark.parametrize("steps", [2, 10, 100, 1000])
 def test_sampler_with_an_oracle_recovers_x0(objective, steps):
-    schedule = BridgeSchedule(1000)
+    schedule = scheduler(objective)
     x0, y = _pair(seed=steps)
-    result = sample_bridge(oracle(x0, schedule, objective), y, y, schedule, objective, steps=steps)
+    result = sample_bridge(oracle(x0, schedule), schedule, y, y, steps=steps)
     torch.testing.assert_close(result, x0, atol=1e-6, rtol=0)
 
 
@@ -124,15 +139,14 @@ def test_sampler_on_a_real_slice_pair_with_eta():
     flair = np.asarray(nib.load(str(folder / "t2f.nii.gz")).dataobj, dtype=np.float64)[60:124, 60:124, 80]
     x0 = torch.from_numpy(t1 / t1.max() * 2 - 1)[None, None]
     y = torch.from_numpy(flair / flair.max() * 2 - 1)[None, None]
-    schedule = BridgeSchedule(1000)
+    schedule = scheduler(Objective.DIRECTIONAL)
     calls = []
     generator = torch.Generator().manual_seed(3)
     result = sample_bridge(
-        oracle(x0, schedule, Objective.DIRECTIONAL),
-        y,
-        y,
+        oracle(x0, schedule),
         schedule,
-        Objective.DIRECTIONAL,
+        y,
+        y,
         steps=25,
         eta=1.0,
         generator=generator,
@@ -142,12 +156,44 @@ def test_sampler_on_a_real_slice_pair_with_eta():
     assert calls[-1] == (25, 25) and len(calls) == 25
 
 
+def test_step_follows_the_posterior_formulas():
+    """One step from t to s, written out with the equations of BridgeScheduler.step."""
+    schedule = scheduler(Objective.PLAIN)
+    visited = schedule.set_timesteps(10)
+    x0, y = _pair(seed=4)
+    output = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.1
+    t, s = visited[3], visited[4]
+    x_t = schedule.q_sample(x0, y, torch.full((3,), t), torch.randn_like(x0))
+    x0_hat = (x_t - output).clamp(-1, 1)
+    m_t, d_t, m_s, d_s = (
+        schedule.m[t].item(),
+        schedule.delta[t].item(),
+        schedule.m[s].item(),
+        schedule.delta[s].item(),
+    )
+    eps_hat = (x_t - (1 - m_t) * x0_hat - m_t * y) / math.sqrt(d_t)
+    torch.testing.assert_close(
+        schedule.step(output, t, x_t, y), (1 - m_s) * x0_hat + m_s * y + math.sqrt(d_s) * eps_hat
+    )
+    sigma2 = (d_t - d_s * (1 - m_t) ** 2 / (1 - m_s) ** 2) * d_s / d_t
+    z = torch.randn(x0.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    stochastic = schedule.step(output, t, x_t, y, eta=1.0, generator=torch.Generator().manual_seed(6))
+    expected = (1 - m_s) * x0_hat + m_s * y + math.sqrt(d_s - sigma2) * eps_hat + math.sqrt(sigma2) * z
+    torch.testing.assert_close(stochastic, expected)
+    # The last step returns the x0 estimate itself.
+    torch.testing.assert_close(schedule.step(output, 0, x_t, y), x0_hat)
+
+
 def test_sampling_timesteps_and_errors():
-    assert sampling_timesteps(1000, 100)[:3] == [999, 989, 979]
-    assert sampling_timesteps(1000, 100)[-2:] == [1, 0]
-    assert len(sampling_timesteps(1000, 100)) == 100 and sampling_timesteps(1000, 2) == [999, 0]
+    schedule = scheduler(timesteps=1000)
+    assert schedule.set_timesteps(100)[:3] == [999, 989, 979]
+    assert schedule.set_timesteps(100)[-2:] == [1, 0]
+    assert len(schedule.set_timesteps(100)) == 100 and schedule.set_timesteps(2) == [999, 0]
+    assert schedule.timesteps == [999, 0]
     with pytest.raises(ValueError, match="between 2 and 1000"):
-        sampling_timesteps(1000, 1)
+        schedule.set_timesteps(1)
+    x0, y = _pair()
+    with pytest.raises(ValueError, match="not on the sampling path"):
+        schedule.step(y, 500, y, y)
     with pytest.raises(ValueError, match="eta"):
-        x0, y = _pair()
-        sample_bridge(lambda *a: a[0], y, y, BridgeSchedule(10), Objective.PLAIN, steps=5, eta=-1)
+        sample_bridge(lambda *a: a[0], scheduler(Objective.PLAIN, timesteps=10), y, y, steps=5, eta=-1)

@@ -1,0 +1,259 @@
+"""The one training loop of the BBDM, the ControlNet and the retrieval encoder.
+
+:func:`run_training` owns what every trainer shares: the run folder and its resume rules
+(:class:`lib.train.run_folder.TrainingRun`), the saved training config taken over on resume,
+the device, the seed, the AdamW optimiser and the optional EMA copy, mixed precision, the
+step / log / validate / checkpoint cycle with its progress reports, and the final save. A
+:class:`Trainer` supplies what is particular to one model: its data and frozen parts, the
+module that trains, the loss of one batch, the validation, and what its files hold.
+
+Mixed precision: the network's forward pass runs under :func:`lib.models.device.autocast_context`
+(bfloat16 when the training config's ``precision`` asks for it and the device supports it); the
+parameters, the loss, the EMA copy and the optimiser state stay float32. With bfloat16 on the
+CPU the UNets also switch to ``channels_last``, the memory layout oneDNN's bfloat16 convolutions
+are fastest in.
+
+Every random draw of a trainer comes from one seeded generator (or, for the encoder, its
+sampler) whose state is checkpointed, so a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import enum
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from lib.models.device import Precision, autocast_context, resolve_device, resolve_precision
+from lib.options_schema import check_bounds
+from lib.progress import ProgressFn, report
+from lib.train.run_folder import TrainingRun
+
+# Keys of saved training configs that are no longer training settings: runs saved before the
+# shared loop kept the device in the training config; it is now an argument of every train_*.
+_RETIRED_KEYS = ("device",)
+
+
+@dataclass
+class LoopConfig:
+    """The settings :func:`run_training` reads; every trainer's config extends it.
+
+    On resume the saved run's config is used, except the fields in :attr:`RESUME_OVERRIDES`
+    (how far and how to run, not what is learnt), which are taken from the new config.
+    """
+
+    RESUME_OVERRIDES: ClassVar[tuple[str, ...]] = ("iters", "precision")
+
+    iters: int = field(default=2000, metadata={"help": "train up to this iteration (also on resume)", "min": 1})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate", "min": 0.0})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay", "min": 0.0})
+    seed: int = field(default=0, metadata={"help": "seed of the initialisation and of every random draw"})
+    checkpoint_every: int = field(default=250, metadata={"help": "iterations between checkpoints", "min": 1})
+    precision: Precision = field(
+        default=Precision.AUTO,
+        metadata={"help": "forward-pass arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, or bf16 (autocast)"},
+    )
+
+    def __post_init__(self) -> None:
+        self.precision = Precision.parse(self.precision)
+        check_bounds(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-type dict (for checkpoints and JSON): enums as their values."""
+        return {key: value.value if isinstance(value, enum.Enum) else value for key, value in asdict(self).items()}
+
+    def resumed(self, saved: dict[str, Any]) -> Self:
+        """The saved run's config (``to_dict`` output), with this config's :attr:`RESUME_OVERRIDES`."""
+        values = {key: value for key, value in saved.items() if key not in _RETIRED_KEYS}
+        return type(self)(**{**values, **{name: getattr(self, name) for name in self.RESUME_OVERRIDES}})
+
+
+@dataclass
+class TrainingPlan:
+    """What a trainer's :meth:`Trainer.prepare` tells the loop.
+
+    Attributes:
+        record: entries of the run's ``config.json`` besides ``training`` (model config, inputs).
+        validate_every: iterations between validations (and at the last one); None: no validation.
+        ema_decay: decay of the EMA copy whose weights are shipped; None: ship the trained weights.
+        grad_clip: maximum gradient norm; None: no clipping.
+    """
+
+    record: dict[str, Any]
+    validate_every: int | None
+    ema_decay: float | None = None
+    grad_clip: float | None = None
+
+
+class Trainer(abc.ABC):
+    """The model-specific half of a training run; :func:`run_training` drives it.
+
+    The loop calls, in order: :meth:`prepare` (data, frozen parts; no random initialisation),
+    then seeds torch and calls :meth:`build`, restores a resumed run (:meth:`restore`), writes
+    ``config.json``, calls :meth:`begin`, and then for each iteration :meth:`loss` (before the
+    optimiser step) and, when due, :meth:`validate`; :meth:`state` and :meth:`weights` at each
+    checkpoint; :meth:`finish` at the end.
+    """
+
+    kind: ClassVar[str]  # the resume checkpoint's kind, e.g. "bbdm-train"
+    weights_name: ClassVar[str]  # the inference weights file in the run folder, e.g. "model.pt"
+    weights_key: ClassVar[str] = "model"  # where the resume checkpoint keeps the trained module's weights
+    loss_columns: ClassVar[list[str]]  # loss.csv: iteration, loss, what loss() adds, seconds
+    validation_log: ClassVar[str] = "validation"
+    validation_columns: ClassVar[list[str]]  # iteration, then the validate() scores (written with 4 decimals)
+
+    @abc.abstractmethod
+    def prepare(self, train_config: Any, run: TrainingRun, device: torch.device) -> TrainingPlan:
+        """Load the data and any frozen model; on resume (``run.state``) take the model config from it.
+
+        Raises:
+            ValueError: inputs that do not fit together.
+        """
+
+    @abc.abstractmethod
+    def build(self, channels_last: bool) -> torch.nn.Module:
+        """The module the optimiser trains, freshly initialised (torch is seeded just before).
+
+        ``channels_last``: put the convolutional networks in that memory layout (bfloat16 on CPU).
+        """
+
+    @abc.abstractmethod
+    def loss(
+        self, generator: torch.Generator, autocast: contextlib.AbstractContextManager
+    ) -> tuple[torch.Tensor, list[Any]]:
+        """The float32 loss of one batch drawn with ``generator``, the forward pass under ``autocast``.
+
+        Returns:
+            The loss, and the values loss.csv records between the loss and the seconds.
+        """
+
+    @abc.abstractmethod
+    def validate(self, module: torch.nn.Module) -> tuple[dict[str, float], str]:
+        """Scores of ``module`` (the EMA copy, if any) by :attr:`validation_columns` name, and a line for
+        users (the loop puts the iteration before it)."""
+
+    def state(self) -> dict[str, Any]:
+        """What the resume checkpoint holds besides the weights, optimiser, EMA and generator."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:  # noqa: B027 (an optional hook)
+        """Take up a resumed run's own state (e.g. a sampler's); the loop restores the rest."""
+
+    @abc.abstractmethod
+    def weights(self, module: torch.nn.Module) -> dict[str, Any]:
+        """The inference weights file's content for ``module`` (the EMA copy, if any)."""
+
+    def begin(self, out: Path) -> None:  # noqa: B027 (an optional hook)
+        """Write the trainer's own files once the run folder exists."""
+
+    def finish(self, out: Path) -> None:  # noqa: B027 (an optional hook)
+        """After the last iteration (e.g. plot the curves)."""
+
+
+def run_training(
+    trainer: Trainer,
+    out: str | os.PathLike[str],
+    train_config: LoopConfig,
+    device: str = "auto",
+    resume: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict[str, float]:
+    """Train (or resume training) with ``trainer`` into the run folder ``out``.
+
+    Args:
+        trainer: the model-specific parts.
+        out: the run folder.
+        train_config: training settings (on resume the saved run's, except ``iters`` and ``precision``).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        resume: continue from ``out/checkpoint.pt``.
+        progress: called after each iteration with (iteration, iters, message); the message is a
+            validation line when one was run, else "".
+
+    Returns:
+        The last validation scores (empty without validation).
+
+    Raises:
+        RunExistsError: ``out`` holds a run and ``resume`` is false.
+        ValueError: no checkpoint to resume, or inputs that do not fit together.
+    """
+    run = TrainingRun(
+        out, trainer.kind, resume, {"loss": trainer.loss_columns, trainer.validation_log: trainer.validation_columns}
+    )
+    if run.state is not None:
+        train_config = train_config.resumed(run.state["train_config"])
+    where = resolve_device(device)
+    precision = resolve_precision(train_config.precision, where)
+    plan = trainer.prepare(train_config, run, where)
+
+    torch.manual_seed(train_config.seed)
+    module = trainer.build(channels_last=where.type == "cpu" and precision is Precision.BF16)
+    ema = (
+        AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(plan.ema_decay), use_buffers=True)
+        if plan.ema_decay is not None
+        else None
+    )
+    optimizer = torch.optim.AdamW(module.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    generator = torch.Generator().manual_seed(train_config.seed)
+    if run.state is not None:
+        module.load_state_dict(run.state[trainer.weights_key])
+        if ema is not None:
+            ema.load_state_dict(run.state["ema"])
+        optimizer.load_state_dict(run.state["optimizer"])
+        if "generator" in run.state:  # the encoder's runs saved before the shared loop had none (nor used it)
+            generator.set_state(run.state["generator"])
+        trainer.restore(run.state)
+    run.begin({**plan.record, "training": train_config.to_dict()})
+    trainer.begin(run.out)
+    shipped = ema.module if ema is not None else module
+
+    def save(iteration: int) -> None:
+        state = {
+            **trainer.state(),
+            "train_config": train_config.to_dict(),
+            trainer.weights_key: module.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+        }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        run.save(iteration, state, trainer.weights_name, trainer.weights(shipped))
+
+    autocast = autocast_context(where, precision)
+    scores: dict[str, float] = {}
+    iters = train_config.iters
+    report(progress, min(run.start, iters), iters)
+    started = time.perf_counter()
+    for iteration in range(run.start + 1, iters + 1):
+        module.train()
+        loss, values = trainer.loss(generator, autocast)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if plan.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), plan.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update_parameters(module)
+        run.log("loss", [iteration, f"{loss.item():.6g}", *values, f"{time.perf_counter() - started:.1f}"])
+
+        message = ""
+        if plan.validate_every is not None and (iteration % plan.validate_every == 0 or iteration == iters):
+            scores, line = trainer.validate(shipped)
+            message = f"iteration {iteration}: {line}"
+            run.log(
+                trainer.validation_log,
+                [iteration, *(f"{scores[column]:.4f}" for column in trainer.validation_columns[1:])],
+            )
+        if iteration % train_config.checkpoint_every == 0 or iteration == iters:
+            save(iteration)
+        report(progress, iteration, iters, message)
+    if run.start >= iters:
+        save(run.start)
+    trainer.finish(run.out)
+    return scores

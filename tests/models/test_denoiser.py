@@ -1,0 +1,57 @@
+"""The BBDM's spec: the denoiser's config and the bridge scheduler's settings, saved apart in
+checkpoints, and the old single-config checkpoints (the shipped presets) split on reading."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from lib.diffusion.scheduler import BridgeSchedulerConfig, Objective
+from lib.io.checkpoint import save_checkpoint
+from lib.models.denoiser import BBDMConfig, BBDMSpec, bbdm_checkpoint, build_denoiser, load_bbdm
+from lib.presets import DEFAULT_WEIGHTS_DIR
+
+CONFIG = BBDMConfig(
+    image_size=16, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8
+)
+SCHEDULER = BridgeSchedulerConfig(timesteps=100, objective=Objective.PLAIN, distance_range=(1.5, 20.0))
+
+
+def test_checkpoint_keeps_the_two_configs_apart_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model = build_denoiser(CONFIG)
+    spec = BBDMSpec(CONFIG, SCHEDULER)
+    state = bbdm_checkpoint(model.state_dict(), spec)
+    assert state["kind"] == "bbdm" and state["config"] == CONFIG.to_dict() and state["scheduler"] == SCHEDULER.to_dict()
+    assert not set(state["config"]) & set(state["scheduler"])
+    save_checkpoint(tmp_path / "model.pt", state)
+    loaded, loaded_spec = load_bbdm(tmp_path / "model.pt")
+    assert loaded_spec == spec and loaded_spec.image_size == 16 and loaded_spec.neighbours == 0
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_old_single_config_checkpoints_are_split_on_reading():
+    old = {"config": {**CONFIG.to_dict(), **SCHEDULER.to_dict()}}
+    assert BBDMSpec.from_checkpoint(old) == BBDMSpec(CONFIG, SCHEDULER)
+    with pytest.raises(ValueError, match="unknown BBDM config keys"):
+        BBDMSpec.from_checkpoint({"config": {**CONFIG.to_dict(), "colour": 1}, "scheduler": SCHEDULER.to_dict()})
+    with pytest.raises(ValueError, match="unknown bridge scheduler config keys"):
+        BBDMSpec.from_checkpoint({"config": CONFIG.to_dict(), "scheduler": {"colour": 1}})
+
+
+@pytest.mark.parametrize("name", ["ct2mri", "flair2t1"])
+def test_shipped_weights_load_unchanged_on_disk(name):
+    """The shipped model.pt files keep the bridge's settings in their model config (old format)."""
+    path = DEFAULT_WEIGHTS_DIR / name / "bbdm.pt"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    stored = torch.load(path, weights_only=True)
+    assert "scheduler" not in stored and "objective" in stored["config"]
+    _, spec = load_bbdm(path)
+    assert spec.scheduler.objective is Objective.PLAIN and spec.scheduler.timesteps == 1000
+    assert spec.scheduler.distance_range == tuple(stored["config"]["distance_range"])
+    assert spec.denoiser == BBDMConfig(
+        image_size=64, channels=(32, 64, 128), attention_levels=(False, False, True), norm_num_groups=16
+    )
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest

@@ -1,0 +1,86 @@
+"""The shared training loop: mixed precision, progress reports, resume after a crash, config merging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lib.models.denoiser import BBDMConfig
+from lib.models.device import Precision, supports_bf16
+from lib.train.bbdm import TrainConfig, train_bbdm
+from lib.train.controlnet import ControlNetTrainConfig
+from lib.train.retrieval import RetrievalTrainConfig
+
+TINY = BBDMConfig(
+    image_size=32, channels=(16, 32), attention_levels=(False, True), num_head_channels=16, norm_num_groups=8
+)
+SETTINGS = dict(batch_size=2, val_every=2, val_slices=2, val_steps=2, checkpoint_every=2, seed=2)
+
+
+def test_bf16_training_on_the_cpu_gives_finite_losses_and_float32_state(prepared, tmp_path):
+    if not supports_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has no native bfloat16 (AVX512-BF16 or AMX); bf16 training would fall back to fp32")
+    train_bbdm(prepared, tmp_path / "r", TINY, TrainConfig(iters=4, precision="bf16", **SETTINGS), device="cpu")
+    loss = pd.read_csv(tmp_path / "r" / "loss.csv").loss.to_numpy()
+    assert len(loss) == 4 and np.isfinite(loss).all() and (loss > 0).all()
+    assert np.isfinite(pd.read_csv(tmp_path / "r" / "validation.csv").psnr).all()
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert state["train_config"]["precision"] == "bf16"
+    # Parameters, EMA copy and optimiser moments stay float32; the network ran channels_last.
+    assert all(tensor.dtype == torch.float32 for tensor in state["model"].values() if tensor.is_floating_point())
+    assert all(tensor.dtype == torch.float32 for tensor in state["ema"].values() if tensor.is_floating_point())
+    moments = [value for entry in state["optimizer"]["state"].values() for value in entry.values() if value.dim()]
+    assert moments and all(value.dtype == torch.float32 for value in moments)
+    assert state["model"]["conv_in.conv.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_progress_reports_every_iteration_and_validation_lines(prepared, tmp_path):
+    calls = []
+    train_bbdm(
+        prepared, tmp_path / "r", TINY, TrainConfig(iters=3, **SETTINGS), progress=lambda *call: calls.append(call)
+    )
+    assert [call[:2] for call in calls] == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    messages = [message for _, _, message in calls if message]
+    assert len(messages) == 2 and messages[0].startswith("iteration 2: validation PSNR")
+    assert all("--" not in message for message in messages)
+
+
+def test_resume_after_a_crash_continues_exactly(prepared, tmp_path):
+    """A run killed between checkpoints repeats the lost iterations and ends where an uninterrupted one does."""
+    train_bbdm(prepared, tmp_path / "whole", TINY, TrainConfig(iters=6, **SETTINGS))
+
+    def crash(done: int, total: int, message: str) -> None:
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_bbdm(prepared, tmp_path / "crashed", TINY, TrainConfig(iters=6, **SETTINGS), progress=crash)
+    assert torch.load(tmp_path / "crashed" / "checkpoint.pt", weights_only=True)["iteration"] == 4
+    train_bbdm(prepared, tmp_path / "crashed", TINY, TrainConfig(iters=6, **SETTINGS), resume=True)
+    for log in ("loss", "validation"):
+        whole, resumed = (pd.read_csv(tmp_path / name / f"{log}.csv") for name in ("whole", "crashed"))
+        pd.testing.assert_frame_equal(
+            whole.drop(columns="seconds", errors="ignore"), resumed.drop(columns="seconds", errors="ignore")
+        )
+    a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True)["model"] for name in ("whole", "crashed"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("config_class", [TrainConfig, ControlNetTrainConfig, RetrievalTrainConfig])
+def test_resume_keeps_the_saved_settings_but_takes_iters_and_precision(config_class):
+    saved = config_class(iters=10, seed=7, lr=0.5, precision="fp32").to_dict()
+    assert saved["precision"] == "fp32" and type(saved["precision"]) is str  # plain types in checkpoints
+    merged = config_class(iters=20, seed=1, lr=0.1, precision="bf16").resumed({**saved, "device": "cpu"})
+    assert (merged.iters, merged.precision, merged.seed, merged.lr) == (20, Precision.BF16, 7, 0.5)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        config_class(precision="fp16")
+
+
+def test_every_training_setting_is_described_for_the_front_ends():
+    from dataclasses import fields
+
+    for config_class in (TrainConfig, ControlNetTrainConfig, RetrievalTrainConfig):
+        undescribed = [item.name for item in fields(config_class) if not item.metadata.get("help")]
+        assert not undescribed, (config_class.__name__, undescribed)
