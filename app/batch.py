@@ -42,6 +42,7 @@ from lib.io.dicom import (
     why_unusable,
 )
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
+from lib.reconstruction import Summary
 from lib.report.dicom_output import write_synthetic_mri_series
 from lib.report.outputs import (
     DICOM_FOLDER,
@@ -279,9 +280,9 @@ def reconstruct_series(
         series_uid=series.uid,
         status="done",
         seconds=round(time.perf_counter() - started, 2),
-        slices=summary["slices"],
-        retrieval_success_rate=summary["retrieval_success_rate"],
-        fallback_count=summary["fallback_count"],
+        slices=summary.slices,
+        retrieval_success_rate=summary.retrieval_success_rate,
+        fallback_count=summary.fallback_count,
         positions=positions_source(summary),
         output=out.name,
     )
@@ -289,13 +290,13 @@ def reconstruct_series(
 
 def resumed_outcome(series: DicomSeries, out: Path) -> SeriesOutcome:
     """The manifest row of a series whose complete output ``out`` a previous run wrote."""
-    summary = json.loads((out / "provenance.json").read_text())["summary"]
+    summary = Summary.from_dict(json.loads((out / "provenance.json").read_text())["summary"])
     return SeriesOutcome(
         series_uid=series.uid,
         status="complete",
-        slices=summary["slices"],
-        retrieval_success_rate=summary["retrieval_success_rate"],
-        fallback_count=summary["fallback_count"],
+        slices=summary.slices,
+        retrieval_success_rate=summary.retrieval_success_rate,
+        fallback_count=summary.fallback_count,
         positions=positions_source(summary),
         output=out.name,
         message="already complete (resume)",

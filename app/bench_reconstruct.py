@@ -55,7 +55,7 @@ def run_once(pipeline: ReBrainPipeline, source: Path, out: Path, options: Recons
     started = time.perf_counter()
     write_outputs(out, reconstruction, input_geometry(volume, 2))
     write_s = time.perf_counter() - started
-    seconds = reconstruction.summary["seconds"]
+    seconds = reconstruction.summary.seconds
     stages = {
         "read": read_s,
         "prepare": seconds["prepare"],
@@ -84,16 +84,19 @@ def main() -> None:
     preset = load_preset(args.preset, args.weights)
     steps_list = args.steps or sorted({5, preset.steps, 2 * preset.steps})
     started = time.perf_counter()
-    pipeline = ReBrainPipeline(preset, device=args.device)
+    pipeline = ReBrainPipeline.from_preset(preset, device=args.device)
     load_s = time.perf_counter() - started
     base = baseline_seconds(pipeline.device)
     print(
-        f"Reconstruction benchmark: preset {preset.name}, {args.slices} output slices from {args.slices // 2 + 1} acquired (x2), "
-        f"device {pipeline.device}, batch {args.batch_size}, {args.repeats} repeats (medians); models loaded in {load_s:.1f} s; "
+        f"Reconstruction benchmark: preset {preset.name}, {args.slices} output slices from "
+        f"{args.slices // 2 + 1} acquired (x2), "
+        f"device {pipeline.device}, batch {args.batch_size}, {args.repeats} repeats (medians); models loaded "
+        f"in {load_s:.1f} s; "
         f"baseline (10 matmuls 1024^2) {base * 1e3:.1f} ms\n"
     )
     print(
-        "| steps | total s | total / baseline | read s | frame+normalise s | retrieval s | sampling s | output s (incl. writing) | PSNR dB | SSIM | under 120 s |"
+        "| steps | total s | total / baseline | read s | frame+normalise s | retrieval s | sampling s | output "
+        "s (incl. writing) | PSNR dB | SSIM | under 120 s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
@@ -106,8 +109,10 @@ def main() -> None:
             median = {stage: statistics.median(run[stage] for run in runs) for stage in runs[0]}
             quality = score_volumes(folder / "out" / "mri.nii.gz", reference)
             print(
-                f"| {steps} | {median['total']:.1f} | {median['total'] / base:.0f} | {median['read']:.2f} | {median['prepare']:.2f} | {median['retrieval']:.2f} | "
-                f"{median['sampling']:.1f} | {median['output']:.2f} | {quality['psnr']:.2f} | {quality['ssim']:.3f} | {'yes' if median['total'] < TARGET_S else 'no'} |",
+                f"| {steps} | {median['total']:.1f} | {median['total'] / base:.0f} | {median['read']:.2f} | "
+                f"{median['prepare']:.2f} | {median['retrieval']:.2f} | "
+                f"{median['sampling']:.1f} | {median['output']:.2f} | {quality['psnr']:.2f} | "
+                f"{quality['ssim']:.3f} | {'yes' if median['total'] < TARGET_S else 'no'} |",
                 flush=True,
             )
     print(f"\npeak memory: {peak_memory_mb(pipeline.device):.0f} MB")

@@ -13,6 +13,11 @@ For every slice of the dense target grid:
    with ``samples > 1`` (stochastic, eta > 0) the output is the mean and the per-voxel
    standard deviation is the uncertainty.
 
+That is the method (``rebrain``); the evaluation's baselines change steps 2 to 4, each as an
+object of :mod:`lib.reconstruction_methods` that the pipeline asks what to retrieve, what
+guides a slice and how the slices are filled. The result (:class:`Reconstruction`, its
+:class:`SliceRecord` and :class:`Summary`) is defined in :mod:`lib.reconstruction`.
+
 The output lies on the dense grid in the input's physical frame (same in-plane grid, slices
 along the input's slice normal) and carries a per-slice provenance record. No identifier of a
 reference patient is recorded: knowledge-base entries carry anonymised subject keys only.
@@ -21,8 +26,8 @@ reference patient is recorded: knowledge-base entries carry anonymised subject k
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,83 +41,24 @@ from lib.io.volume import DenseGrid, Volume, dense_grid
 from lib.models.controlnet import ControlledDenoiser, load_controlled_denoiser
 from lib.models.denoiser import load_bbdm
 from lib.models.device import resolve_device
-from lib.models.retrieval_encoder import embed_slices, encoder_hash, load_retrieval_encoder
+from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices, encoder_hash, load_retrieval_encoder
 from lib.presets import Preset
-from lib.reconstruction_methods import IGNORING_TAU, WITH_CONTROLNET, WITHOUT_RETRIEVAL
+from lib.progress import ProgressFn, report
+from lib.reconstruction import Reconstruction, SliceRecord, Summary
+from lib.reconstruction_methods import GapFilling, SlicePlan, gap_filling
 from lib.reconstruction_options import ReconstructionOptions
 from lib.retrieval.knowledge_base import KnowledgeBase
 
-ProgressFn = Callable[[int, int], None]
+if TYPE_CHECKING:
+    from lib.models.denoiser import BBDMSpec
+
+# Reconstruction and SliceRecord live in lib.reconstruction (no torch); imported from here too.
+__all__ = ["ReBrainPipeline", "Reconstruction", "ReconstructionOptions", "SliceRecord", "dense_slices"]
 
 # Outside the extracted brain a real CT is set to air, as the brain-only training CTs are.
 OUTSIDE_BRAIN_HU = -1000.0
 # A CT input must have a voxel below this (air is about -1000 HU; fat, the lowest tissue, -100).
 AIR_CHECK_HU = -200.0
-
-
-@dataclass
-class SliceRecord:
-    """Provenance of one output slice.
-
-    Attributes:
-        index: slice index on the dense grid.
-        position_mm: its position along the slice normal (the input volume's ``p``, mm).
-        normalised_position: its axial position, 0 at the bottom of the brain, 1 at the top
-            (from the CT head template for a registered real CT; see ``summary["alignment"]``).
-        acquired: true when an acquired CT slice lies on it.
-        source_slice: that acquired slice's index in the input, or None.
-        similarity: top-1 retrieval cosine similarity (None: retrieval off or no candidate).
-        success: similarity >= tau.
-        control: ``"reference"`` (retrieved slice), ``"slerp"`` (fallback for a gap slice),
-            ``"acquired"`` (an acquired slice guides itself) or ``"none"`` (no ControlNet).
-        fallback: a gap slice whose retrieval failed, guided by the SLERP of its neighbours.
-        reference: the reference's anonymised ``subject:slice`` key, or None.
-        uncertainty_mean: mean per-voxel standard deviation in the brain (0 for one sample).
-    """
-
-    index: int
-    position_mm: float
-    normalised_position: float
-    acquired: bool
-    source_slice: int | None
-    similarity: float | None
-    success: bool
-    control: str
-    fallback: bool
-    reference: str | None
-    uncertainty_mean: float = 0.0
-
-
-@dataclass
-class Reconstruction:
-    """The result of :meth:`ReBrainPipeline.reconstruct`.
-
-    Attributes:
-        mri: float32 (X, Y, Z) synthetic MRI on the dense grid, in [0, 1], 0 outside the brain.
-        uncertainty: float32 (X, Y, Z) per-voxel standard deviation in the same units.
-        ct: float32 (X, Y, Z) the input interpolated onto the dense grid (input units), for display.
-        mask: bool (X, Y, Z) the brain/foreground mask on the dense grid.
-        grid: the dense grid (its ``affine`` is the output's voxel-to-RAS affine).
-        slices: one :class:`SliceRecord` per output slice.
-        summary: counts, rates, timings and settings.
-    """
-
-    mri: np.ndarray
-    uncertainty: np.ndarray
-    ct: np.ndarray
-    mask: np.ndarray
-    grid: DenseGrid
-    slices: list[SliceRecord]
-    summary: dict = field(default_factory=dict)
-
-    @property
-    def similarities(self) -> np.ndarray:
-        """Per output slice, the top-1 retrieval similarity (NaN where there is none)."""
-        return np.array([np.nan if r.similarity is None else r.similarity for r in self.slices], dtype=float)
-
-    def provenance(self) -> dict:
-        """JSON-ready provenance: summary plus the per-slice table."""
-        return {"summary": self.summary, "slices": [asdict(record) for record in self.slices]}
 
 
 def dense_slices(acquired: np.ndarray, acquired_mask: np.ndarray, grid: DenseGrid) -> tuple[np.ndarray, np.ndarray]:
@@ -127,32 +73,87 @@ def dense_slices(acquired: np.ndarray, acquired_mask: np.ndarray, grid: DenseGri
     return np.where(mask, y, -1.0).astype(np.float32), mask
 
 
+@dataclass(eq=False, repr=False)
 class ReBrainPipeline:
     """The trained models of one preset, ready to reconstruct volumes.
 
-    Args:
-        preset: the preset (see :mod:`lib.presets`).
-        device: ``auto``, ``cpu`` or ``cuda``.
+    Build it with :meth:`from_preset` (load a preset folder's weights) or :meth:`from_parts`
+    (models already loaded, e.g. an evaluation variant's); both check that the parts fit.
+
+    Attributes:
+        model: the BBDM denoiser, or a :class:`ControlledDenoiser` with its ControlNet branch.
+        config: the BBDM's config (image size, neighbours, bridge settings), as loaded with it.
+        encoder: the retrieval encoder.
+        kb: a knowledge base of that encoder's embeddings.
+        preset: the preset the parts belong to (settings, names, weight versions).
+        device: where the models run.
+        versions: the preset's weight versions (:meth:`lib.presets.Preset.fingerprint`).
 
     Raises:
-        ValueError: a missing weight file, or a knowledge base built with another encoder.
+        ValueError: knowledge-base slices of another size than the BBDM's.
     """
 
-    def __init__(self, preset: Preset, device: str = "cpu") -> None:
-        self.preset = preset
-        self.device = resolve_device(device)
+    model: torch.nn.Module
+    config: BBDMSpec
+    encoder: RetrievalEncoder
+    kb: KnowledgeBase
+    preset: Preset
+    device: torch.device
+    versions: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        slice_shape = self.kb.manifest.slice_shape
+        if slice_shape[0] != self.config.image_size:
+            raise ValueError(
+                f"{self.preset.root}: knowledge base slices are {slice_shape}, the BBDM works at "
+                f"{self.config.image_size}"
+            )
+        self.versions = self.preset.fingerprint()
+
+    @classmethod
+    def from_preset(cls, preset: Preset, device: str = "cpu") -> ReBrainPipeline:
+        """Load a preset folder's weights and knowledge base (as nnU-Net's
+        ``initialize_from_trained_model_folder``).
+
+        Args:
+            preset: the preset (see :mod:`lib.presets`).
+            device: ``auto``, ``cpu`` or ``cuda``.
+
+        Raises:
+            ValueError: a missing weight file, a knowledge base built with another encoder, or
+                one whose slices do not fit the BBDM.
+        """
+        resolved = resolve_device(device)
         controlnet_path = preset.path("controlnet")
         if controlnet_path is not None:
-            self.model, self.config = load_controlled_denoiser(preset.required("bbdm"), controlnet_path, self.device)
+            model, config = load_controlled_denoiser(preset.required("bbdm"), controlnet_path, resolved)
         else:
-            self.model, self.config = load_bbdm(preset.required("bbdm"), self.device)
-        self.encoder, _ = load_retrieval_encoder(preset.required("encoder"), self.device)
-        self.kb = KnowledgeBase.load(preset.required("kb"), expected_encoder_hash=encoder_hash(self.encoder))
-        if self.kb.manifest["slice_shape"][0] != self.config.image_size:
-            raise ValueError(
-                f"{preset.root}: knowledge base slices are {self.kb.manifest['slice_shape']}, the BBDM works at {self.config.image_size}"
-            )
-        self.versions = preset.fingerprint()
+            model, config = load_bbdm(preset.required("bbdm"), resolved)
+        encoder, _ = load_retrieval_encoder(preset.required("encoder"), resolved)
+        knowledge_base = KnowledgeBase.load(preset.required("kb"), expected_encoder_hash=encoder_hash(encoder))
+        return cls(model, config, encoder, knowledge_base, preset, resolved)
+
+    @classmethod
+    def from_parts(
+        cls,
+        model: torch.nn.Module,
+        config: BBDMSpec,
+        encoder: RetrievalEncoder,
+        knowledge_base: KnowledgeBase,
+        preset: Preset,
+        device: str | torch.device = "cpu",
+    ) -> ReBrainPipeline:
+        """A pipeline of models already loaded (as nnU-Net's ``manual_initialization``).
+
+        Args:
+            model, config, encoder, knowledge_base, preset: see the class attributes.
+            device: ``auto``, ``cpu``, ``cuda`` or a device; the models are moved there.
+
+        Raises:
+            ValueError: knowledge-base slices of another size than the BBDM's.
+        """
+        resolved = device if isinstance(device, torch.device) else resolve_device(device)
+        return cls(model.to(resolved), config, encoder.to(resolved), knowledge_base, preset, resolved)
 
     @property
     def has_controlnet(self) -> bool:
@@ -167,13 +168,15 @@ class ReBrainPipeline:
         """
         if volume.modality in ("CT", "MR") and volume.modality != self.preset.input_modality:
             raise ValueError(
-                f"{volume.source}: a {volume.modality} volume, but preset {self.preset.name!r} translates {self.preset.source} input"
+                f"{volume.source}: a {volume.modality} volume, but preset {self.preset.name!r} translates "
+                f"{self.preset.source} input"
             )
         # A NIfTI file does not say what it holds: a CT in HU has air (about -1000 HU) around the
         # head, an MR image has no values below zero.
         if self.preset.input_modality == "CT" and float(volume.array.min()) > AIR_CHECK_HU:
             raise ValueError(
-                f"{volume.source}: values {float(volume.array.min()):.4g} to {float(volume.array.max()):.4g} do not look like a CT in Hounsfield units "
+                f"{volume.source}: values {float(volume.array.min()):.4g} to {float(volume.array.max()):.4g} "
+                "do not look like a CT in Hounsfield units "
                 f"(no air below {AIR_CHECK_HU:.0f} HU); preset {self.preset.name!r} needs a head CT"
             )
 
@@ -188,7 +191,7 @@ class ReBrainPipeline:
         Args:
             volume: the acquired slices (CT in HU for CT presets) in any in-plane size.
             options: see :class:`ReconstructionOptions`.
-            progress: called as ``progress(done, total)`` in sampling work units.
+            progress: called as ``progress(done, total, "")`` in sampling work units.
 
         Raises:
             ValueError: wrong modality, no foreground, bad options; for a real head CT, not a
@@ -216,18 +219,22 @@ class ReBrainPipeline:
         positions, alignment_record = self._positions(volume, extraction, frame, grid, options)
         prepared_s = time.perf_counter() - started
 
-        method = options.method
+        method = gap_filling(options.method)
+        controlled = method.guided_by(self.has_controlnet and options.use_controlnet)
         started = time.perf_counter()
-        retrieval = self._retrieve(y, positions, options) if method not in WITHOUT_RETRIEVAL else None
-        control, records = self._controls(y, grid, positions, retrieval, options)
+        retrieval = self._retrieve(y, positions, options) if method.retrieves else None
+        control, references, records = self._controls(y, grid, positions, retrieval, method, controlled)
         retrieval_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        if method == "interp":
-            translated, translated_std = self._sample(acquired, acquired, options, progress, use_control=False)
-            mean, std = grid.interpolate(translated), grid.interpolate(translated_std)
-        else:
-            mean, std = self._sample_methods(y, control, grid, retrieval, records, options, progress)
+        plan = SlicePlan(
+            y=y, acquired=acquired, control=control, references=references, grid=grid, controlled=controlled
+        )
+
+        def sample(condition: np.ndarray, control: np.ndarray, use_control: bool) -> tuple[np.ndarray, np.ndarray]:
+            return self._sample(condition, control, options, progress, use_control)
+
+        mean, std = method.fill(plan, sample, self.kb)
         sampling_s = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -248,10 +255,12 @@ class ReBrainPipeline:
         summary = self._summary(
             records,
             options,
+            method,
+            controlled,
             {"prepare": prepared_s, "retrieval": retrieval_s, "sampling": sampling_s, "output": output_s},
+            self._extraction_summary(extraction, options),
+            alignment_record,
         )
-        summary["brain_extraction"] = self._extraction_summary(extraction, options)
-        summary["alignment"] = alignment_record
         return Reconstruction(
             mri=mri, uncertainty=uncertainty, ct=ct, mask=mask_dense, grid=grid, slices=records, summary=summary
         )
@@ -307,35 +316,26 @@ class ReBrainPipeline:
         grid: DenseGrid,
         positions: np.ndarray,
         retrieval: list | None,
-        options: ReconstructionOptions,
-    ) -> tuple[np.ndarray, list[SliceRecord]]:
-        """The control image of every slice and its provenance record (see :data:`lib.reconstruction_methods.METHODS`)."""
+        method: GapFilling,
+        controlled: bool,
+    ) -> tuple[np.ndarray, list[int | None], list[SliceRecord]]:
+        """The control image of every slice, the entry id of the reference it uses (or None) and
+        its provenance record (the method decides which references it uses and the record's
+        ``control``)."""
         # The fallback control is the SLERP of the neighbours: y itself for a gap slice, and
         # the slice itself for an acquired one.
         control = y.copy()
+        references: list[int | None] = []
         records = []
-        method = options.method
-        controlled = self._uses_controlnet(options)
         for z in range(len(y)):
             result = retrieval[z] if retrieval is not None else None
             success = bool(result is not None and result.success)
             candidate = result is not None and result.entry_id is not None
             acquired = bool(grid.acquired[z])
-            # What guides (or replaces) the slice: the reference when retrieval succeeded, or,
-            # for the ablations that ignore tau, whenever there is a candidate at all.
-            use_reference = success or (candidate and method in IGNORING_TAU)
-            if use_reference and method in WITH_CONTROLNET:
+            use_reference = method.uses_reference(success, candidate)
+            references.append(result.entry_id if use_reference else None)
+            if use_reference and method.guided:
                 control[z] = self.kb.ct_slice(result.entry_id)
-            if method == "interp":
-                kind = "none" if acquired else "interpolated"
-            elif method == "substitute":
-                kind = "substituted" if use_reference and not acquired else "none"
-            elif method == "r-as-input":
-                kind = "reference-as-input" if success and not acquired else "none"
-            elif controlled:
-                kind = "reference" if use_reference else ("acquired" if acquired else "slerp")
-            else:
-                kind = "none"
             records.append(
                 SliceRecord(
                     index=z,
@@ -347,51 +347,18 @@ class ReBrainPipeline:
                     if result is not None and np.isfinite(result.similarity)
                     else None,
                     success=success,
-                    control=kind,
-                    fallback=not use_reference and not acquired and method not in WITHOUT_RETRIEVAL,
+                    control=method.control_kind(acquired, use_reference, controlled),
+                    fallback=not use_reference and not acquired and method.retrieves,
                     reference=f"{result.subject}:{result.slice_index}" if use_reference else None,
                 )
             )
-        return control, records
-
-    def _sample_methods(
-        self,
-        y: np.ndarray,
-        control: np.ndarray,
-        grid: DenseGrid,
-        retrieval: list | None,
-        records: list[SliceRecord],
-        options: ReconstructionOptions,
-        progress: ProgressFn | None,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and standard deviation of every dense slice for the diffusion-based methods."""
-        method = options.method
-        condition = y.copy()
-        if method == "r-as-input":
-            for record in records:
-                if record.control == "reference-as-input":
-                    condition[record.index] = self.kb.ct_slice(retrieval[record.index].entry_id)
-        pasted = [r.index for r in records if r.control == "substituted"]
-        sampled = np.setdiff1d(np.arange(len(y)), pasted)
-        mean = np.empty(y.shape, dtype=np.float32)
-        std = np.zeros(y.shape, dtype=np.float32)
-        for z in pasted:
-            mean[z] = self.kb.mri_slice(retrieval[z].entry_id)
-        if len(sampled):
-            mean[sampled], std[sampled] = self._sample(
-                condition[sampled], control[sampled], options, progress, self._uses_controlnet(options)
-            )
-        return mean, std
+        return control, references, records
 
     def _condition(self, y: np.ndarray) -> np.ndarray:
         """(Z, 1 + 2n, S, S): each slice with its n neighbours on each side (edges repeated)."""
         n = self.config.neighbours
         index = np.clip(np.arange(len(y))[:, None] + np.arange(-n, n + 1)[None, :], 0, len(y) - 1)
         return y[index]
-
-    def _uses_controlnet(self, options: ReconstructionOptions) -> bool:
-        """Whether this reconstruction is guided by the ControlNet branch."""
-        return self.has_controlnet and options.use_controlnet and options.method in WITH_CONTROLNET
 
     def _sample(
         self,
@@ -420,9 +387,8 @@ class ReBrainPipeline:
             out = np.empty(y.shape, dtype=np.float32)
             for chunk in chunks:
 
-                def step(done_steps: int, _steps: int, base: int = done) -> None:
-                    if progress is not None:
-                        progress(base + done_steps, total)
+                def step(done_steps: int, _steps: int, _message: str = "", base: int = done) -> None:
+                    report(progress, base + done_steps, total)
 
                 translated = translate_slices(
                     model,
@@ -452,32 +418,43 @@ class ReBrainPipeline:
             return {"applied": False, "reason": "no skull in the CT: treated as already brain-only"}
         return {"applied": True, **extraction.summary()}
 
-    def _summary(self, records: list[SliceRecord], options: ReconstructionOptions, seconds: dict[str, float]) -> dict:
+    def _summary(
+        self,
+        records: list[SliceRecord],
+        options: ReconstructionOptions,
+        method: GapFilling,
+        controlled: bool,
+        seconds: dict[str, float],
+        brain_extraction: dict,
+        alignment: dict,
+    ) -> Summary:
         similarities = [r.similarity for r in records if r.similarity is not None]
         generated = [r for r in records if not r.acquired]
-        retrieved = options.use_retrieval and options.method not in WITHOUT_RETRIEVAL
-        return {
-            "synthetic": True,
-            "preset": self.preset.name,
-            "source": self.preset.source,
-            "target": self.preset.target,
-            "versions": self.versions,
-            "method": options.method,
-            "controlnet": self._uses_controlnet(options),
-            "slices": len(records),
-            "acquired_slices": len(records) - len(generated),
-            "generated_slices": len(generated),
-            "retrieval_success_rate": float(np.mean([r.success for r in records])) if retrieved else None,
-            "generated_retrieval_success_rate": float(np.mean([r.success for r in generated]))
+        retrieved = options.use_retrieval and method.retrieves
+        return Summary(
+            synthetic=True,
+            preset=self.preset.name,
+            source=self.preset.source,
+            target=self.preset.target,
+            versions=self.versions,
+            method=method.method.value,
+            controlnet=controlled,
+            slices=len(records),
+            acquired_slices=len(records) - len(generated),
+            generated_slices=len(generated),
+            retrieval_success_rate=float(np.mean([r.success for r in records])) if retrieved else None,
+            generated_retrieval_success_rate=float(np.mean([r.success for r in generated]))
             if retrieved and generated
             else None,
-            "fallback_count": sum(r.fallback for r in records),
-            "mean_similarity": float(np.mean(similarities)) if similarities else None,
-            "tau": self.kb.tau,
-            "uncertainty_mean": float(np.mean([r.uncertainty_mean for r in records])),
-            "steps": options.effective_steps(self.preset),
-            "samples": options.samples,
-            "eta": options.effective_eta,
-            "seed": options.seed,
-            "seconds": {name: round(value, 3) for name, value in seconds.items()},
-        }
+            fallback_count=sum(r.fallback for r in records),
+            mean_similarity=float(np.mean(similarities)) if similarities else None,
+            tau=self.kb.tau,
+            uncertainty_mean=float(np.mean([r.uncertainty_mean for r in records])),
+            steps=options.effective_steps(self.preset),
+            samples=options.samples,
+            eta=options.effective_eta,
+            seed=options.seed,
+            seconds={name: round(value, 3) for name, value in seconds.items()},
+            brain_extraction=brain_extraction,
+            alignment=alignment,
+        )

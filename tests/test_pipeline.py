@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,15 @@ from lib.diffusion.slerp import slerp
 from lib.io import read_volume
 from lib.io.volume import dense_grid
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions, dense_slices
+from lib.reconstruction import Summary
+from tests.test_reconstruction import (
+    INPUT_KEYS,
+    OUTPUT_KEYS,
+    PROVENANCE_KEYS,
+    SERVER_ANSWER_KEYS,
+    SLICE_KEYS,
+    SUMMARY_KEYS,
+)
 from tests.tiny_preset import make_tiny_preset
 
 
@@ -23,7 +33,7 @@ def preset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(preset):
-    return ReBrainPipeline(preset)
+    return ReBrainPipeline.from_preset(preset)
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +77,10 @@ def test_provenance_is_consistent(reconstruction, pipeline):
             subject, slice_index = record.reference.split(":")
             assert subject in set(pipeline.kb.entries["subject"]) and subject.startswith("sub-")
     summary = reconstruction.summary
-    assert summary["synthetic"] is True
-    assert summary["slices"] == 41 and summary["acquired_slices"] == 21 and summary["generated_slices"] == 20
-    assert summary["fallback_count"] == sum(r.fallback for r in records)
-    assert summary["retrieval_success_rate"] == pytest.approx(np.mean([r.success for r in records]))
+    assert summary.synthetic is True
+    assert summary.slices == 41 and summary.acquired_slices == 21 and summary.generated_slices == 20
+    assert summary.fallback_count == sum(r.fallback for r in records)
+    assert summary.retrieval_success_rate == pytest.approx(np.mean([r.success for r in records]))
     positions = [r.normalised_position for r in records]
     assert np.all(np.diff(positions) > 0)
     json.dumps(reconstruction.provenance())  # JSON-ready
@@ -95,7 +105,7 @@ def test_untrained_controlnet_leaves_the_bbdm_output_unchanged(pipeline, dense_v
     without = pipeline.reconstruct(sparse, ReconstructionOptions(steps=2, use_controlnet=False))
     np.testing.assert_array_equal(without.mri, reconstruction.mri)
     assert all(r.control != "none" for r in reconstruction.slices)
-    assert without.summary["controlnet"] is False
+    assert without.summary.controlnet is False
 
 
 def test_without_retrieval_every_gap_slice_falls_back(pipeline, dense_volume):
@@ -103,7 +113,7 @@ def test_without_retrieval_every_gap_slice_falls_back(pipeline, dense_volume):
     result = pipeline.reconstruct(sparse, ReconstructionOptions(steps=2, use_retrieval=False))
     assert [r.fallback for r in result.slices] == [z % 2 == 1 for z in range(9)]
     assert all(r.similarity is None and not r.success for r in result.slices)
-    assert result.summary["retrieval_success_rate"] is None
+    assert result.summary.retrieval_success_rate is None
 
 
 def test_several_samples_give_a_mean_and_an_uncertainty(pipeline, dense_volume):
@@ -153,3 +163,44 @@ def test_unset_options_take_the_presets_values(preset):
     assert ReconstructionOptions().effective_spacing(preset) == preset.slice_spacing_mm
     assert ReconstructionOptions(steps=4, target_spacing=0.5).effective_steps(preset) == 4
     assert ReconstructionOptions(steps=4, target_spacing=0.5).effective_spacing(preset) == 0.5
+
+
+def test_progress_reports_sampling_steps_without_a_message(pipeline, dense_volume):
+    volume = simulate_sparse_volume(dense_volume.take_slices(np.arange(0, 9)), factor=2)
+    calls = []
+    pipeline.reconstruct(volume, ReconstructionOptions(steps=2, batch_size=4), lambda *call: calls.append(call))
+    # 9 slices in batches of 4: 3 chunks of 2 steps.
+    assert [done for done, _, _ in calls] == list(range(1, 7))
+    assert {(total, message) for _, total, message in calls} == {(6, "")}
+
+
+def test_a_pipeline_from_parts_is_the_pipeline_from_the_preset(pipeline, preset, dense_volume):
+    volume = simulate_sparse_volume(dense_volume.take_slices(np.arange(0, 9)), factor=2)
+    parts = (pipeline.model, pipeline.config, pipeline.encoder, pipeline.kb, preset)
+    again = ReBrainPipeline.from_parts(*parts, device="cpu")
+    options = ReconstructionOptions(steps=2)
+    np.testing.assert_array_equal(again.reconstruct(volume, options).mri, pipeline.reconstruct(volume, options).mri)
+    assert again.versions == pipeline.versions
+    with pytest.raises(ValueError, match=r"knowledge base slices are \[32, 32\], the BBDM works at 64"):
+        ReBrainPipeline.from_parts(pipeline.model, SimpleNamespace(image_size=64), *parts[2:])
+
+
+def test_provenance_json_and_the_server_answer_keep_their_keys(reconstruction, dense_volume, tmp_path):
+    from app.server.results import ResultStore
+    from lib.report.outputs import input_geometry, write_outputs
+
+    input_info = input_geometry(simulate_sparse_volume(dense_volume, factor=2), 2)
+    written = json.loads((write_outputs(tmp_path / "out", reconstruction, input_info) / "provenance.json").read_text())
+    assert list(written) == PROVENANCE_KEYS
+    assert list(written["summary"]) == SUMMARY_KEYS
+    assert list(written["input"]) == INPUT_KEYS and list(written["output"]) == OUTPUT_KEYS
+    assert all(list(record) == SLICE_KEYS for record in written["slices"])
+    assert list(written["summary"]["seconds"]) == ["prepare", "retrieval", "sampling", "output"]
+    assert Summary.from_dict(written["summary"]) == reconstruction.summary
+
+    store = ResultStore(tmp_path / "results")
+    answer = store.response(store.save(reconstruction, input_info), "uncertainty")
+    assert list(answer) == SERVER_ANSWER_KEYS
+    assert answer["output"] == "uncertainty"  # the output sent with the answer
+    assert list(answer["summary"]) == SUMMARY_KEYS and all(list(r) == SLICE_KEYS for r in answer["slices"])
+    assert answer["summary"] == written["summary"] and answer["slices"] == written["slices"]

@@ -21,7 +21,9 @@ from tests.tiny_preset import make_tiny_preset
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    return ReBrainPipeline(make_tiny_preset(tmp_path_factory.mktemp("preset"), "tinyct", layout="open", max_subjects=3))
+    return ReBrainPipeline.from_preset(
+        make_tiny_preset(tmp_path_factory.mktemp("preset"), "tinyct", layout="open", max_subjects=3)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +34,10 @@ def head_cut(real_ct_volume):
 
 def test_real_ct_gets_the_brain_only(pipeline, head_cut):
     result = pipeline.reconstruct(head_cut, ReconstructionOptions(steps=2))
-    record = result.summary["brain_extraction"]
+    record = result.summary.brain_extraction
     assert record["applied"] is True and 0.05 < record["brain_fraction"] < 0.6 and record["brain_volume_ml"] > 100
     # 6 slices over 25 mm cannot pin down the head's pitch: positions from the brain extent, said so.
-    alignment = result.summary["alignment"]
+    alignment = result.summary.alignment
     assert (
         alignment["applied"] is False
         and "too few to register" in alignment["reason"]
@@ -52,7 +54,7 @@ def test_real_ct_gets_the_brain_only(pipeline, head_cut):
 
 def test_brain_extraction_can_be_turned_off(pipeline, head_cut):
     result = pipeline.reconstruct(head_cut, ReconstructionOptions(steps=2, brain_extraction=False))
-    assert result.summary["brain_extraction"] == {"applied": False, "reason": "turned off (input already brain-only)"}
+    assert result.summary.brain_extraction == {"applied": False, "reason": "turned off (input already brain-only)"}
     brain = extract_brain(head_cut).mask
     k = int(np.flatnonzero(result.grid.acquired)[0])
     # Without it the head (skull, scalp) is the foreground and gets synthetic MRI values too.
@@ -65,8 +67,7 @@ def test_a_brain_only_ct_is_used_as_it_is(pipeline):
     volume = Volume(array=array, affine=np.diag([2.0, 2.0, 1.0, 1.0]), positions=np.arange(6) * 4.0, modality="CT")
     result = pipeline.reconstruct(volume, ReconstructionOptions(steps=2))
     assert (
-        result.summary["brain_extraction"]["applied"] is False
-        and "no skull" in result.summary["brain_extraction"]["reason"]
+        result.summary.brain_extraction["applied"] is False and "no skull" in result.summary.brain_extraction["reason"]
     )
 
 
@@ -87,7 +88,7 @@ def upper_part(real_ct_volume):
 def test_partial_real_ct_takes_its_positions_from_the_template(pipeline, upper_part, whole_head_positions):
     volume, indices = upper_part
     aligned = pipeline.reconstruct(volume, ReconstructionOptions(steps=2))
-    record = aligned.summary["alignment"]
+    record = aligned.summary.alignment
     assert record["applied"] is True and record["positions"] == "CT head template" and record["metric"] <= MAX_METRIC
     assert len(record["rotation_deg"]) == 3 and len(record["translation_mm"]) == 3 and "LPS" in record["transform"]
     positions = np.array([r.normalised_position for r in aligned.slices])
@@ -98,9 +99,7 @@ def test_partial_real_ct_takes_its_positions_from_the_template(pipeline, upper_p
 
     # Without the alignment the brain's own extent maps this cut onto the whole 0..1 range.
     unaligned = pipeline.reconstruct(volume, ReconstructionOptions(steps=2, alignment=False))
-    assert (
-        unaligned.summary["alignment"]["applied"] is False and "turned off" in unaligned.summary["alignment"]["reason"]
-    )
+    assert unaligned.summary.alignment["applied"] is False and "turned off" in unaligned.summary.alignment["reason"]
     brain_extent = np.array([r.normalised_position for r in unaligned.slices])
     assert brain_extent.min() < 0.05
 

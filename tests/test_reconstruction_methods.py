@@ -9,12 +9,13 @@ from scipy.ndimage import binary_erosion
 from lib.data.sparse import simulate_sparse_volume
 from lib.io import read_volume
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
+from lib.reconstruction_methods import GAP_FILLING, METHODS, Method, gap_filling
 from tests.tiny_preset import make_tiny_preset
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    return ReBrainPipeline(make_tiny_preset(tmp_path_factory.mktemp("preset")))
+    return ReBrainPipeline.from_preset(make_tiny_preset(tmp_path_factory.mktemp("preset")))
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,13 @@ def test_interp_gaps_are_the_linear_interpolation_of_translated_neighbours(resul
     # Its acquired slices are the BBDM's translation of them (deterministic sampling, per slice).
     np.testing.assert_allclose(interp.mri[:, :, ::2], results["bbdm"].mri[:, :, ::2], atol=1e-4)
     assert {r.control for r in interp.slices if not r.acquired} == {"interpolated"}
-    assert interp.summary["retrieval_success_rate"] is None and interp.summary["method"] == "interp"
+    assert interp.summary.retrieval_success_rate is None and interp.summary.method == "interp"
 
 
 def test_bbdm_uses_no_retrieval_and_no_controlnet(results):
     bbdm = results["bbdm"]
     assert all(r.similarity is None and r.reference is None and r.control == "none" for r in bbdm.slices)
-    assert bbdm.summary["controlnet"] is False and bbdm.summary["fallback_count"] == 0
+    assert bbdm.summary.controlnet is False and bbdm.summary.fallback_count == 0
 
 
 def test_substitute_pastes_the_references_mri_into_gaps(results, pipeline):
@@ -91,3 +92,49 @@ def test_noslerp_guides_every_gap_by_its_reference(results):
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         ReconstructionOptions(method="magic")
+
+
+def test_every_method_is_one_object_with_its_properties():
+    assert METHODS == tuple(Method) == ("rebrain", "rebrain-noslerp", "bbdm", "r-as-input", "substitute", "interp")
+    assert set(GAP_FILLING) == set(Method) and all(gap_filling(m).method == m for m in METHODS)
+    # (queries the knowledge base, guided by the ControlNet, uses a candidate below tau)
+    assert {m.value: (s.retrieves, s.guided, s.ignores_tau) for m, s in GAP_FILLING.items()} == {
+        "rebrain": (True, True, False),
+        "rebrain-noslerp": (True, True, True),
+        "bbdm": (False, False, False),
+        "r-as-input": (True, False, False),
+        "substitute": (True, False, True),
+        "interp": (False, False, False),
+    }
+    assert [gap_filling(m).guided_by(True) for m in METHODS] == [True, True, False, False, False, False]
+    assert not any(gap_filling(m).guided_by(False) for m in METHODS)
+    with pytest.raises(ValueError, match="unknown method 'magic'; choose from rebrain, rebrain-noslerp"):
+        gap_filling("magic")
+
+
+@pytest.mark.parametrize(
+    ("method", "kinds"),
+    [
+        # control of: (acquired, with reference), (acquired, none), (gap, with reference), (gap, none)
+        ("rebrain", ("reference", "acquired", "reference", "slerp")),
+        ("rebrain-noslerp", ("reference", "acquired", "reference", "slerp")),
+        ("bbdm", ("none", "none", "none", "none")),
+        ("r-as-input", ("none", "none", "reference-as-input", "none")),
+        ("substitute", ("none", "none", "substituted", "none")),
+        ("interp", ("none", "none", "interpolated", "interpolated")),
+    ],
+)
+def test_each_slice_records_what_guided_it(method, kinds):
+    strategy = gap_filling(method)
+    cases = [(True, True), (True, False), (False, True), (False, False)]
+    assert tuple(strategy.control_kind(acquired, reference, strategy.guided) for acquired, reference in cases) == kinds
+    # Without the ControlNet the guided methods record no control.
+    assert {strategy.control_kind(acquired, reference, False) for acquired, reference in cases} <= {
+        "none",
+        "reference-as-input",
+        "substituted",
+        "interpolated",
+    }
+    # A slice uses its reference on success, and below tau only for the methods that ignore it.
+    assert strategy.uses_reference(True, True) and not strategy.uses_reference(False, False)
+    assert strategy.uses_reference(False, True) == strategy.ignores_tau

@@ -8,6 +8,7 @@ mismatched weights, not for noise.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 
 import numpy as np
@@ -54,16 +55,19 @@ def test_model_card_lists_every_shipped_file_with_its_true_hash():
 @pytest.mark.parametrize("name", PRESETS)
 def test_shipped_preset_loads_complete(name):
     preset = load_preset(name)
-    pipeline = ReBrainPipeline(preset)  # checks the knowledge base against the encoder
+    pipeline = ReBrainPipeline.from_preset(preset)  # checks the knowledge base against the encoder
     assert pipeline.has_controlnet
     assert set(pipeline.versions) == {"bbdm", "controlnet", "encoder", "kb"}
+    # The typed manifest is the file, key for key and value for value.
+    written = (preset.required("kb") / "manifest.json").read_text()
+    assert json.dumps(pipeline.kb.manifest.to_dict(), indent=1) == written
     assert preset.source_modality == ("ct" if name == "ct2mri" else "mri")
 
 
 def test_flair2t1_translates_a_held_out_subject_better_than_identity():
     case = require(HELD_OUT_BRATS_CASE)
     flair = read_volume(case / "t2f.nii.gz", modality="MR").take_slices(list(range(60, 81)))
-    reconstruction = ReBrainPipeline(load_preset("flair2t1")).reconstruct(
+    reconstruction = ReBrainPipeline.from_preset(load_preset("flair2t1")).reconstruct(
         simulate_sparse_volume(flair, factor=2), ReconstructionOptions(steps=5)
     )
     truth, mask = unit_reference(read_volume(case / "t1n.nii.gz", modality="MR").array[:, :, 60:81])
@@ -78,7 +82,7 @@ def test_ct2mri_translates_an_unseen_pseudo_subject_better_than_a_constant(tmp_p
     ct = read_volume(paths["pair_ct"], modality="CT")
     middle = ct.shape[2] // 2
     kept = list(range(middle - 10, middle + 11))
-    reconstruction = ReBrainPipeline(load_preset("ct2mri")).reconstruct(
+    reconstruction = ReBrainPipeline.from_preset(load_preset("ct2mri")).reconstruct(
         simulate_sparse_volume(ct.take_slices(kept), factor=2), ReconstructionOptions(steps=5)
     )
     truth, mask = unit_reference(read_volume(paths["pair_t1"], modality="MR").array[:, :, kept])

@@ -21,7 +21,7 @@ import numpy as np
 from app.server.request import OUTPUTS, RESULT_ID_PATTERN, RequestError
 from lib.io.atomic import atomic_directory
 from lib.io.nifti import write_nifti
-from lib.pipeline import Reconstruction
+from lib.reconstruction import Reconstruction
 from lib.report.outputs import slice_status, write_outputs
 
 # Per-slice status codes of the status volume (a labelmap).
@@ -92,7 +92,8 @@ class ResultStore:
         folder = self.root / result_id
         if not (folder / RESPONSE_FILE).is_file():
             raise RequestError(
-                f"parameter 'result_id': result {result_id} is not kept on this server (it keeps the last {self.keep}); run the reconstruction again"
+                f"parameter 'result_id': result {result_id} is not kept on this server (it keeps the last "
+                f"{self.keep}); run the reconstruction again"
             )
         return folder
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,8 +30,11 @@ from lib.io.volume import Volume
 from lib.metrics import issim, psnr
 from lib.models.denoiser import load_bbdm
 from lib.models.retrieval_encoder import load_retrieval_encoder
-from lib.pipeline import ReBrainPipeline, Reconstruction, ReconstructionOptions
-from lib.reconstruction_methods import METHODS, WITH_CONTROLNET, WITHOUT_RETRIEVAL
+from lib.pipeline import ReBrainPipeline
+from lib.progress import ProgressFn, report
+from lib.reconstruction import Reconstruction
+from lib.reconstruction_methods import METHODS, gap_filling
+from lib.reconstruction_options import ReconstructionOptions
 from lib.retrieval.build import build_knowledge_base
 from lib.retrieval.knowledge_base import KnowledgeBase
 
@@ -56,7 +58,6 @@ METRIC_COLUMNS = (
     "generated_slices",
     "seconds",
 )
-ProgressFn = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,15 @@ class Variant:
     def methods(self, methods: Sequence[str]) -> tuple[str, ...]:
         """The methods whose output this variant can change."""
         if self.bbdm is not None:
-            return tuple(m for m in methods if m not in WITH_CONTROLNET)
+            return tuple(m for m in methods if not gap_filling(m).guided)
         if self.kb_fraction < 1 or self.encoder is not None:
-            return tuple(m for m in methods if m not in WITHOUT_RETRIEVAL)
+            return tuple(m for m in methods if gap_filling(m).retrieves)
         return tuple(methods)
+
+    @property
+    def is_preset(self) -> bool:
+        """Whether this variant is the preset itself (its models and whole knowledge base)."""
+        return self.bbdm is None and self.encoder is None and self.kb_fraction == 1
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,8 @@ def held_out_subjects(
             break
     if not subjects:
         raise ValueError(
-            f"{src or layout}: every subject is in the knowledge base of preset {pipeline.preset.name!r}; nothing held out to evaluate"
+            f"{src or layout}: every subject is in the knowledge base of preset {pipeline.preset.name!r}; "
+            "nothing held out to evaluate"
         )
     return subjects
 
@@ -238,14 +245,21 @@ def evaluate_subjects(
     config: EvaluationConfig,
     progress: ProgressFn | None = None,
 ) -> EvaluationResult:
-    """Run every method x sparsity x seed on every subject; see the module docstring."""
+    """Run every method x sparsity x seed on every subject; see the module docstring.
+
+    ``progress`` counts runs; each finished run reports its score as the message.
+    """
     result = EvaluationResult()
-    for variant in config.variants:
-        methods = variant.methods(config.methods)
+    runs = [(variant, variant.methods(config.methods)) for variant in config.variants]
+    counter = _RunCounter(
+        progress, len(subjects) * len(config.sparsities) * len(config.seeds) * sum(len(m) for _, m in runs)
+    )
+    for variant, methods in runs:
         if not methods:
             continue
-        with applied(pipeline, variant):
-            _evaluate_all(pipeline, subjects, replace(config, methods=methods), variant, result, progress)
+        with tempfile.TemporaryDirectory(prefix="rebrain-variant-") as work:
+            variant_pipeline = pipeline_for(pipeline, variant, Path(work))
+            _evaluate_all(variant_pipeline, subjects, replace(config, methods=methods), variant, result, counter)
     if config.uncertainty_samples > 1:
         first = subjects[0]
         spacing = source_spacing(first.source)
@@ -265,25 +279,35 @@ def evaluate_subjects(
     return result
 
 
-@contextmanager
-def applied(pipeline: ReBrainPipeline, variant: Variant) -> Iterator[None]:
-    """The pipeline with the variant's models and knowledge base; restored afterwards."""
-    if variant.bbdm is None and variant.encoder is None and variant.kb_fraction == 1:
-        yield  # the preset as it is
-        return
-    saved = (pipeline.model, pipeline.config, pipeline.encoder, pipeline.kb)
-    try:
-        with tempfile.TemporaryDirectory(prefix="rebrain-variant-") as work:
-            if variant.bbdm is not None:
-                pipeline.model, pipeline.config = load_bbdm(variant.bbdm, pipeline.device)
-            if variant.encoder is not None:
-                pipeline.encoder, _ = load_retrieval_encoder(variant.encoder, pipeline.device)
-                pipeline.kb = build_knowledge_base(variant.data, variant.encoder, Path(work) / "kb")
-            if variant.kb_fraction < 1:
-                pipeline.kb = pipeline.kb.restricted_to(kb_subset(pipeline.kb, variant.kb_fraction))
-            yield
-    finally:
-        pipeline.model, pipeline.config, pipeline.encoder, pipeline.kb = saved
+@dataclass
+class _RunCounter:
+    """Counts finished runs for a :data:`lib.progress.ProgressFn`."""
+
+    progress: ProgressFn | None
+    total: int
+    done: int = 0
+
+    def finished(self, message: str) -> None:
+        self.done += 1
+        report(self.progress, self.done, self.total, message)
+
+
+def pipeline_for(pipeline: ReBrainPipeline, variant: Variant, work: Path) -> ReBrainPipeline:
+    """The pipeline of a variant: the preset's parts with the variant's BBDM, encoder or
+    knowledge base in their place (an encoder variant's knowledge base is built in ``work``,
+    which must outlive the returned pipeline). The preset itself is ``pipeline`` as it is."""
+    if variant.is_preset:
+        return pipeline
+    model, config = (
+        (pipeline.model, pipeline.config) if variant.bbdm is None else load_bbdm(variant.bbdm, pipeline.device)
+    )
+    encoder, kb = pipeline.encoder, pipeline.kb
+    if variant.encoder is not None:
+        encoder, _ = load_retrieval_encoder(variant.encoder, pipeline.device)
+        kb = build_knowledge_base(variant.data, variant.encoder, work / "kb")
+    if variant.kb_fraction < 1:
+        kb = kb.restricted_to(kb_subset(kb, variant.kb_fraction))
+    return ReBrainPipeline.from_parts(model, config, encoder, kb, pipeline.preset, pipeline.device)
 
 
 def kb_subset(kb: KnowledgeBase, fraction: float, seed: int = 0) -> list[str]:
@@ -299,9 +323,9 @@ def _evaluate_all(
     config: EvaluationConfig,
     variant: Variant,
     result: EvaluationResult,
-    progress: ProgressFn | None,
+    counter: _RunCounter,
 ) -> None:
-    """One pass over subjects x sparsities x seeds x methods with the pipeline as the variant set it."""
+    """One pass over subjects x sparsities x seeds x methods with the variant's pipeline."""
     spacing = source_spacing(subjects[0].source)
     for number, subject in enumerate(subjects):
         for sparsity in config.sparsities:
@@ -340,12 +364,11 @@ def _evaluate_all(
                     if example:
                         result.example[method] = reconstruction
                     result.rows.append(row)
-                    if progress is not None:
-                        progress(
-                            f"{subject.key} x{sparsity} seed {seed} {variant.name} {method}: "
-                            + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}")
-                            + f" ({seconds:.1f} s)"
-                        )
+                    counter.finished(
+                        f"{subject.key} x{sparsity} seed {seed} {variant.name} {method}: "
+                        + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}")
+                        + f" ({seconds:.1f} s)"
+                    )
 
 
 def source_spacing(volume: Volume) -> float:
@@ -357,18 +380,18 @@ def _row(
     subject: EvaluationSubject, method: str, sparsity: int, seed: int, reconstruction: Reconstruction, seconds: float
 ) -> dict:
     summary = reconstruction.summary
-    generated = summary["generated_slices"]
+    generated = summary.generated_slices
     return {
         "subject": subject.key,
         "split": subject.split,
         "method": method,
         "sparsity": sparsity,
         "seed": seed,
-        "retrieval_success_rate": summary["generated_retrieval_success_rate"],
-        "fallback_rate": summary["fallback_count"] / generated
-        if generated and summary["generated_retrieval_success_rate"] is not None
+        "retrieval_success_rate": summary.generated_retrieval_success_rate,
+        "fallback_rate": summary.fallback_count / generated
+        if generated and summary.generated_retrieval_success_rate is not None
         else None,
-        "slices": summary["slices"],
+        "slices": summary.slices,
         "generated_slices": generated,
         "seconds": round(seconds, 2),
     }

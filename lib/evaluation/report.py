@@ -97,8 +97,10 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
         figures.mkdir()
         lines = ["# ReBrain evaluation", ""] + [f"- {key}: {value}" for key, value in header.items()] + [""]
         lines += [
-            f"{len(metrics)} runs: {metrics['subject'].nunique()} subject(s) ({', '.join(sorted(metrics['split'].unique()))}), "
-            f"methods {', '.join(metrics['method'].unique())}, sparsity {sorted(metrics['sparsity'].unique())}, seeds {sorted(metrics['seed'].unique())}.",
+            f"{len(metrics)} runs: {metrics['subject'].nunique()} subject(s) "
+            f"({', '.join(sorted(metrics['split'].unique()))}), "
+            f"methods {', '.join(metrics['method'].unique())}, sparsity "
+            f"{sorted(metrics['sparsity'].unique())}, seeds {sorted(metrics['seed'].unique())}.",
             "",
         ]
         lines += ["## Results", "", _markdown(summary_table(metrics)), DEFINITIONS, ""]
@@ -114,8 +116,10 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
         )
         kb_note = (
             (
-                " Variants: `preset` is the shipped setting; `kb=F` keeps a share F of the knowledge base's subjects (METHOD.md Table 5), "
-                "`bbdm=NAME` uses another BBDM without ControlNet (Table 2), `encoder=NAME` another retrieval encoder (Table 3)."
+                " Variants: `preset` is the shipped setting; `kb=F` keeps a share F of the knowledge base's "
+                "subjects (METHOD.md Table 5), "
+                "`bbdm=NAME` uses another BBDM without ControlNet (Table 2), `encoder=NAME` another retrieval "
+                "encoder (Table 3)."
             )
             if "variant" in rates
             else ""
@@ -148,7 +152,7 @@ def _figures(folder: Path, result: EvaluationResult) -> list[str]:
     plot_similarity_histogram(
         folder / "similarity.png",
         retrieval.similarities,
-        float(retrieval.summary["tau"]),
+        float(retrieval.summary.tau),
         title="retrieval similarity (first subject)",
     )
     names.append("similarity")
@@ -168,7 +172,7 @@ def _figures(folder: Path, result: EvaluationResult) -> list[str]:
             error,
             result.example_mask,
             spacing,
-            title=f"rebrain, {result.uncertainty.summary['samples']} samples",
+            title=f"rebrain, {result.uncertainty.summary.samples} samples",
         )
         names.append("uncertainty")
     return names

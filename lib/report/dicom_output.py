@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 
 from lib.io.dicom_writer import SeriesDescription, write_dicom_series
 from lib.io.volume import Volume
-from lib.pipeline import Reconstruction
+from lib.reconstruction import Reconstruction
 
 # The MRI (0..1, no physical unit) is stored as integers 0..MRI_SCALE.
 MRI_SCALE = 1000.0
@@ -86,7 +86,7 @@ def write_synthetic_mri_series(
     Returns:
         The tags written (its ``series_uid`` is the new series).
     """
-    description = synthetic_series_description(reference, reconstruction.summary["preset"], reconstruction.mri)
+    description = synthetic_series_description(reference, reconstruction.summary.preset, reconstruction.mri)
     stored = Volume(
         array=np.round(reconstruction.mri * MRI_SCALE).astype(np.float32),
         affine=source.affine,

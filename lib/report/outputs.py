@@ -21,7 +21,7 @@ import numpy as np
 from lib.io.atomic import atomic_directory, check_replaceable_folder
 from lib.io.nifti import write_nifti
 from lib.io.volume import Volume
-from lib.pipeline import Reconstruction
+from lib.reconstruction import Reconstruction, Summary
 from lib.report.preview import write_preview
 
 MRI_DESCRIPTION = "SYNTHETIC MRI by ReBrain ({preset}); not an acquired image"
@@ -83,7 +83,8 @@ def check_output_folder(out_dir: str | os.PathLike[str], inputs: Iterable[str | 
         source_path = Path(source).resolve()
         if source_path == resolved or resolved in source_path.parents:
             raise ValueError(
-                f"{out}: the output folder holds the input {source}, and a result replaces the whole folder; choose another output folder"
+                f"{out}: the output folder holds the input {source}, and a result replaces the whole folder; "
+                "choose another output folder"
             )
     return check_replaceable_folder(out, is_rebrain_output, f"a ReBrain output ({', '.join(OUTPUT_FILES)})")
 
@@ -123,17 +124,17 @@ def write_outputs(out_dir: str | os.PathLike[str], reconstruction: Reconstructio
     """
     check_output_folder(out_dir)
     summary = reconstruction.summary
-    source = contrast_label(summary["source"])
+    source = contrast_label(summary.source)
     affine = reconstruction.grid.affine
     with atomic_directory(out_dir) as staging:
         write_nifti(
-            staging / "mri.nii.gz", reconstruction.mri, affine, MRI_DESCRIPTION.format(preset=summary["preset"])[:80]
+            staging / "mri.nii.gz", reconstruction.mri, affine, MRI_DESCRIPTION.format(preset=summary.preset)[:80]
         )
         write_nifti(
             staging / "uncertainty.nii.gz",
             reconstruction.uncertainty,
             affine,
-            UNCERTAINTY_DESCRIPTION.format(samples=summary["samples"])[:80],
+            UNCERTAINTY_DESCRIPTION.format(samples=summary.samples)[:80],
         )
         provenance = {
             "synthetic": True,
@@ -155,17 +156,18 @@ def write_outputs(out_dir: str | os.PathLike[str], reconstruction: Reconstructio
             reconstruction.grid.voxel_spacing,
             slice_status(reconstruction),
             reconstruction.similarities,
-            summary["tau"],
-            title=f"ReBrain {summary['preset']}: SYNTHETIC {contrast_label(summary['target'])}; slice positions from the {positions_source(summary, why=False)}",
+            summary.tau,
+            title=f"ReBrain {summary.preset}: SYNTHETIC {contrast_label(summary.target)}; slice positions from "
+            f"the {positions_source(summary, why=False)}",
             source_label=source,
         )
     return Path(out_dir)
 
 
-def positions_source(summary: dict, why: bool = True) -> str:
+def positions_source(summary: Summary, why: bool = True) -> str:
     """Where a reconstruction's slice positions came from: the CT head template (registered, with
     its metric) or the brain's own extent (with the reason unless ``why`` is false)."""
-    alignment = summary.get("alignment") or {}
+    alignment = summary.alignment
     if alignment.get("applied"):
         return f"CT head template (MI {alignment['metric']:.2f})"
     return f"brain extent ({alignment.get('reason', 'not recorded')})" if why else "brain extent"

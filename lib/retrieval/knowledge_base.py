@@ -33,7 +33,7 @@ import os
 import platform
 import warnings
 from collections.abc import Collection, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,7 +66,7 @@ class KnowledgeBaseError(ValueError):
         super().__init__(f"knowledge base {self.root}: {problem}")
 
 
-class IndexKind(str, enum.Enum):
+class IndexKind(enum.StrEnum):
     """Which FAISS index holds the embeddings."""
 
     FLAT = "flat"  # exact: IndexFlatIP
@@ -412,6 +412,133 @@ class EmbeddingIndex:
         return (top + low).astype(np.int64), similarities[top].astype(np.float32)
 
 
+@dataclass(frozen=True)
+class EncoderInfo:
+    """The encoder a knowledge base's embeddings come from (manifest ``encoder``).
+
+    Attributes:
+        hash: the encoder's hash; :meth:`KnowledgeBase.load` can require it.
+        config: its config, JSON-ready.
+    """
+
+    hash: str
+    config: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """The FAISS index (manifest ``index``).
+
+    Attributes:
+        kind: an :class:`IndexKind` value.
+        metric: ``inner_product`` (cosine on normalised vectors).
+        params: the HNSW index's parameters; None for the flat index (then not written).
+    """
+
+    kind: str
+    metric: str
+    params: HNSWParams | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "metric": self.metric,
+            **({"params": asdict(self.params)} if self.params is not None else {}),
+        }
+
+
+@dataclass(frozen=True)
+class TauInfo:
+    """The retrieval threshold and how it was computed (manifest ``tau``; see :func:`compute_tau`)."""
+
+    value: float
+    percentile: float
+    pairs: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """Size and SHA-256 of one data file (manifest ``files``)."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class KnowledgeBaseManifest:
+    """manifest.json of a knowledge base folder; :meth:`to_dict` is the JSON written, key for key.
+
+    Attributes:
+        format_version: :data:`KB_FORMAT_VERSION` of the folder.
+        created: ISO time of the build (UTC).
+        encoder: the encoder of the embeddings.
+        count: entries.
+        dim: embedding dimension.
+        slice_shape: ``[S, S]`` of the stored slices.
+        index: the FAISS index.
+        sorted_by: the entry order (``position``).
+        tau: the retrieval threshold.
+        files: size and checksum of every data file, by name.
+        versions: Python, faiss and numpy versions of the build.
+        restricted_to_subjects: for a knowledge base restricted in memory
+            (:meth:`KnowledgeBase.restricted_to`), its subject count; None otherwise (then not
+            written).
+    """
+
+    format_version: int
+    created: str
+    encoder: EncoderInfo
+    count: int
+    dim: int
+    slice_shape: list[int]
+    index: IndexInfo
+    sorted_by: str
+    tau: TauInfo
+    files: dict[str, FileInfo]
+    versions: dict[str, str]
+    restricted_to_subjects: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready manifest, keys in field order."""
+        out = {item.name: getattr(self, item.name) for item in fields(self)}
+        out.update(
+            encoder=asdict(self.encoder),
+            index=self.index.to_dict(),
+            tau=asdict(self.tau),
+            files={name: asdict(info) for name, info in self.files.items()},
+        )
+        if self.restricted_to_subjects is None:
+            del out["restricted_to_subjects"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KnowledgeBaseManifest:
+        """Read a manifest back from :meth:`to_dict`'s output.
+
+        Raises:
+            KeyError, TypeError: a missing or malformed entry.
+        """
+        index = data["index"]
+        params = index.get("params")
+        return cls(
+            format_version=data["format_version"],
+            created=data["created"],
+            encoder=EncoderInfo(**data["encoder"]),
+            count=data["count"],
+            dim=data["dim"],
+            slice_shape=data["slice_shape"],
+            index=IndexInfo(
+                kind=index["kind"], metric=index["metric"], params=None if params is None else HNSWParams(**params)
+            ),
+            sorted_by=data["sorted_by"],
+            tau=TauInfo(**data["tau"]),
+            files={name: FileInfo(**info) for name, info in data["files"].items()},
+            versions=data["versions"],
+            restricted_to_subjects=data.get("restricted_to_subjects"),
+        )
+
+
 def _json_ready(value: Any) -> Any:
     """Make an encoder config JSON-serialisable (enums to their values, other objects to str)."""
     return json.loads(json.dumps(value, default=lambda item: item.value if isinstance(item, enum.Enum) else str(item)))
@@ -451,13 +578,19 @@ class KnowledgeBase:
     """
 
     def __init__(
-        self, root: Path, manifest: dict, entries: pd.DataFrame, index: EmbeddingIndex, ct: np.ndarray, mri: np.ndarray
+        self,
+        root: Path,
+        manifest: KnowledgeBaseManifest,
+        entries: pd.DataFrame,
+        index: EmbeddingIndex,
+        ct: np.ndarray,
+        mri: np.ndarray,
     ) -> None:
         self.root = root
         self.manifest = manifest
         self.entries = entries
         self.index = index
-        self.tau = float(manifest["tau"]["value"])
+        self.tau = float(manifest.tau.value)
         # Plain arrays: a pandas row lookup per query would dominate a fast index search.
         self._subjects = entries["subject"].to_numpy()
         self._slices = entries["slice"].to_numpy()
@@ -476,7 +609,7 @@ class KnowledgeBase:
     @property
     def encoder_hash(self) -> str:
         """Hash of the encoder whose embeddings the index holds."""
-        return self.manifest["encoder"]["hash"]
+        return self.manifest.encoder.hash
 
     @classmethod
     def build(
@@ -570,27 +703,25 @@ class KnowledgeBase:
             table.to_csv(staging / "entries.csv", index=False)
             _write_slices(staging / "ct.npy", ct_slices, order, "ct_slices")
             _write_slices(staging / "mri.npy", mri_slices, order, "mri_slices")
-            manifest = {
-                "format_version": KB_FORMAT_VERSION,
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "encoder": {"hash": encoder_hash, "config": _json_ready(encoder_config)},
-                "count": count,
-                "dim": int(vectors.shape[1]),
-                "slice_shape": list(ct_slices.shape[1:]),
-                "index": {
-                    "kind": kind.value,
-                    "metric": "inner_product",
-                    **({"params": asdict(hnsw)} if kind is IndexKind.HNSW else {}),
-                },
-                "sorted_by": "position",
-                "tau": {"value": tau, "percentile": tau_percentile, "pairs": tau_pairs, "seed": 0},
-                "files": {
-                    name: {"size": (staging / name).stat().st_size, "sha256": file_sha256(staging / name)}
+            manifest = KnowledgeBaseManifest(
+                format_version=KB_FORMAT_VERSION,
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+                encoder=EncoderInfo(hash=encoder_hash, config=_json_ready(encoder_config)),
+                count=count,
+                dim=int(vectors.shape[1]),
+                slice_shape=list(ct_slices.shape[1:]),
+                index=IndexInfo(
+                    kind=kind.value, metric="inner_product", params=hnsw if kind is IndexKind.HNSW else None
+                ),
+                sorted_by="position",
+                tau=TauInfo(value=tau, percentile=tau_percentile, pairs=tau_pairs, seed=0),
+                files={
+                    name: FileInfo(size=(staging / name).stat().st_size, sha256=file_sha256(staging / name))
                     for name in DATA_FILES
                 },
-                "versions": {"python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__},
-            }
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+                versions={"python": platform.python_version(), "faiss": faiss.__version__, "numpy": np.__version__},
+            )
+            (staging / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=1))
         return cls.load(out, expected_encoder_hash=encoder_hash)
 
     @classmethod
@@ -614,7 +745,8 @@ class KnowledgeBase:
         if root.name.startswith(STAGING_PREFIX):
             raise KnowledgeBaseError(
                 root,
-                f"a temporary folder of an unfinished build (name starts with {STAGING_PREFIX!r}); rebuild the knowledge base",
+                f"a temporary folder of an unfinished build (name starts with {STAGING_PREFIX!r}); rebuild the "
+                "knowledge base",
             )
         if not root.is_dir():
             raise KnowledgeBaseError(root, "no such folder")
@@ -622,34 +754,38 @@ class KnowledgeBase:
         if not manifest_path.is_file():
             raise KnowledgeBaseError(root, "missing manifest.json (not a knowledge base, or an incomplete one)")
         try:
-            manifest = json.loads(manifest_path.read_text())
+            written = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as error:
             raise KnowledgeBaseError(root, f"manifest.json is not valid JSON ({error})") from error
-        if manifest.get("format_version") != KB_FORMAT_VERSION:
-            raise KnowledgeBaseError(
-                root, f"format version {manifest.get('format_version')!r}, expected {KB_FORMAT_VERSION}"
-            )
-        built_with = manifest["encoder"]["hash"]
+        if not isinstance(written, dict) or written.get("format_version") != KB_FORMAT_VERSION:
+            version = written.get("format_version") if isinstance(written, dict) else None
+            raise KnowledgeBaseError(root, f"format version {version!r}, expected {KB_FORMAT_VERSION}")
+        try:
+            manifest = KnowledgeBaseManifest.from_dict(written)
+        except (KeyError, TypeError, AttributeError) as error:
+            raise KnowledgeBaseError(root, f"manifest.json is incomplete or malformed ({error!r})") from None
+        built_with = manifest.encoder.hash
         if expected_encoder_hash is not None and built_with != expected_encoder_hash:
             raise KnowledgeBaseError(
                 root,
-                f"built with encoder {built_with}, but the encoder in use is {expected_encoder_hash}; rebuild the knowledge base with this encoder",
+                f"built with encoder {built_with}, but the encoder in use is {expected_encoder_hash}; rebuild "
+                "the knowledge base with this encoder",
             )
         for name in DATA_FILES:
             path = root / name
-            expected = manifest["files"].get(name)
+            expected = manifest.files.get(name)
             if expected is None:
                 raise KnowledgeBaseError(root, f"manifest.json lists no checksum for {name}")
             if not path.is_file():
                 raise KnowledgeBaseError(root, f"missing file {name}")
-            if path.stat().st_size != expected["size"]:
+            if path.stat().st_size != expected.size:
                 raise KnowledgeBaseError(
-                    root, f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}"
+                    root, f"{name} has {path.stat().st_size} bytes, the manifest says {expected.size}"
                 )
-            if file_sha256(path) != expected["sha256"]:
+            if file_sha256(path) != expected.sha256:
                 raise KnowledgeBaseError(root, f"checksum mismatch in {name} (the file was modified or damaged)")
 
-        count = manifest["count"]
+        count = manifest.count
         # The default fast float parser may be off by an ulp; positions must round-trip exactly.
         entries = pd.read_csv(
             root / "entries.csv",
@@ -670,16 +806,16 @@ class KnowledgeBase:
             raise KnowledgeBaseError(root, f"count mismatch: the manifest says {count} entries, but {wrong}")
         if list(entries.columns) != ENTRY_COLUMNS:
             raise KnowledgeBaseError(root, f"entries.csv has columns {list(entries.columns)}, expected {ENTRY_COLUMNS}")
-        if faiss_index.d != manifest["dim"]:
-            raise KnowledgeBaseError(root, f"index dimension {faiss_index.d}, the manifest says {manifest['dim']}")
-        ef_search = manifest["index"].get("params", {}).get("ef_search", HNSWParams.ef_search)
+        if faiss_index.d != manifest.dim:
+            raise KnowledgeBaseError(root, f"index dimension {faiss_index.d}, the manifest says {manifest.dim}")
+        ef_search = (manifest.index.params or HNSWParams()).ef_search
         try:
             index = EmbeddingIndex(faiss_index, entries["position"].to_numpy(), entries["subject"].tolist(), ef_search)
         except ValueError as error:
             raise KnowledgeBaseError(root, str(error)) from error
-        if index.kind.value != manifest["index"]["kind"]:
+        if index.kind.value != manifest.index.kind:
             raise KnowledgeBaseError(
-                root, f"index.faiss is a {index.kind.value} index, the manifest says {manifest['index']['kind']}"
+                root, f"index.faiss is a {index.kind.value} index, the manifest says {manifest.index.kind}"
             )
         return cls(root, manifest, entries, index, ct, mri)
 
@@ -701,12 +837,12 @@ class KnowledgeBase:
         index = EmbeddingIndex.build(
             vectors[ids], entries["position"].to_numpy(), entries["subject"].tolist(), IndexKind.FLAT
         )
-        manifest = {
-            **self.manifest,
-            "count": len(ids),
-            "index": {"kind": IndexKind.FLAT.value, "metric": "inner_product"},
-            "restricted_to_subjects": len(set(entries["subject"])),
-        }
+        manifest = replace(
+            self.manifest,
+            count=len(ids),
+            index=IndexInfo(kind=IndexKind.FLAT.value, metric="inner_product"),
+            restricted_to_subjects=len(set(entries["subject"])),
+        )
         return KnowledgeBase(self.root, manifest, entries, index, np.asarray(self._ct[ids]), np.asarray(self._mri[ids]))
 
     def query(

@@ -19,6 +19,7 @@ from lib.evaluation.harness import (
     evaluate_subjects,
     held_out_subjects,
     kb_subset,
+    pipeline_for,
     reference_slices,
 )
 from lib.evaluation.report import write_report
@@ -34,7 +35,7 @@ BRATS = SHARED_DATA / "brats_dev"
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    return ReBrainPipeline(make_tiny_preset(tmp_path_factory.mktemp("preset")))
+    return ReBrainPipeline.from_preset(make_tiny_preset(tmp_path_factory.mktemp("preset")))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,6 @@ class NoisyOracle:
     def __init__(self, pipeline: ReBrainPipeline, subject: EvaluationSubject, sigma: float) -> None:
         self.pipeline, self.subject, self.sigma = pipeline, subject, sigma
         self.rng = np.random.default_rng(0)
-        self.kb = pipeline.kb  # the harness swaps knowledge bases for the size ablation
 
     def reconstruct(self, volume, options):
         result = self.pipeline.reconstruct(volume, replace(options, method="interp", steps=2))
@@ -77,9 +77,13 @@ def test_held_out_subjects_are_not_in_the_knowledge_base(pipeline):
 
 def test_every_subject_method_sparsity_seed_gets_a_row(pipeline, subject):
     config = EvaluationConfig(methods=("interp", "bbdm", "rebrain"), sparsities=(2, 3), seeds=(0, 1), steps=2)
-    result = evaluate_subjects(pipeline, [subject], config)
+    calls = []
+    result = evaluate_subjects(pipeline, [subject], config, progress=lambda *call: calls.append(call))
     table = pd.DataFrame(result.rows)
     assert len(table) == 3 * 2 * 2
+    # Progress counts runs; each finished run's score is the message.
+    assert [call[:2] for call in calls] == [(done, 12) for done in range(1, 13)]
+    assert all(f"{subject.key} x" in message and "PSNR" in message for _, _, message in calls)
     assert set(map(tuple, table[["method", "sparsity", "seed"]].values.tolist())) == {
         (m, k, s) for m in config.methods for k in (2, 3) for s in (0, 1)
     }
@@ -209,6 +213,10 @@ def test_ablation_variants_rerun_only_the_methods_they_change(pipeline, subject,
     by_variant = rows.set_index(["variant", "method"])
     # Another BBDM changes the translation.
     assert by_variant.loc[("bbdm=other", "interp"), "psnr"] != by_variant.loc[("preset", "interp"), "psnr"]
-    assert pipeline.kb is full and pipeline.model is model and pipeline.encoder is encoder  # restored
+    assert pipeline.kb is full and pipeline.model is model and pipeline.encoder is encoder  # untouched
+    # A variant is a pipeline of its own, built from parts; the preset is the pipeline itself.
+    assert pipeline_for(pipeline, variants[0], tmp_path) is pipeline
+    other_model = pipeline_for(pipeline, variants[2], tmp_path)
+    assert other_model.model is not model and not other_model.has_controlnet and other_model.kb is full
     # The tiny knowledge base has a single training subject: any fraction keeps at least one.
     assert kb_subset(full, 0.5) == sorted(set(full.entries["subject"]))[:1]

@@ -142,6 +142,10 @@ def test_build_sorts_by_position_and_load_round_trips(flat_kb, data):
         and manifest["tau"]["pairs"] == 20_000
     )
     assert set(manifest["files"]) == {"index.faiss", "entries.csv", "ct.npy", "mri.npy"}
+    # The typed manifest is the file, key for key, and what was written is its JSON.
+    assert flat_kb.manifest.to_dict() == manifest and list(flat_kb.manifest.to_dict()) == list(manifest)
+    assert (root / "manifest.json").read_text() == json.dumps(flat_kb.manifest.to_dict(), indent=1)
+    assert flat_kb.manifest.slice_shape == [8, 8] and flat_kb.manifest.encoder.hash == ENCODER
 
     # Every entry keeps its own slices and metadata through the reordering.
     lookup = {(s, int(i)): row for row, (s, i) in enumerate(zip(entries["subject"], entries["slice"]))}
@@ -246,7 +250,7 @@ def test_tau_is_the_top_percentile_of_random_pair_similarities(flat_kb, data):
     similarities = np.sum(embeddings[first].astype(np.float64) * embeddings[second].astype(np.float64), axis=1)
     direct = np.percentile(similarities, 95.0)
     assert compute_tau(embeddings, 5.0, 20_000, seed=0) == pytest.approx(direct, abs=1e-9)
-    assert flat_kb.tau == pytest.approx(direct, abs=1e-9) and flat_kb.manifest["tau"]["value"] == flat_kb.tau
+    assert flat_kb.tau == pytest.approx(direct, abs=1e-9) and flat_kb.manifest.tau.value == flat_kb.tau
     assert np.mean(similarities >= flat_kb.tau) == pytest.approx(0.05, abs=1e-3)
     assert compute_tau(embeddings, 20.0, 20_000) < flat_kb.tau  # a larger p is a lower bar
     with pytest.raises(ValueError, match="percentile"):
@@ -258,7 +262,7 @@ def test_approximate_index_agrees_with_exact_and_honours_filters(hnsw_kb, flat_k
     # IndexHNSWFlat are what is tested.
     monkeypatch.setattr(knowledge_base, "EXACT_SEARCH_LIMIT", 0)
     assert hnsw_kb.index.kind is IndexKind.HNSW and isinstance(hnsw_kb.index.index, faiss.IndexHNSWFlat)
-    assert hnsw_kb.manifest["index"] == {
+    assert hnsw_kb.manifest.to_dict()["index"] == {
         "kind": "hnsw",
         "metric": "inner_product",
         "params": {"m": HNSWParams.m, "ef_construction": HNSWParams.ef_construction, "ef_search": HNSWParams.ef_search},
@@ -390,6 +394,14 @@ def test_count_mismatch_is_detected(kb_copy):
         KnowledgeBase.load(kb_copy)
 
 
+def test_an_incomplete_manifest_is_refused(kb_copy):
+    manifest = json.loads((kb_copy / "manifest.json").read_text())
+    del manifest["tau"]
+    (kb_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KnowledgeBaseError, match="manifest.json is incomplete or malformed .*tau"):
+        KnowledgeBase.load(kb_copy)
+
+
 def test_half_written_knowledge_bases_are_refused(kb_copy, data, tmp_path, monkeypatch):
     staged = tmp_path / ".tmp-1a2b3c4d-kb"
     shutil.copytree(kb_copy, staged)
@@ -466,6 +478,12 @@ def test_restricted_knowledge_base_holds_only_the_chosen_subjects(flat_kb, hnsw_
     for kb in (flat_kb, hnsw_kb):
         small = kb.restricted_to(kept)
         assert set(small.entries["subject"]) == set(kept) and small.tau == kb.tau
+        assert small.manifest.to_dict() == {
+            **kb.manifest.to_dict(),
+            "count": len(small),
+            "index": {"kind": "flat", "metric": "inner_product"},
+            "restricted_to_subjects": len(kept),
+        }
         full_ids = np.flatnonzero(kb.entries["subject"].isin(kept))
         assert len(small) == len(full_ids)
         # Same slices in the same order, and queries find what an exact search of those entries finds.
