@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CRANIUM := /usr/share/doc/invesalius-examples/examples/Cranium.inv3
 
-.PHONY: venv system-deps test bench bench-bbdm bench-ct bench-retrieval bench-server demo serve clean-venv
+.PHONY: venv system-deps lint format test bench bench-bbdm bench-ct bench-retrieval bench-server demo serve clean-venv
 
 venv: $(STAMP)
 
@@ -27,7 +27,15 @@ system-deps:
 	  else echo "note: $(APT_PACKAGES) not installed (needs root apt-get); the tests that need them will skip"; fi; \
 	fi
 
+# Lint and format checks (ruff, configured in pyproject.toml); `make format` rewrites the code.
+lint: $(STAMP)
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format . && $(PY) -m ruff check --fix .
+
 test: $(STAMP) system-deps
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 # Benchmarks print tables; they are not tests. `make bench`: whole-volume reconstruction with

@@ -69,26 +69,30 @@ def main() -> None:
     found = inputs()
     if not found:
         raise SystemExit(
-            f"no real head CT here: install Debian's invesalius-examples ({CRANIUM_PATH}) or put ../shared/data/head_ct_study beside the repository"
+            f"no real head CT here: install Debian's invesalius-examples ({CRANIUM_PATH}) or put "
+            "../shared/data/head_ct_study beside the repository"
         )
     template_s, _ = _timed(load_ct_template, 1)  # cached after the first call
     base = baseline_seconds(torch.device("cpu"))
     print(
-        f"Real-CT preparation benchmark: {args.repeats} repeats (medians), {args.threads} ITK thread(s); template loaded in {template_s:.2f} s; "
+        f"Real-CT preparation benchmark: {args.repeats} repeats (medians), {args.threads} ITK thread(s); "
+        f"template loaded in {template_s:.2f} s; "
         f"baseline (10 matmuls 1024^2) {base * 1e3:.1f} ms\n"
     )
     print(
-        "| input | read s | brain extraction s | brain ml | registration s | registration / baseline | MI | rotation deg (R, A, S) | slice positions |"
+        "| input | read s | brain extraction s | brain ml | registration s | registration / baseline | MI | "
+        "rotation deg (R, A, S) | slice positions |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, load in found:
         read_s, volume = _timed(load, 1)
-        extract_s, extraction = _timed(lambda: extract_brain(volume), args.repeats)
-        register_s, alignment = _timed(lambda: align_to_template(volume), args.repeats)
+        extract_s, extraction = _timed(lambda volume=volume: extract_brain(volume), args.repeats)
+        register_s, alignment = _timed(lambda volume=volume: align_to_template(volume), args.repeats)
         positions = alignment.normalised_positions(volume)
         rotation = ", ".join(f"{angle:.1f}" for angle in alignment.rotation_deg)
         print(
-            f"| {name} | {read_s:.2f} | {extract_s:.2f} | {extraction.brain_volume_ml:.0f} | {register_s:.2f} | {register_s / base:.0f} | "
+            f"| {name} | {read_s:.2f} | {extract_s:.2f} | {extraction.brain_volume_ml:.0f} | {register_s:.2f} "
+            f"| {register_s / base:.0f} | "
             f"{alignment.metric:.3f} | {rotation} | {positions[0]:.2f}..{positions[-1]:.2f} |",
             flush=True,
         )

@@ -197,12 +197,15 @@ def main() -> None:
     if args.threads > 0:
         faiss.omp_set_num_threads(args.threads)
     print(
-        f"Retrieval index benchmark: dim {args.dim}, {args.queries} queries at cosine {args.query_similarity} to an entry, "
-        f"filter +-{args.tolerance} and one subject excluded; exact below {knowledge_base.EXACT_SEARCH_LIMIT} candidates; "
+        f"Retrieval index benchmark: dim {args.dim}, {args.queries} queries at cosine {args.query_similarity} "
+        "to an entry, "
+        f"filter +-{args.tolerance} and one subject excluded; exact below {knowledge_base.EXACT_SEARCH_LIMIT} "
+        "candidates; "
         f"faiss {faiss.__version__}, OpenMP threads: {faiss.omp_get_max_threads()}\n"
     )
     print(
-        "| entries | index | parameters | build s | build ratio | filter | one at a time ms/query | ratio | batched ms/query | ratio | recall@1 vs exact |"
+        "| entries | index | parameters | build s | build ratio | filter | one at a time ms/query | ratio | "
+        "batched ms/query | ratio | recall@1 vs exact |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:

@@ -238,26 +238,32 @@ def main() -> None:
     attack_peak = max((rss for t, rss in memory if t >= attack_started), default=peak_rss)
     mib = 1024**2
     print(
-        f"## Server under load ({args.requests} concurrent reconstructions of the demo CT, x2 sparse, {args.steps} steps; shipped ct2mri on CPU)\n"
+        f"## Server under load ({args.requests} concurrent reconstructions of the demo CT, x2 sparse, "
+        f"{args.steps} steps; shipped ct2mri on CPU)\n"
     )
     print("| measure | value |")
     print("|---|---|")
     print(
-        f"| reconstructions answered 200 | {statuses.count(200)} of {args.requests} (statuses {sorted(set(statuses))}) |"
+        f"| reconstructions answered 200 | {statuses.count(200)} of {args.requests} (statuses "
+        f"{sorted(set(statuses))}) |"
     )
     print(f"| answers correct (own seed, synthetic notice, MRI on the grid) | {correct} of {args.requests} |")
     print(f"| seed 0 sent again gives the same MRI | {'yes' if repeatable else 'NO'} |")
     print(
-        f"| wall time for all / per request median, max | {load_seconds:.1f} s / {statistics.median(request_seconds):.1f} s, {max(request_seconds):.1f} s |"
+        f"| wall time for all / per request median, max | {load_seconds:.1f} s / "
+        f"{statistics.median(request_seconds):.1f} s, {max(request_seconds):.1f} s |"
     )
     print(
-        f"| /info/ during load: requests, median, p99, max | {len(info_latencies)}, {percentile(info_latencies, 50) * 1000:.0f} ms, {percentile(info_latencies, 99) * 1000:.0f} ms, {max(info_latencies) * 1000:.0f} ms |"
+        f"| /info/ during load: requests, median, p99, max | {len(info_latencies)}, "
+        f"{percentile(info_latencies, 50) * 1000:.0f} ms, {percentile(info_latencies, 99) * 1000:.0f} ms, "
+        f"{max(info_latencies) * 1000:.0f} ms |"
     )
     print(f"| gzip bomb (header claims 4 GiB) | HTTP {bomb.status_code} |")
     print(f"| upload announcing 1 GiB | HTTP {oversize} |")
     print(f"| both refusals, seconds | {attack_seconds:.2f} |")
     print(
-        f"| server memory: idle, peak under load, peak after the attack started | {idle_rss / mib:.0f} MiB, {peak_rss / mib:.0f} MiB, {attack_peak / mib:.0f} MiB |"
+        f"| server memory: idle, peak under load, peak after the attack started | {idle_rss / mib:.0f} MiB, "
+        f"{peak_rss / mib:.0f} MiB, {attack_peak / mib:.0f} MiB |"
     )
 
 

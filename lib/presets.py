@@ -112,7 +112,8 @@ def resolve_preset_root(
         p.name for p in Path(weights_dir or DEFAULT_WEIGHTS_DIR).glob(f"*/{PRESET_FILE}") for p in [p.parent]
     )
     raise ValueError(
-        f"unknown preset {str(name_or_path)!r}: no {PRESET_FILE} there or in {weights_dir or DEFAULT_WEIGHTS_DIR} (available: {', '.join(available) or 'none'})"
+        f"unknown preset {str(name_or_path)!r}: no {PRESET_FILE} there or in "
+        f"{weights_dir or DEFAULT_WEIGHTS_DIR} (available: {', '.join(available) or 'none'})"
     )
 
 

@@ -4,8 +4,8 @@ One row per CT: the real head CT study (2.5 mm series), its upper 40 % with a si
 degree gantry tilt, and Debian's Cranium CT. Columns: the CT resampled into the template (MNI)
 on the template's mid-sagittal plane, the same with the template's bone edge (red) and brain
 extent (dashed lines at normalised positions 0 and 1) drawn over it, and an axial template
-slice (halfway through the CT's slices) with the CT's bone edge (red) over the template. A good registration puts the CT's skull
-on the template's.
+slice (halfway through the CT's slices) with the CT's bone edge (red) over the template. A good
+registration puts the CT's skull on the template's.
 
 Run from the repository root::
 

@@ -151,7 +151,8 @@ def load_ct_template(folder: str | Path | None = None) -> CtTemplate:
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(
-                f"CT head template not found: {path} (shipped in model_weights/ct_template; restore it from the repository)"
+                f"CT head template not found: {path} (shipped in model_weights/ct_template; restore it from "
+                "the repository)"
             )
     raw = sitk.ReadImage(str(paths[0]), sitk.sitkFloat64)
     image = sitk.GetImageFromArray(cormack_to_hu(sitk.GetArrayFromImage(raw)).astype(np.float32))
@@ -632,9 +633,15 @@ def too_short_to_register(volume: Volume) -> str | None:
     positions = volume.positions
     extent = float(positions[-1] - positions[0]) if len(positions) else 0.0
     if len(positions) < MIN_SLICES or extent < MIN_EXTENT_MM:
-        return f"{len(positions)} slices spanning {extent:.1f} mm are too few to register (need >= {MIN_SLICES} slices over >= {MIN_EXTENT_MM:.0f} mm)"
+        return (
+            f"{len(positions)} slices spanning {extent:.1f} mm are too few to register (need >= {MIN_SLICES} "
+            f"slices over >= {MIN_EXTENT_MM:.0f} mm)"
+        )
     if len(positions) > 1 and float(volume.slice_steps.max()) > MAX_GAP_MM:
-        return f"slice gaps up to {float(volume.slice_steps.max()):.1f} mm are too wide to register (max {MAX_GAP_MM:.0f} mm)"
+        return (
+            f"slice gaps up to {float(volume.slice_steps.max()):.1f} mm are too wide to register (max "
+            f"{MAX_GAP_MM:.0f} mm)"
+        )
     return None
 
 
@@ -703,7 +710,8 @@ def align_to_template(
             # Far from any head (noise: ~0.00): stop before the slower stages.
             raise _fail(
                 volume,
-                f"Mattes mutual information {coarse_metric:.3f} after the coarse stage is far worse than {max_metric:.3f}: not a head CT",
+                f"Mattes mutual information {coarse_metric:.3f} after the coarse stage is far worse than "
+                f"{max_metric:.3f}: not a head CT",
             )
         refined, stage2 = _refine(fixed, moving, fixed_mask, coarse)
         for _ in range(REFINE_RESTARTS):
@@ -761,12 +769,14 @@ def align_to_template(
     if not converged:
         raise _fail(
             volume,
-            f"the optimiser did not converge (the {' and '.join(capped)} stage hit its iteration cap; metric {metric:.3f})",
+            f"the optimiser did not converge (the {' and '.join(capped)} stage hit its iteration cap; metric "
+            f"{metric:.3f})",
         )
     if not metric <= max_metric:
         raise _fail(
             volume,
-            f"final Mattes mutual information {metric:.3f} is worse than {max_metric:.3f}: not a head CT or badly misaligned",
+            f"final Mattes mutual information {metric:.3f} is worse than {max_metric:.3f}: not a head CT or "
+            "badly misaligned",
         )
     if rotation > MAX_ROTATION_DEG:
         raise _fail(volume, f"implausible rotation of {rotation:.1f} degrees to the template")

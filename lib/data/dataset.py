@@ -30,7 +30,8 @@ class PreparedDataset:
         self.manifest = json.loads(manifest_path.read_text())
         if self.manifest.get("format_version") != PREPARED_FORMAT_VERSION:
             raise ValueError(
-                f"{manifest_path}: format version {self.manifest.get('format_version')}, expected {PREPARED_FORMAT_VERSION}"
+                f"{manifest_path}: format version {self.manifest.get('format_version')}, expected "
+                f"{PREPARED_FORMAT_VERSION}"
             )
         self.slices = pd.read_csv(self.root / "slices.csv")
         missing = [
@@ -45,7 +46,8 @@ class PreparedDataset:
         """Subject keys, optionally of one split."""
         return [s["key"] for s in self.manifest["subjects"] if split is None or s["split"] == split]
 
-    @lru_cache(maxsize=64)
+    # A PreparedDataset lives for the whole run; the shared 64-entry LRU bounds the open memory maps.
+    @lru_cache(maxsize=64)  # noqa: B019
     def array(self, subject: str, name: str) -> np.ndarray:
         """A subject's ``source``, ``target`` or ``mask`` array (Z, S, S), memory-mapped."""
         return np.load(self.root / "subjects" / subject / f"{name}.npy", mmap_mode="r")

@@ -352,7 +352,8 @@ def _check_maps(
     )
     if not uncertainty.shape == abs_error.shape == mask.shape:
         raise ValueError(
-            f"uncertainty {uncertainty.shape}, abs_error {abs_error.shape} and mask {mask.shape} must have the same shape"
+            f"uncertainty {uncertainty.shape}, abs_error {abs_error.shape} and mask {mask.shape} must have the "
+            "same shape"
         )
     inside = mask.astype(bool)
     # A standard deviation and an absolute error are never negative: a negative value means a

@@ -35,7 +35,8 @@ def score_volumes(reconstruction: str | os.PathLike[str], reference: str | os.Pa
     depth = pred.shape[2]
     if pred.shape[:2] != gt.shape[:2] or depth > gt.shape[2] or not np.allclose(pred_affine, gt_affine, atol=1e-3):
         raise ValueError(
-            f"{reconstruction}: grid {pred.shape} does not match the reference {reference} {gt.shape} (affines must agree)"
+            f"{reconstruction}: grid {pred.shape} does not match the reference {reference} {gt.shape} (affines "
+            "must agree)"
         )
     return score_arrays(pred.array, gt.array[:, :, :depth])
 

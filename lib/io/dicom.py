@@ -160,7 +160,10 @@ def _header_damage(header: Dataset) -> str | None:
         if media_class == MediaStorageDirectoryStorage:
             return None  # a DICOMDIR: the only object without the SOP Common module
         if not sop_class or (media_class and media_class != sop_class):
-            return f"SOP class {sop_class or 'missing'} in the data set, {media_class or 'missing'} in the meta header: a truncated or damaged header"
+            return (
+                f"SOP class {sop_class or 'missing'} in the data set, {media_class or 'missing'} in the meta "
+                "header: a truncated or damaged header"
+            )
         if sop_class in PLANE_IMAGE_CLASSES:
             missing = [
                 tag
@@ -422,19 +425,22 @@ def check_consistent(series: DicomSeries) -> list[SliceGeometry]:
         if str(header.get("Modality", "")) != series.modality:
             raise VolumeReadError(
                 path,
-                f"Modality {header.get('Modality') or 'missing'} differs from {series.modality or 'missing'} of {first_name} in the same series",
+                f"Modality {header.get('Modality') or 'missing'} differs from {series.modality or 'missing'} "
+                f"of {first_name} in the same series",
             )
         if not np.allclose(geometry.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
             raise NotOneStackError(path, f"mixed orientations in {series.describe()}: slices are not parallel")
         if geometry.shape != first.shape:
             raise VolumeReadError(
                 path,
-                f"image size {geometry.shape[0]}x{geometry.shape[1]} differs from {first.shape[0]}x{first.shape[1]} of {first_name} in the same series",
+                f"image size {geometry.shape[0]}x{geometry.shape[1]} differs from "
+                f"{first.shape[0]}x{first.shape[1]} of {first_name} in the same series",
             )
         if not np.allclose(geometry.spacing, first.spacing, atol=1e-4):
             raise VolumeReadError(
                 path,
-                f"pixel spacing {geometry.spacing.tolist()} differs from {first.spacing.tolist()} of {first_name} in the same series",
+                f"pixel spacing {geometry.spacing.tolist()} differs from {first.spacing.tolist()} of "
+                f"{first_name} in the same series",
             )
     return geometries
 
@@ -446,11 +452,17 @@ def _implausible_ct(values: np.ndarray) -> str | None:
     padding = values == minimum if minimum < low else np.zeros(values.shape, dtype=bool)
     outside = np.mean(((values < low) | (values > high))[~padding]) if not padding.all() else 1.0
     if outside > MAX_IMPLAUSIBLE_FRACTION:
-        return f"{outside:.1%} of the pixels are outside {low:.0f}..{high:.0f} HU (values {minimum:.0f}..{values.max():.0f})"
+        return (
+            f"{outside:.1%} of the pixels are outside {low:.0f}..{high:.0f} HU (values "
+            f"{minimum:.0f}..{values.max():.0f})"
+        )
     rows, columns = values.shape
     centre = np.mean(padding[rows // 3 : 2 * rows // 3, columns // 3 : 2 * columns // 3])
     if centre > MAX_IMPLAUSIBLE_FRACTION:
-        return f"{centre:.1%} of the centre of the image has the padding value {minimum:.0f} HU of the area outside the scan field"
+        return (
+            f"{centre:.1%} of the centre of the image has the padding value {minimum:.0f} HU of the area outside "
+            "the scan field"
+        )
     return None
 
 
@@ -530,7 +542,8 @@ def read_series(
         path, reason = next(iter(series.damaged.items()))
         raise VolumeReadError(
             path,
-            f"{reason}; it belongs to (or lies among the slices of) {series.describe()}, which is incomplete without it",
+            f"{reason}; it belongs to (or lies among the slices of) {series.describe()}, which is incomplete "
+            "without it",
         )
     if len(series.files) < 2:
         raise VolumeReadError(
@@ -556,7 +569,8 @@ def read_series(
         gap = int(np.argmax(steps))
         raise VolumeReadError(
             series.files[order[gap + 1]],
-            f"{steps[gap]:.1f} mm from {names[order[gap]]}, the slice before it: slices over {MAX_SLICE_GAP_MM:.0f} mm apart are not one scan",
+            f"{steps[gap]:.1f} mm from {names[order[gap]]}, the slice before it: slices over "
+            f"{MAX_SLICE_GAP_MM:.0f} mm apart are not one scan",
         )
 
     # Direction in which slice origins move per mm of normal distance: equals the normal

@@ -88,7 +88,8 @@ def write_dicom_series(
         stored, pixel_representation = stored.astype(np.int16), 1
     else:
         raise ValueError(
-            f"values {volume.array.min()}..{volume.array.max()} do not fit 16 bits with slope {description.rescale_slope}, intercept {description.rescale_intercept}"
+            f"values {volume.array.min()}..{volume.array.max()} do not fit 16 bits with slope "
+            f"{description.rescale_slope}, intercept {description.rescale_intercept}"
         )
 
     x_size, y_size = volume.shape[:2]

@@ -41,5 +41,6 @@ def check_volume_bytes(
     if max_bytes is not None and announced > max_bytes:
         raise VolumeTooLarge(
             path,
-            f"the image would take {announced / 1024**2:.0f} MiB in memory (shape {tuple(int(n) for n in shape)}), over the limit of {max_bytes / 1024**2:.0f} MiB",
+            f"the image would take {announced / 1024**2:.0f} MiB in memory (shape "
+            f"{tuple(int(n) for n in shape)}), over the limit of {max_bytes / 1024**2:.0f} MiB",
         )

@@ -70,7 +70,8 @@ def read_nifti(
         announced = int(np.prod(image.shape)) * image.get_data_dtype().itemsize
         raise VolumeReadError(
             path,
-            f"not a readable NIfTI image: its data are corrupt or shorter than the {announced} bytes its header announces ({one_line(error)})",
+            f"not a readable NIfTI image: its data are corrupt or shorter than the {announced} bytes its "
+            f"header announces ({one_line(error)})",
         ) from error
     # Trailing singleton dimensions (a 4-D file holding one volume) carry no information.
     while data.ndim > 3 and data.shape[-1] == 1:
@@ -104,7 +105,8 @@ def check_affine(affine: np.ndarray, path: str | os.PathLike[str]) -> None:
     if not finite or np.linalg.matrix_rank(linear) < 3:
         raise VolumeReadError(
             path,
-            f"the header's voxel-to-world affine is {'singular or degenerate' if finite else 'not finite'} (3 x 3 part {np.round(linear, 4).tolist()}); "
+            f"the header's voxel-to-world affine is {'singular or degenerate' if finite else 'not finite'} (3 "
+            f"x 3 part {np.round(linear, 4).tolist()}); "
             "the image has no usable 3-D geometry",
         )
 

@@ -279,7 +279,8 @@ def dense_grid(volume: Volume, spacing: float = 1.0, tolerance: float | None = N
     if count > MAX_GRID_SLICES:
         raise VolumeReadError(
             volume.source,
-            f"slices spanning {acquired_positions[-1] - acquired_positions[0]:.0f} mm would make a grid of {count} slices at {spacing:g} mm, over the limit of {MAX_GRID_SLICES}",
+            f"slices spanning {acquired_positions[-1] - acquired_positions[0]:.0f} mm would make a grid of "
+            f"{count} slices at {spacing:g} mm, over the limit of {MAX_GRID_SLICES}",
         )
     positions = acquired_positions[0] + spacing * np.arange(count)
 

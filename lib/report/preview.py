@@ -27,7 +27,7 @@ from lib.io.atomic import atomic_path
 __all__ = ["STATUS_COLOURS", "SliceStatus", "status_colours", "write_preview"]
 
 
-class SliceStatus(str, enum.Enum):
+class SliceStatus(enum.StrEnum):
     """How a slice of the dense output was obtained.
 
     Attributes:

@@ -34,7 +34,8 @@ def held_out_slices(
     ]
     if table["subject"].nunique() < 2:
         raise ValueError(
-            f"{dataset.root}: retrieval accuracy needs at least 2 subjects in split {split!r}, found {table['subject'].nunique()}"
+            f"{dataset.root}: retrieval accuracy needs at least 2 subjects in split {split!r}, found "
+            f"{table['subject'].nunique()}"
         )
     slices = np.stack(
         [dataset.array(str(s), "source")[int(i)] for s, i in zip(table["subject"], table["slice"])]

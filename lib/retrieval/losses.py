@@ -54,7 +54,8 @@ def positive_mask(subjects: Sequence[str], slices: torch.Tensor, k: int = 2) -> 
 def _check_positives(positives: torch.Tensor, batch: int) -> None:
     if positives.dtype != torch.bool or tuple(positives.shape) != (batch, batch):
         raise ValueError(
-            f"positives must be a ({batch}, {batch}) bool tensor, got {positives.dtype} of shape {tuple(positives.shape)}"
+            f"positives must be a ({batch}, {batch}) bool tensor, got {positives.dtype} of shape "
+            f"{tuple(positives.shape)}"
         )
     if positives.diagonal().any():
         raise ValueError("positives marks an anchor as its own positive; the anchor is never a positive or a negative")

@@ -32,7 +32,7 @@ def _install_missing_dependencies() -> None:
 
 _install_missing_dependencies()
 
-from ReBrainLib import (
+from ReBrainLib import (  # noqa: E402 (after the dependency install)
     STATUS_COLOURS,
     JobState,
     ReBrainClient,
@@ -44,8 +44,8 @@ from ReBrainLib import (
     similarity_colour_table,
     slice_overlays,
 )
-from ReBrainLib.geometry import read_volume, write_volume
-from ReBrainLib.overlays import TABLE_COLUMNS
+from ReBrainLib.geometry import read_volume, write_volume  # noqa: E402
+from ReBrainLib.overlays import TABLE_COLUMNS  # noqa: E402
 
 SYNTHETIC_ATTRIBUTE = "ReBrain.Synthetic"
 SETTINGS_URL_KEY = "ReBrain/ServerURL"
@@ -290,7 +290,8 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
             summary = job.result.params["summary"]
             positions = "CT head template" if (summary.get("alignment") or {}).get("applied") else "brain extent"
             self.ui.statusLabel.text = (
-                f"Done in {job.elapsed:.0f} s: {summary['slices']} slices, {summary['fallback_count']} SLERP fallbacks, "
+                f"Done in {job.elapsed:.0f} s: {summary['slices']} slices, {summary['fallback_count']} SLERP "
+                "fallbacks, "
                 f"slice positions from the {positions}. SYNTHETIC image."
             )
             self.showOverlays()

@@ -26,7 +26,8 @@ DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 def namespace():
     if not Path(ORTHANC).exists() or not DICOMWEB_PLUGIN.exists():
         pytest.skip(
-            "Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; make test does it as root)"
+            "Orthanc with its DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb; make "
+            "test does it as root)"
         )
     name = f"rebrain-test-{uuid.uuid4().hex[:8]}"
     created = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)

@@ -4,7 +4,8 @@ The test's Orthanc and MONAI Label server listen only on that namespace's loopba
 script, not the pytest process, talks to them: it stores DICOM series in Orthanc with STOW-RS,
 then asks the server to reconstruct series by SeriesInstanceUID and writes what came back.
 
-    python -m tests.app.dicomweb_roundtrip ORTHANC_URL SERVER_URL OUT --upload DIR [DIR ...] --infer UID [UID ...] --params JSON
+    python -m tests.app.dicomweb_roundtrip ORTHANC_URL SERVER_URL OUT \\
+        --upload DIR [DIR ...] --infer UID [UID ...] --params JSON
 """
 
 from __future__ import annotations

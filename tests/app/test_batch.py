@@ -279,7 +279,10 @@ def test_push_dicomweb_stores_each_series_in_orthanc(namespace, orthanc, tree, p
     )
     assert done.returncode == 1, done.stderr  # the broken series
     rows = {row["series_uid"]: row for row in json.loads((out / "manifest.json").read_text())["series"]}
-    query = "import json, requests, sys; print(json.dumps(requests.get(sys.argv[1], params={'Modality': 'MR'}, timeout=30).json()))"
+    query = (
+        "import json, requests, sys; print(json.dumps(requests.get(sys.argv[1], params={'Modality': 'MR'}, "
+        "timeout=30).json()))"
+    )
     listed = subprocess.run(
         prefix + [sys.executable, "-c", query, f"{orthanc}/dicom-web/series"],
         capture_output=True,

@@ -48,7 +48,7 @@ def test_failed_write_leaves_the_existing_file_untouched(tmp_path):
     before = out.read_bytes()
     with pytest.raises(ValueError, match="80 characters"):
         write_nifti(out, np.zeros((4, 4, 4)), np.eye(4), description="x" * 81)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):  # the array cannot be converted to float32
         write_nifti(out, np.array([[["a"]]], dtype=object), np.eye(4))
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["result.nii.gz"]

@@ -95,7 +95,8 @@ class ReBrainClient:
         info = response.json()
         if MODEL not in info.get("models", {}):
             raise ServerError(
-                f"{self.url} is a MONAI Label server without the {MODEL!r} model (models: {', '.join(info.get('models', {})) or 'none'})"
+                f"{self.url} is a MONAI Label server without the {MODEL!r} model (models: "
+                f"{', '.join(info.get('models', {})) or 'none'})"
             )
         return info
 

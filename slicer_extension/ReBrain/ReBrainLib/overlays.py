@@ -63,9 +63,11 @@ def legend_text(params: dict) -> str:
     counts = {name: params["slice_status"].count(name) for name in STATUS_CODES}
     rate = summary.get("generated_retrieval_success_rate")
     return (
-        f"Similarity overlay: warm (yellow to red) = top-1 retrieval similarity at or above tau = {summary['tau']:.4f}, "
+        "Similarity overlay: warm (yellow to red) = top-1 retrieval similarity at or above tau = "
+        f"{summary['tau']:.4f}, "
         f"a reference slice guided the synthesis; cool (blue) = below tau. "
-        f"Status overlay: green = acquired slice ({counts['acquired']}), orange = SLERP fallback ({counts['fallback']}); "
+        f"Status overlay: green = acquired slice ({counts['acquired']}), orange = SLERP fallback "
+        f"({counts['fallback']}); "
         f"{counts['retrieved']} generated slices used a retrieved reference"
         + (f" ({rate:.0%} of generated slices)." if rate is not None else ".")
     )
