@@ -42,24 +42,24 @@ test: $(STAMP) system-deps
 # the shipped ct2mri preset (time by stage, quality by steps). BENCH_ARGS passes options, e.g.
 # make bench BENCH_ARGS="--device cuda --repeats 5".
 bench: $(STAMP)
-	$(PY) -m app.bench_reconstruct $(BENCH_ARGS)
+	$(PY) -m bench.reconstruct $(BENCH_ARGS)
 
 # The default-size denoiser alone (forward, FLOPs, sampling a volume, memory).
 bench-bbdm: $(STAMP)
-	$(PY) -m app.bench_bbdm $(BENCH_ARGS)
+	$(PY) -m bench.bbdm $(BENCH_ARGS)
 
 # Real head CT preparation: brain extraction and registration to the CT head template.
 bench-ct: $(STAMP) system-deps
-	$(PY) -m app.bench_ct_prepare $(BENCH_ARGS)
+	$(PY) -m bench.ct_prepare $(BENCH_ARGS)
 
 # The server under load and attack: concurrent reconstructions, /info/ latency, memory, a gzip
 # bomb and an oversize upload (README, Security).
 bench-server: $(STAMP) system-deps
-	$(PY) -m app.bench_server $(BENCH_ARGS)
+	$(PY) -m bench.server $(BENCH_ARGS)
 
 # The knowledge-base index at 10k/100k/1M entries (exact against HNSW).
 bench-retrieval: $(STAMP)
-	$(PY) -m app.bench_retrieval $(BENCH_ARGS)
+	$(PY) -m bench.retrieval $(BENCH_ARGS)
 
 # The demo: inputs from installable sources (Debian's real Cranium CT, one synthetic CT/T1 pair
 # from nilearn's MNI152), each made x2 sparse and reconstructed with the shipped ct2mri preset.

@@ -78,7 +78,7 @@ class HNSWParams:
     """Parameters of the approximate index (faiss ``IndexHNSWFlat``).
 
     Chosen by measurement at 1M random unit vectors of dimension 128 with queries at cosine 0.8
-    to an entry (``app/bench_retrieval.py``, 2 CPU cores; numbers in NOTES.md): M=32 with
+    to an entry (``bench.retrieval.py``, 2 CPU cores; numbers in NOTES.md): M=32 with
     efConstruction=80 needed efSearch=256 for recall@1 0.95 (1.1 ms per query, over the 1 ms
     target); a better graph, M=48 with efConstruction=200, reaches 0.97 at efSearch=64 and
     0.99 at efSearch=96 in about 0.5 ms per query. The price is build time (about 10 minutes

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,30 +11,9 @@ from pathlib import Path
 
 import requests
 
-from app.bench_server import free_port
+from bench.server import free_port, server_command
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def server_command(studies: str, conf: dict[str, str], port: int) -> list[str]:
-    """The documented start command, with this interpreter (``monailabel`` runs ``python`` from PATH)."""
-    command = [
-        sys.executable,
-        "-m",
-        "monailabel.main",
-        "start_server",
-        "--app",
-        str(REPO),
-        "--studies",
-        studies,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    for name, value in conf.items():
-        command += ["--conf", name, str(value)]
-    return command
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from app.bench_server import nifti_bomb, oversize_request
+from bench.server import nifti_bomb, oversize_request
 from lib.io import read_volume
 from tests.app.test_server import infer, parts
 

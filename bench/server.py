@@ -1,7 +1,7 @@
 """Benchmark of the server under load and attack: concurrent reconstructions, ``/info/`` latency,
 memory, and a gzip bomb and an oversize upload sent in the middle.
 
-Run with ``make bench-server`` (or ``python -m app.bench_server --help``). Starts the real MONAI
+Run with ``make bench-server`` (or ``python -m bench.server --help``). Starts the real MONAI
 Label server on 127.0.0.1 with the shipped ``ct2mri`` preset and the demo's synthetic CT (made
 from nilearn's MNI152, installable on a fresh machine), then, at once:
 
@@ -66,35 +66,22 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def server_command(studies: str, conf: dict[str, object], port: int) -> list[str]:
+    """The documented start command on 127.0.0.1, with this interpreter (``monailabel`` runs
+    ``python`` from PATH) and ``--conf NAME VALUE`` for each of ``conf``."""
+    command = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO), "--studies", studies]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    for name, value in conf.items():
+        command += ["--conf", name, str(value)]
+    return command
+
+
 def start_server(studies: Path, steps: int, log: Path) -> tuple[subprocess.Popen, str]:
     """The server on 127.0.0.1 (default settings, the shipped weights); waits for /info/."""
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "monailabel.main",
-        "start_server",
-        "--app",
-        str(REPO),
-        "--studies",
-        str(studies),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--conf",
-        "preset",
-        "ct2mri",
-        "--conf",
-        "device",
-        "cpu",
-        "--conf",
-        "preload",
-        "true",
-        "--conf",
-        "steps",
-        str(steps),
-    ]
+    command = server_command(
+        str(studies), {"preset": "ct2mri", "device": "cpu", "preload": "true", "steps": steps}, port
+    )
     env = {**os.environ, "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -1,6 +1,6 @@
 """How well a trained BBDM recovers x0 in one step at each time step t (a diagnostic table).
 
-``python -m app.bbdm_diagnostics RUN/model.pt PREPARED [--split val] [--slices 16]``
+``python -m bench.bbdm_diagnostics RUN/model.pt PREPARED [--split val] [--slices 16]``
 
 For held-out slices, x_t is drawn from the true forward marginal q(x_t | x0, y) and the
 model's one-step x0 estimate is scored (PSNR, data range 1 on [0, 1]). This separates the

@@ -1,6 +1,6 @@
 """Benchmark of the default BBDM denoiser: forward time, FLOPs, whole-volume sampling, memory.
 
-Run with ``make bench`` (or ``python -m app.bench_bbdm --help``). Prints a Markdown table.
+Run with ``make bench-bbdm`` (or ``python -m bench.bbdm --help``). Prints a Markdown table.
 Times are medians of repeated runs; each is also given as a ratio to a fixed matrix-multiply
 baseline timed in the same process, which is steadier than seconds on a shared machine.
 Sampling a whole volume at many steps is long on a CPU: step counts whose estimated time

@@ -1,6 +1,6 @@
 """Benchmark of whole-volume reconstruction with a shipped preset: time by stage, quality by steps.
 
-Run with ``make bench`` (or ``python -m app.bench_reconstruct --help``). Prints a Markdown table.
+Run with ``make bench`` (or ``python -m bench.reconstruct --help``). Prints a Markdown table.
 
 Input: the demo's synthetic CT/T1 pair (lib/data/demo_inputs.py, a pseudo-subject the models
 never saw), cut to ``--slices`` central slices and made x2 sparse, so the dense output has
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import nibabel as nib
 
-from app.bench_bbdm import baseline_seconds, peak_memory_mb
+from bench.bbdm import baseline_seconds, peak_memory_mb
 from lib.data.demo_inputs import make_demo_inputs
 from lib.data.sparse import simulate_sparse_volume
 from lib.evaluation.score import score_volumes

@@ -1,6 +1,6 @@
 """Benchmark of the real-CT preparation: brain extraction and registration to the CT head template.
 
-Run with ``make bench-ct`` (or ``python -m app.bench_ct_prepare --help``). Prints a Markdown
+Run with ``make bench-ct`` (or ``python -m bench.ct_prepare --help``). Prints a Markdown
 table. Inputs: Debian's real Cranium CT (invesalius-examples, installable on a fresh machine)
 and, when ``../shared/data/head_ct_study`` is beside the repository, the real head CT study's
 2.5 mm series whole, x2 sparse and its upper 40 %. Each step runs ``--repeats`` times; times are
@@ -19,7 +19,7 @@ from pathlib import Path
 import SimpleITK as sitk
 import torch
 
-from app.bench_bbdm import baseline_seconds
+from bench.bbdm import baseline_seconds
 from lib.data.ct_alignment import align_to_template, load_ct_template
 from lib.data.ct_brain import extract_brain
 from lib.data.invesalius import CRANIUM_PATH, read_inv3

@@ -1,6 +1,6 @@
 """Benchmark of the knowledge-base index: exact (flat) against approximate (HNSW) search.
 
-Run with ``python -m app.bench_retrieval --help``. Prints a Markdown table per size.
+Run with ``python -m bench.retrieval --help``. Prints a Markdown table per size.
 
 Data: ``size`` random unit vectors of ``--dim`` dimensions, with random sorted positions in
 [0, 1] and 155 entries per subject, as in the knowledge base. Each query is made from a random
