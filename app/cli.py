@@ -43,6 +43,7 @@ RECONSTRUCT_OPTIONS = (
     "use_controlnet",
     "brain_extraction",
     "alignment",
+    "method",
 )
 BATCH_OPTIONS = ("steps", "seed", "batch_size", "brain_extraction", "alignment")
 # Library messages name the library's parameters; the command line names its flags instead.
@@ -587,12 +588,6 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
     add_arguments(recon, InputOptions, ["simulate_sparsity"])
     add_arguments(recon, ReconstructionOptions, RECONSTRUCT_OPTIONS)
-    recon.add_argument(
-        "--method",
-        default="rebrain",
-        choices=METHODS,
-        help="how gap slices are made: the method (default) or an evaluation baseline (see lib/pipeline.py)",
-    )
     recon.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     recon.add_argument("--quiet", action="store_true", help="no progress bar")
     recon.set_defaults(run=_reconstruct)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from lib.options_schema import check_bounds
 from lib.presets import Preset
-from lib.reconstruction_methods import METHODS
+from lib.reconstruction_methods import METHODS, Method
 
 # The most sampling steps: the bridge's training timesteps T (1000 in every model so far; the
 # skip-step sampler refuses more than a model's own T).
@@ -109,11 +109,18 @@ class ReconstructionOptions:
             "come from the brain's own extent, right only when the CT covers the whole brain)"
         },
     )
-    method: str = "rebrain"
+    method: Method = field(
+        default=Method.REBRAIN,
+        metadata={
+            "help": "how gap slices are made: rebrain (the method) or an evaluation baseline "
+            "(lib/reconstruction_methods.py)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        object.__setattr__(self, "method", Method(self.method))  # a name given as a plain word
         # None, not a falsy value, means "the preset's": 0 is refused rather than read as the default.
         check_bounds(self)
         if self.samples > 1 and self.eta == 0:

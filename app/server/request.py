@@ -13,7 +13,6 @@ from typing import Any
 
 from app.server.config import parse_bool
 from lib.options_schema import OptionSpec, option_help, option_specs
-from lib.reconstruction_methods import METHODS
 from lib.reconstruction_options import InputOptions, ReconstructionOptions
 
 # What the task can return as the response image; all are on the same grid as the MRI.
@@ -21,14 +20,13 @@ OUTPUTS = ("mri", "uncertainty", "similarity", "status")
 
 # The reconstruction options a request may set. Their meaning, defaults and bounds are the fields'
 # metadata (lib/reconstruction_options.py), as for the command line: both accept the same values.
-REQUEST_OPTIONS = ("steps", "samples", "seed", "eta", "target_spacing", "brain_extraction", "alignment")
+REQUEST_OPTIONS = ("steps", "samples", "seed", "eta", "target_spacing", "brain_extraction", "alignment", "method")
 
 # Request parameters and their meaning, shown by /info/ (the server's defaults are in its 'config').
 PARAM_HELP = {
     "preset": "model preset (see 'presets'); default: the server's --conf preset",
     **option_help(ReconstructionOptions, REQUEST_OPTIONS),
     "simulate_sparsity": option_help(InputOptions, ["simulate_sparsity"])["simulate_sparsity"] + "; 0 is off too",
-    "method": "rebrain (the method) or an evaluation baseline: " + ", ".join(METHODS[1:]),
     "output": "volume returned as the image: " + ", ".join(OUTPUTS) + " (all are kept; see result_id)",
     "result_id": "fetch an output of an earlier result without recomputing it (with 'output')",
 }
@@ -108,7 +106,6 @@ def default_params(preset: str, steps: int | None) -> dict[str, Any]:
         **{name: "" if specs[name].default is None else specs[name].default for name in REQUEST_OPTIONS},
         "steps": "" if steps is None else steps,
         "simulate_sparsity": 0,
-        "method": "rebrain",
         "output": "mri",
     }
 
@@ -153,9 +150,6 @@ def parse_infer_params(
             f"parameter 'preset': {preset!r} is not available on this server (available: "
             f"{', '.join(presets) or 'none'})"
         )
-    method = str(request.get("method") or "rebrain")
-    if method not in METHODS:
-        raise RequestError(f"parameter 'method': {method!r} is not one of {', '.join(METHODS)}")
     specs = option_specs(ReconstructionOptions)
     values = {name: _option(request, specs[name]) for name in REQUEST_OPTIONS}
     if values["steps"] is None:
@@ -164,7 +158,7 @@ def parse_infer_params(
     sparsity_spec = option_specs(InputOptions)["simulate_sparsity"]
     sparsity = None if request.get("simulate_sparsity") in (0, "0") else _option(request, sparsity_spec)
     try:
-        options = ReconstructionOptions(method=method, **values)
+        options = ReconstructionOptions(**values)
     except ValueError as error:
         raise RequestError(f"parameters: {error}") from None
     return InferParams(preset=preset, options=options, simulate_sparsity=sparsity, output=output_choice(request))

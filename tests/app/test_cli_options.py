@@ -17,15 +17,18 @@ from app.cli import BATCH_OPTIONS, RECONSTRUCT_OPTIONS, build_parser, main
 from app.server.config import ServerConfig
 from app.server.request import PARAM_HELP, REQUEST_OPTIONS, RequestError, default_params, parse_infer_params
 from lib.options_schema import OptionSpec, option_specs, options_from_arguments
+from lib.reconstruction_methods import METHODS
 from lib.reconstruction_options import InputOptions, ReconstructionOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = ["ct2mri"]
 OPTIONS = option_specs(ReconstructionOptions)
 SPARSITY = option_specs(InputOptions)["simulate_sparsity"]
-# The numbers both front ends take: every request option that the command line offers too.
+# The numbers both front ends take: every numeric request option that the command line offers too.
 SHARED_NUMBERS = [
-    OPTIONS[name] for name in REQUEST_OPTIONS if name in RECONSTRUCT_OPTIONS and not OPTIONS[name].is_switch
+    OPTIONS[name]
+    for name in REQUEST_OPTIONS
+    if name in RECONSTRUCT_OPTIONS and OPTIONS[name].kind in (int, float) and not OPTIONS[name].is_switch
 ] + [SPARSITY]
 
 
@@ -79,6 +82,15 @@ def test_cli_server_and_options_enforce_the_schemas_bounds_identically(spec, val
     assert server_accepts(spec, value) is accepted
     assert options_accept(spec, value) is accepted
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("method", ["rebrain", "interp", "r-as-input", "unknown", "REBRAIN"])
+def test_cli_and_server_accept_the_same_methods(method, capsys):
+    """The method's words come from one enum: both front ends take exactly its values."""
+    expected = method in METHODS
+    assert cli_accepts(OPTIONS["method"], method) is expected
+    capsys.readouterr()
+    assert server_accepts(OPTIONS["method"], method) is expected
 
 
 def test_every_request_option_has_the_same_bounds_on_the_command_line():
