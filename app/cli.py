@@ -459,8 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--layout", required=True, choices=["brats", "synthrad", "open"])
     prepare.add_argument(
         "--src",
-        help="dataset folder (brats, synthrad); for open: optional folder of BraTS cases whose T1 volumes are used "
-        "as extra bases",
+        nargs="+",
+        help="dataset folder(s) (brats, synthrad; several folders of one layout are one dataset); for open: "
+        "optional folder of BraTS cases whose T1 volumes are used as extra bases",
     )
     prepare.add_argument("--out", required=True, help="output folder (written atomically)")
     prepare.add_argument("--source", default="t2f", help="brats: source contrast (default t2f)")
@@ -648,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--input", help="one real scan without ground truth (NIfTI or DICOM folder): continuity and retrieval only"
     )
-    evaluate.add_argument("--src", help="dataset folder (brats, synthrad; optional for open)")
+    evaluate.add_argument(
+        "--src", nargs="+", help="dataset folder(s) as given to prepare, in its order (brats, synthrad; open: optional)"
+    )
     evaluate.add_argument("--preset", default="ct2mri", help="preset name in --weights, or a preset folder")
     evaluate.add_argument("--weights", default=None, help="folder of presets (default: the shipped model_weights/)")
     evaluate.add_argument(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -174,35 +174,66 @@ def open_subjects(src: Path | None, count: int) -> list[SubjectRecord]:
 DEFAULT_OPEN_COUNT = 12
 
 
+Folders = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None
+
+
 def discover_subjects(
     layout: Layout | str,
-    src: str | os.PathLike[str] | None,
+    src: Folders,
     source: str = "t2f",
     target: str = "t1n",
     open_count: int = DEFAULT_OPEN_COUNT,
 ) -> list[SubjectRecord]:
-    """The subjects of a dataset in the given layout.
+    """The subjects of a dataset in the given layout, from one folder or several.
+
+    Several folders of one layout are one dataset: their subjects in the order of the folders
+    (each folder's in its own order), so that the subject split is the same wherever the same
+    folders are given in the same order.
 
     Raises:
-        ValueError: unknown layout, missing ``src`` folder, or no subject found.
+        ValueError: unknown layout, missing ``src`` folder, the same subject name in two folders,
+            or no subject found.
     """
     layout = Layout(layout)
-    folder = Path(src) if src is not None else None
-    if folder is not None and not folder.is_dir():
-        raise ValueError(f"{folder}: no such folder")
+    folders = [] if src is None else [Path(src)] if isinstance(src, str | os.PathLike) else [Path(f) for f in src]
+    for folder in folders:
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: no such folder")
     if layout is Layout.OPEN:
-        records = open_subjects(folder, open_count)
-    elif folder is None:
+        if len(folders) > 1:
+            raise ValueError(f"the open layout takes at most one folder of extra bases, got {len(folders)}")
+        records = open_subjects(folders[0] if folders else None, open_count)
+    elif not folders:
         raise ValueError(f"the {layout.value} layout needs its dataset folder (src)")
-    elif layout is Layout.BRATS:
-        records = brats_subjects(folder, source, target)
     else:
-        records = synthrad_subjects(folder)
+        records = []
+        for folder in folders:
+            found = brats_subjects(folder, source, target) if layout is Layout.BRATS else synthrad_subjects(folder)
+            if not found:
+                raise _no_subject(folder, layout, source, target)
+            records.extend(found)
+        _check_unique_names(records)
     if not records:
-        expected = {
-            Layout.BRATS: f"<case>/<case>-{source}.nii.gz and -{target}.nii.gz (or <case>/{source}.nii.gz)",
-            Layout.SYNTHRAD: "<case>/ct.nii.gz, mr.nii.gz, mask.nii.gz",
-            Layout.OPEN: "at least one pseudo-subject (open_count >= 1)",
-        }[layout]
-        raise ValueError(f"{folder}: no subject found for layout {layout.value}; expected {expected}")
+        where = folders[0] if folders else "open"
+        raise _no_subject(where, layout, source, target)
     return records
+
+
+def _no_subject(where: Path | str, layout: Layout, source: str, target: str) -> ValueError:
+    """The error for a folder without subjects, saying what a subject of the layout looks like."""
+    expected = {
+        Layout.BRATS: f"<case>/<case>-{source}.nii.gz and -{target}.nii.gz (or <case>/{source}.nii.gz)",
+        Layout.SYNTHRAD: "<case>/ct.nii.gz, mr.nii.gz, mask.nii.gz",
+        Layout.OPEN: "at least one pseudo-subject (open_count >= 1)",
+    }[layout]
+    return ValueError(f"{where}: no subject found for layout {layout.value}; expected {expected}")
+
+
+def _check_unique_names(records: list[SubjectRecord]) -> None:
+    """Refuse one subject name in two folders: its anonymised key would be the same."""
+    seen: dict[str, Path] = {}
+    for record in records:
+        folder = record.files[0].parent if record.files else Path()
+        if record.name in seen:
+            raise ValueError(f"subject {record.name!r} is in both {seen[record.name]} and {folder}")
+        seen[record.name] = folder

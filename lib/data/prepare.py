@@ -30,7 +30,15 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from lib.data.layouts import DEFAULT_OPEN_COUNT, Layout, SubjectPair, SubjectRecord, discover_subjects, file_sha256
+from lib.data.layouts import (
+    DEFAULT_OPEN_COUNT,
+    Folders,
+    Layout,
+    SubjectPair,
+    SubjectRecord,
+    discover_subjects,
+    file_sha256,
+)
 from lib.data.model_frame import resize_slices
 from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, ct_to_unit, mri_to_unit
 from lib.io.atomic import atomic_directory
@@ -167,7 +175,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def prepare_dataset(
     layout: Layout | str,
-    src: str | os.PathLike[str] | None,
+    src: Folders,
     out: str | os.PathLike[str],
     source: str = "t2f",
     target: str = "t1n",

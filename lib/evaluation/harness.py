@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.data.layouts import DEFAULT_OPEN_COUNT, discover_subjects
+from lib.data.layouts import DEFAULT_OPEN_COUNT, Folders, discover_subjects
 from lib.data.prepare import anonymised_key, split_subjects
 from lib.data.sparse import simulate_sparse_volume
 from lib.evaluation.score import reference_to_unit, score_arrays
@@ -167,7 +167,7 @@ class EvaluationResult:
 def held_out_subjects(
     pipeline: ReBrainPipeline,
     layout: str,
-    src: str | None,
+    src: Folders,
     max_subjects: int | None = None,
     open_count: int = 16,
     val_fraction: float = 0.2,

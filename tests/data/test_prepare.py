@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from lib.data.dataset import PreparedDataset, PreparedSlices
+from lib.data.layouts import discover_subjects
 from lib.data.normalise import ct_to_unit, mri_to_unit
-from lib.data.prepare import PrepareConfig, prepare_dataset, split_subjects
+from lib.data.prepare import PrepareConfig, anonymised_key, prepare_dataset, split_subjects
 from lib.io import read_volume
 from tests.conftest import SHARED_DATA, require
 
@@ -167,3 +168,33 @@ def test_prepared_slices_dataset_gives_tensors_with_neighbours(prepared_brats):
     assert all(slices.table.brain_fraction >= 0.05) and set(slices.table.split) == {"train"}
     with pytest.raises(ValueError, match="not a prepared dataset"):
         PreparedDataset(out.parent / "nowhere")
+
+
+def test_several_source_folders_are_one_dataset(tmp_path, brats_root):
+    """prepare --src A B: the subjects of both folders, A's first, one split over all of them."""
+    more = require(SHARED_DATA / "brats_more")
+    records = discover_subjects("brats", [brats_root, more])
+    names_dev = [record.name for record in discover_subjects("brats", brats_root)]
+    names_more = [record.name for record in discover_subjects("brats", more)]
+    assert [record.name for record in records] == names_dev + names_more
+    assert len(set(names_dev) & set(names_more)) == 0 and len(records) == len(names_dev) + len(names_more)
+
+    # One subject from each folder, prepared together: both are in the manifest under their keys.
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    (first / names_dev[0]).symlink_to(brats_root / names_dev[0])
+    (second / names_more[0]).symlink_to(more / names_more[0])
+    manifest = prepare_dataset("brats", [first, second], tmp_path / "out", config=SMALL)
+    assert [s["key"] for s in manifest["subjects"]] == [
+        anonymised_key("brats", names_dev[0]),
+        anonymised_key("brats", names_more[0]),
+    ]
+
+
+def test_one_subject_in_two_folders_or_open_with_two_folders_is_refused(brats_root, tmp_path):
+    with pytest.raises(ValueError, match="is in both"):
+        discover_subjects("brats", [brats_root, brats_root])
+    with pytest.raises(ValueError, match="at most one folder"):
+        discover_subjects("open", [brats_root, tmp_path])
+    with pytest.raises(ValueError, match="no subject found"):
+        discover_subjects("brats", [brats_root, tmp_path])
