@@ -27,8 +27,10 @@ class ProgressBar:
             self._bar = tqdm(total=total, desc=self._description, unit=self._unit, disable=self._quiet)
         if total != self._bar.total:
             self._bar.total = total
-        self._bar.n = done
-        self._bar.refresh()
+            self._bar.refresh()
+        # update() redraws at most every mininterval (0.1 s): a log file gets a few lines, not one
+        # per sampling step.
+        self._bar.update(done - self._bar.n)
         if message and not self._quiet:
             self._bar.write(message)
 
