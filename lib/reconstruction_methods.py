@@ -14,7 +14,7 @@ the pipeline passes the sampling in as a function.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -33,6 +33,8 @@ class Method(enum.StrEnum):
     R_AS_INPUT = "r-as-input"
     SUBSTITUTE = "substitute"
     INTERP = "interp"
+    IDENTITY = "identity"
+    INTENSITY_MAP = "intensity-map"
 
 
 # The names, in report order, for option choices and validation.
@@ -49,6 +51,8 @@ class ReferenceSlices(Protocol):
     def ct_slice(self, entry_id: int) -> np.ndarray: ...
 
     def mri_slice(self, entry_id: int) -> np.ndarray: ...
+
+    def slice_pairs(self, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,7 @@ class GapFilling:
 
     Attributes:
         method: the method's name.
+        translates: whether the BBDM makes its slices (false for the baselines without a model).
         retrieves: whether it queries the knowledge base.
         guided: whether the ControlNet guides it, with the reference (or the SLERP fallback)
             as control, when the preset has one.
@@ -94,6 +99,7 @@ class GapFilling:
     """
 
     method: ClassVar[Method]
+    translates: ClassVar[bool] = True
     retrieves: ClassVar[bool] = False
     guided: ClassVar[bool] = False
     ignores_tau: ClassVar[bool] = False
@@ -216,10 +222,92 @@ class Interpolation(GapFilling):
         return plan.grid.interpolate(translated), plan.grid.interpolate(translated_std)
 
 
+class Identity(GapFilling):
+    """The input contrast taken as the output (the trivial baseline of an MRI-input preset, e.g.
+    the FLAIR as the T1): every slice is its y, the acquired slice or the SLERP of its
+    neighbours, normalised as the models see it."""
+
+    method = Method.IDENTITY
+    translates = False
+
+    def fill(self, plan: SlicePlan, sample: SampleFn, knowledge_base: ReferenceSlices) -> tuple[np.ndarray, np.ndarray]:
+        return plan.y.astype(np.float32, copy=True), np.zeros(plan.y.shape, dtype=np.float32)
+
+
+# Intensity bins of the lookup table over the models' [-1, 1] range.
+INTENSITY_BINS = 256
+# A voxel whose normalised input is at or below this is background (prepared and model-frame
+# slices set the outside of the brain to -1).
+BACKGROUND_LEVEL = -1.0 + 1e-3
+
+
+def fit_intensity_map(pairs: Iterator[tuple[np.ndarray, np.ndarray]], bins: int = INTENSITY_BINS) -> np.ndarray:
+    """The mean target value of each input intensity bin over the brain voxels of slice pairs.
+
+    Args:
+        pairs: (input, target) slice stacks in [-1, 1] units, (N, S, S) each.
+        bins: bins over [-1, 1].
+
+    Returns:
+        (bins,) the table; a bin no voxel fell in takes the value of its nearest filled bins
+        (linear interpolation), so that every input intensity maps somewhere.
+
+    Raises:
+        ValueError: no brain voxel in the pairs.
+    """
+    sums = np.zeros(bins)
+    counts = np.zeros(bins)
+    for source, target in pairs:
+        brain = source > BACKGROUND_LEVEL
+        index = _bin_index(source[brain], bins)
+        sums += np.bincount(index, weights=target[brain].astype(np.float64), minlength=bins)
+        counts += np.bincount(index, minlength=bins)
+    filled = counts > 0
+    if not filled.any():
+        raise ValueError("no brain voxel to fit the intensity map on")
+    centres = _bin_centres(bins)
+    return np.interp(centres, centres[filled], sums[filled] / counts[filled])
+
+
+def apply_intensity_map(table: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` in [-1, 1] mapped through the table (linear between bin centres)."""
+    return np.interp(values, _bin_centres(len(table)), table).astype(np.float32)
+
+
+def _bin_index(values: np.ndarray, bins: int) -> np.ndarray:
+    return np.clip(((values + 1.0) / 2.0 * bins).astype(np.int64), 0, bins - 1)
+
+
+def _bin_centres(bins: int) -> np.ndarray:
+    return -1.0 + (np.arange(bins) + 0.5) * 2.0 / bins
+
+
+class IntensityMap(GapFilling):
+    """A voxelwise lookup table from the input contrast to the target (no spatial context at
+    all), fitted on the brain voxels of the knowledge base's slice pairs: the training subjects
+    after the same normalisation. Applied to every slice's y."""
+
+    method = Method.INTENSITY_MAP
+    translates = False
+
+    def fill(self, plan: SlicePlan, sample: SampleFn, knowledge_base: ReferenceSlices) -> tuple[np.ndarray, np.ndarray]:
+        table = fit_intensity_map(knowledge_base.slice_pairs(chunk=256))
+        return apply_intensity_map(table, plan.y), np.zeros(plan.y.shape, dtype=np.float32)
+
+
 # One object per method: the registry :func:`gap_filling` looks them up in.
 GAP_FILLING: dict[Method, GapFilling] = {
     strategy.method: strategy
-    for strategy in (ReBrain(), ReBrainNoSlerp(), BBDMAlone(), ReferenceAsInput(), Substitute(), Interpolation())
+    for strategy in (
+        ReBrain(),
+        ReBrainNoSlerp(),
+        BBDMAlone(),
+        ReferenceAsInput(),
+        Substitute(),
+        Interpolation(),
+        Identity(),
+        IntensityMap(),
+    )
 }
 
 

@@ -9,7 +9,14 @@ from scipy.ndimage import binary_erosion
 from lib.data.sparse import simulate_sparse_volume
 from lib.io import read_volume
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
-from lib.reconstruction_methods import GAP_FILLING, METHODS, Method, gap_filling
+from lib.reconstruction_methods import (
+    GAP_FILLING,
+    METHODS,
+    Method,
+    apply_intensity_map,
+    fit_intensity_map,
+    gap_filling,
+)
 from tests.tiny_preset import make_tiny_preset
 
 
@@ -95,7 +102,17 @@ def test_unknown_method_is_refused():
 
 
 def test_every_method_is_one_object_with_its_properties():
-    assert METHODS == tuple(Method) == ("rebrain", "rebrain-noslerp", "bbdm", "r-as-input", "substitute", "interp")
+    assert METHODS == tuple(Method)
+    assert METHODS == (
+        "rebrain",
+        "rebrain-noslerp",
+        "bbdm",
+        "r-as-input",
+        "substitute",
+        "interp",
+        "identity",
+        "intensity-map",
+    )
     assert set(GAP_FILLING) == set(Method) and all(gap_filling(m).method == m for m in METHODS)
     # (queries the knowledge base, guided by the ControlNet, uses a candidate below tau)
     assert {m.value: (s.retrieves, s.guided, s.ignores_tau) for m, s in GAP_FILLING.items()} == {
@@ -105,8 +122,11 @@ def test_every_method_is_one_object_with_its_properties():
         "r-as-input": (True, False, False),
         "substitute": (True, False, True),
         "interp": (False, False, False),
+        "identity": (False, False, False),
+        "intensity-map": (False, False, False),
     }
-    assert [gap_filling(m).guided_by(True) for m in METHODS] == [True, True, False, False, False, False]
+    assert [gap_filling(m).guided_by(True) for m in METHODS] == [True, True] + [False] * 6
+    assert [gap_filling(m).translates for m in METHODS] == [True] * 6 + [False, False]
     assert not any(gap_filling(m).guided_by(False) for m in METHODS)
     with pytest.raises(ValueError, match="unknown method 'magic'; choose from rebrain, rebrain-noslerp"):
         gap_filling("magic")
@@ -122,6 +142,8 @@ def test_every_method_is_one_object_with_its_properties():
         ("r-as-input", ("none", "none", "reference-as-input", "none")),
         ("substitute", ("none", "none", "substituted", "none")),
         ("interp", ("none", "none", "interpolated", "interpolated")),
+        ("identity", ("none", "none", "none", "none")),
+        ("intensity-map", ("none", "none", "none", "none")),
     ],
 )
 def test_each_slice_records_what_guided_it(method, kinds):
@@ -138,3 +160,43 @@ def test_each_slice_records_what_guided_it(method, kinds):
     # A slice uses its reference on success, and below tau only for the methods that ignore it.
     assert strategy.uses_reference(True, True) and not strategy.uses_reference(False, False)
     assert strategy.uses_reference(False, True) == strategy.ignores_tau
+
+
+def test_the_intensity_map_recovers_a_known_voxelwise_mapping_from_brain_voxels_only():
+    rng = np.random.default_rng(0)
+    source = rng.uniform(-0.9, 1.0, size=(40, 16, 16)).astype(np.float32)
+    target = (0.5 * source**2 - 0.2 + rng.normal(0, 0.01, size=source.shape)).astype(np.float32)
+    # Background (input at -1) paired with a target far from the mapping: it must not count.
+    source[:, :2], target[:, :2] = -1.0, 1.0
+    pairs = [(source[:20], target[:20]), (source[20:], target[20:])]
+    table = fit_intensity_map(iter(pairs), bins=64)
+    probe = np.linspace(-0.85, 0.95, 50)
+    np.testing.assert_allclose(apply_intensity_map(table, probe), 0.5 * probe**2 - 0.2, atol=0.02)
+    # Bins no voxel fell in (below -0.9 here) continue from their nearest filled neighbour.
+    assert np.isfinite(table).all() and abs(table[0] - (0.5 * 0.9**2 - 0.2)) < 0.05
+    with pytest.raises(ValueError, match="no brain voxel"):
+        fit_intensity_map(iter([(np.full((1, 4, 4), -1.0), np.zeros((1, 4, 4)))]))
+
+
+def test_identity_and_intensity_map_baselines_through_the_pipeline(pipeline, sparse, results):
+    identity = pipeline.reconstruct(sparse, ReconstructionOptions(method="identity"))
+    mapped = pipeline.reconstruct(sparse, ReconstructionOptions(method="intensity-map"))
+    bbdm = results["bbdm"]
+    for result in (identity, mapped):
+        assert result.mri.shape == bbdm.mri.shape and (result.mask == bbdm.mask).all()
+        assert all(r.control == "none" and r.similarity is None for r in result.slices)
+        assert result.summary.retrieval_success_rate is None and (result.uncertainty == 0).all()
+    # Identity gives the input back, through the model frame's in-plane resampling (the tiny
+    # preset's slices are small, so it blurs).
+    z = 4  # an acquired slice
+    keep = inside(identity, z)
+    flair = sparse.array[:, :, z // 2][keep]
+    assert np.corrcoef(identity.mri[:, :, z][keep], flair)[0, 1] > 0.9
+    # The map learnt FLAIR -> T1 from the knowledge base's pairs: not the identity.
+    assert np.abs(mapped.mri[:, :, z][keep] - identity.mri[:, :, z][keep]).mean() > 0.05
+    # The intensity map is a function of the input alone: equal inputs give equal outputs.
+    keep = inside(identity, z)
+    levels = np.round(identity.mri[:, :, z][keep], 3)
+    outputs = mapped.mri[:, :, z][keep]
+    same = levels == np.median(levels)
+    assert same.sum() > 5 and np.ptp(outputs[same]) < 0.02

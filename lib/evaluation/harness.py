@@ -89,7 +89,7 @@ class Variant:
     def methods(self, methods: Sequence[str]) -> tuple[str, ...]:
         """The methods whose output this variant can change."""
         if self.bbdm is not None:
-            return tuple(m for m in methods if not gap_filling(m).guided)
+            return tuple(m for m in methods if gap_filling(m).translates and not gap_filling(m).guided)
         if self.kb_fraction < 1 or self.encoder is not None:
             return tuple(m for m in methods if gap_filling(m).retrieves)
         return tuple(methods)

@@ -32,7 +32,7 @@ import json
 import os
 import platform
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -900,6 +900,13 @@ class KnowledgeBase:
     def mri_slice(self, entry_id: int) -> np.ndarray:
         """The paired MRI slice of an entry, float32 (S, S) in [-1, 1]."""
         return np.asarray(self._mri[self._checked_id(entry_id)], dtype=np.float32)
+
+    def slice_pairs(self, chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every entry's (CT, MRI) slices in [-1, 1], float32, ``chunk`` entries at a time (N, S, S)."""
+        for start in range(0, len(self), chunk):
+            stop = min(start + chunk, len(self))
+            ct, mri = self._ct[start:stop], self._mri[start:stop]
+            yield np.asarray(ct, dtype=np.float32), np.asarray(mri, dtype=np.float32)
 
     def _checked_id(self, entry_id: int) -> int:
         if not 0 <= int(entry_id) < len(self):
