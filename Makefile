@@ -57,6 +57,10 @@ bench-ct: $(STAMP) system-deps
 bench-server: $(STAMP) system-deps
 	$(PY) -m bench.server $(BENCH_ARGS)
 
+# BBDM training throughput, fp32 against bf16 (images per second; issue 19).
+bench-train: $(STAMP)
+	$(PY) -m bench.train_step $(BENCH_ARGS)
+
 # The knowledge-base index at 10k/100k/1M entries (exact against HNSW).
 bench-retrieval: $(STAMP)
 	$(PY) -m bench.retrieval $(BENCH_ARGS)

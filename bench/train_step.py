@@ -1,0 +1,97 @@
+"""Training throughput of the BBDM denoiser in fp32 and bf16 (issue 19): images per second.
+
+Run with ``make bench-train`` (or ``python -m bench.train_step --help``). One training step is
+the training loop's: the bridge loss (:func:`lib.train.bbdm.bridge_loss`, forward under the
+precision's autocast, loss in float32), backward, gradient clipping and AdamW. fp32 and bf16
+steps are interleaved in one process (the machine is shared: interleaving spreads its noise over
+both), and each is reported as the median of ``--repeats`` timed steps after warm-up, with the
+ratio to fp32. bf16 uses channels_last, as the training loop does on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig
+from lib.models.denoiser import BBDMConfig, build_denoiser
+from lib.models.device import Precision, autocast_context, resolve_device, supports_bf16
+from lib.train.bbdm import bridge_loss
+
+
+def make_step(config: BBDMConfig, precision: Precision, device: torch.device, batch: int, seed: int = 0):
+    """A closure that runs one training step at ``precision`` on fresh random data."""
+    torch.manual_seed(seed)
+    model = build_denoiser(config).to(device)
+    channels_last = precision is Precision.BF16 and device.type == "cpu"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = BridgeScheduler(BridgeSchedulerConfig(objective="plain"))
+    autocast = autocast_context(device, precision)
+    size = config.image_size
+    generator = torch.Generator().manual_seed(seed)
+
+    def network(inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return model(inputs, t)
+
+    def step() -> float:
+        condition = torch.rand((batch, config.condition_channels, size, size), generator=generator) * 2 - 1
+        x0 = torch.rand((batch, 1, size, size), generator=generator) * 2 - 1
+        noise = torch.randn((batch, 1, size, size), generator=generator)
+        t = torch.randint(scheduler.config.timesteps, (batch,), generator=generator)
+        args = [tensor.to(device) for tensor in (condition, x0, t, noise)]
+        loss = bridge_loss(scheduler, network, args[0], args[1], args[2], args[3], config.neighbours, autocast)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimiser.step()
+        return float(loss.detach())
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 256])
+    parser.add_argument("--neighbours", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    config = BBDMConfig.for_channels(args.image_size, tuple(args.channels), neighbours=args.neighbours)
+    precisions = [Precision.FP32] + ([Precision.BF16] if supports_bf16(device) else [])
+    steps = {precision: make_step(config, precision, device, args.batch) for precision in precisions}
+    seconds: dict[Precision, list[float]] = {precision: [] for precision in precisions}
+    for round_index in range(args.warmup + args.repeats):
+        for precision, step in steps.items():
+            started = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_index >= args.warmup:
+                seconds[precision].append(time.perf_counter() - started)
+    base = statistics.median(seconds[Precision.FP32])
+    print(
+        f"BBDM training step: {args.image_size}x{args.image_size}, channels {tuple(args.channels)}, "
+        f"neighbours {args.neighbours}, batch {args.batch}, {device}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} interleaved steps after {args.warmup} warm-up"
+    )
+    if len(precisions) == 1:
+        print(f"(bf16 not supported on {device}: fp32 only)")
+    print("\n| precision | s / step | images / s | speed-up vs fp32 |\n|---|---|---|---|")
+    for precision in precisions:
+        median = statistics.median(seconds[precision])
+        print(f"| {precision.value} | {median:.2f} | {args.batch / median:.1f} | {base / median:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
