@@ -27,7 +27,7 @@ from lib.data.prepare import anonymised_key, split_subjects
 from lib.data.sparse import simulate_sparse_volume
 from lib.evaluation.score import reference_to_unit, score_arrays
 from lib.io.volume import Volume
-from lib.metrics import issim, psnr
+from lib.metrics import issim, nrmse, psnr, ssim_2d
 from lib.models.denoiser import load_bbdm
 from lib.models.retrieval_encoder import load_retrieval_encoder
 from lib.pipeline import ReBrainPipeline
@@ -52,6 +52,14 @@ METRIC_COLUMNS = (
     "ssim3d",
     "issim",
     "issim_reference",
+    # The same inside the brain on the generated (gap) slices only, where the method is tested,
+    # and on the acquired slices only (the ground truth normalised once, on all slices).
+    "nrmse_gap",
+    "psnr_gap",
+    "ssim_gap",
+    "nrmse_acquired",
+    "psnr_acquired",
+    "ssim_acquired",
     "retrieval_success_rate",
     "fallback_rate",
     "slices",
@@ -355,6 +363,7 @@ def _evaluate_all(
                         index = reference_slices(subject.source, reconstruction)
                         truth, mask = subject.target[:, :, index], subject.mask[:, :, index]
                         row.update(score_arrays(reconstruction.mri, truth, mask))
+                        row.update(scores_by_slice_kind(reconstruction, truth, mask))
                         if example:
                             truth_unit, _ = reference_to_unit(truth, mask)
                             result.slice_psnr[method] = per_slice_psnr(reconstruction.mri, truth_unit, mask)
@@ -369,6 +378,26 @@ def _evaluate_all(
                         + (f"PSNR {row['psnr']:.2f} dB" if "psnr" in row else f"I-SSIM {row['issim']:.3f}")
                         + f" ({seconds:.1f} s)"
                     )
+
+
+def scores_by_slice_kind(reconstruction: Reconstruction, truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """NRMSE, PSNR and SSIM inside the brain on the gap slices and on the acquired slices apart.
+
+    The ground truth is normalised once on all its slices (as :func:`score_arrays` does), so the
+    parts are on the same scale as the whole. A part without brain (or without slices) is left out.
+    """
+    truth_unit, brain = reference_to_unit(truth, mask)
+    prediction = np.clip(reconstruction.mri, 0.0, 1.0)
+    acquired = np.array([record.acquired for record in reconstruction.slices])
+    scores: dict[str, float] = {}
+    for part, keep in (("gap", ~acquired), ("acquired", acquired)):
+        if not brain[:, :, keep].any():
+            continue
+        pred, gt, part_mask = prediction[:, :, keep], truth_unit[:, :, keep], brain[:, :, keep]
+        scores[f"nrmse_{part}"] = nrmse(pred, gt, part_mask)
+        scores[f"psnr_{part}"] = psnr(pred, gt, part_mask)
+        scores[f"ssim_{part}"] = ssim_2d(pred, gt, part_mask)
+    return scores
 
 
 def source_spacing(volume: Volume) -> float:

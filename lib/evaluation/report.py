@@ -17,6 +17,13 @@ from lib.evaluation.harness import METRIC_COLUMNS, EvaluationResult
 from lib.io.atomic import atomic_directory, check_replaceable_folder
 
 TABLE_METRICS = (("nrmse", "NRMSE", 4), ("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("issim", "I-SSIM", 3))
+# The same metrics on the generated (gap) slices, where gap filling is tested, and the acquired ones.
+PART_METRICS = (
+    ("psnr_gap", "gap PSNR (dB)", 2),
+    ("ssim_gap", "gap SSIM", 3),
+    ("psnr_acquired", "acquired PSNR (dB)", 2),
+    ("ssim_acquired", "acquired SSIM", 3),
+)
 DEFINITIONS = """Definitions (lib/metrics.py, lib/evaluation/score.py): the ground truth is brought to [0, 1]
 by its 0.5/99.5 brain percentiles, the reconstruction is already there; every metric is taken
 inside the ground truth's brain mask on the reconstructed slices. NRMSE = RMSE / range of the
@@ -104,6 +111,15 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
             "",
         ]
         lines += ["## Results", "", _markdown(summary_table(metrics)), DEFINITIONS, ""]
+        if metrics["psnr_gap"].notna().any():
+            lines += [
+                "### Gap and acquired slices apart",
+                "",
+                _markdown(summary_table(metrics, PART_METRICS)),
+                "The same brain-masked metrics on the generated (gap) slices only, where the gap filling "
+                "is tested, and on the acquired slices only.",
+                "",
+            ]
         if metrics["issim_reference"].notna().any():
             lines += [f"Ground truth I-SSIM (mean over runs): {metrics['issim_reference'].mean():.3f}.", ""]
         rates = (

@@ -53,15 +53,20 @@ class NoisyOracle:
     plus Gaussian noise of standard deviation ``sigma`` inside the brain. It takes the real
     pipeline's grid and geometry, so the harness's slice alignment is what is tested."""
 
-    def __init__(self, pipeline: ReBrainPipeline, subject: EvaluationSubject, sigma: float) -> None:
-        self.pipeline, self.subject, self.sigma = pipeline, subject, sigma
+    def __init__(
+        self, pipeline: ReBrainPipeline, subject: EvaluationSubject, sigma: float, gaps_only: bool = False
+    ) -> None:
+        self.pipeline, self.subject, self.sigma, self.gaps_only = pipeline, subject, sigma, gaps_only
         self.rng = np.random.default_rng(0)
 
     def reconstruct(self, volume, options):
         result = self.pipeline.reconstruct(volume, replace(options, method="interp", steps=2))
         index = reference_slices(self.subject.source, result)
         truth, mask = reference_to_unit(self.subject.target[:, :, index], self.subject.mask[:, :, index])
-        noisy = np.where(mask, truth + self.rng.normal(0.0, self.sigma, truth.shape), 0.0)
+        noise = self.rng.normal(0.0, self.sigma, truth.shape)
+        if self.gaps_only:  # acquired slices exact: the error is all in the gaps
+            noise[:, :, [record.acquired for record in result.slices]] = 0.0
+        noisy = np.where(mask, truth + noise, 0.0)
         return replace(result, mri=noisy.astype(np.float32))
 
 
@@ -103,6 +108,21 @@ def test_a_method_with_known_error_gets_the_psnr_it_must(pipeline, subject, sigm
     for row in result.rows:
         # Clipping to [0, 1] removes a little of the noise at the range's ends: never below.
         assert expected - 0.05 < row["psnr"] < expected + 0.6, (sigma, row["psnr"])
+
+
+def test_gap_and_acquired_slices_are_scored_apart(pipeline, subject, tmp_path):
+    """Noise of a known level on the gap slices only: the gap PSNR is that noise's, the acquired
+    slices are exact, and the whole lies between."""
+    sigma = 0.05
+    oracle = NoisyOracle(pipeline, subject, sigma, gaps_only=True)
+    result = evaluate_subjects(oracle, [subject], EvaluationConfig(methods=("interp",), sparsities=(2,), seeds=(0,)))
+    row = result.rows[0]
+    expected = -10 * np.log10(sigma**2)
+    assert expected - 0.05 < row["psnr_gap"] < expected + 0.6, row["psnr_gap"]
+    assert row["psnr_acquired"] > 60 and row["ssim_acquired"] > 0.999 and row["nrmse_acquired"] < 1e-3
+    assert row["psnr_gap"] < row["psnr"] < row["psnr_acquired"] and row["ssim_gap"] < row["ssim_acquired"]
+    report = (write_report(tmp_path / "report", result, {"preset": "tiny"}) / "report.md").read_text()
+    assert "### Gap and acquired slices apart" in report and "gap PSNR (dB)" in report
 
 
 def test_report_folder_holds_metrics_report_and_figures(pipeline, subject, tmp_path):
