@@ -1,11 +1,12 @@
 """Training throughput of the BBDM denoiser in fp32 and bf16 (issue 19): images per second.
 
 Run with ``make bench-train`` (or ``python -m bench.train_step --help``). One training step is
-the training loop's: the bridge loss (:func:`lib.train.bbdm.bridge_loss`, forward under the
-precision's autocast, loss in float32), backward, gradient clipping and AdamW. fp32 and bf16
+the training loop's on random data: the bridge loss (:func:`lib.train.bbdm.bridge_loss`, forward
+under the precision's autocast, loss in float32) and :func:`lib.train.loop.optimisation_step`
+(backward, gradient clipping, AdamW, the EMA). fp32 and bf16
 steps are interleaved in one process (the machine is shared: interleaving spreads its noise over
 both), and each is reported as the median of ``--repeats`` timed steps after warm-up, with the
-ratio to fp32. bf16 uses channels_last, as the training loop does on a CPU.
+ratio to fp32. bf16 keeps the weights in channels_last, as the training loop does on a CPU.
 """
 
 from __future__ import annotations
@@ -15,30 +16,28 @@ import statistics
 import time
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig
 from lib.models.denoiser import BBDMConfig, build_denoiser
 from lib.models.device import Precision, autocast_context, resolve_device, supports_bf16
-from lib.train.bbdm import bridge_loss
+from lib.train.bbdm import TrainConfig, bridge_loss
+from lib.train.loop import optimisation_step
 
 
 def make_step(config: BBDMConfig, precision: Precision, device: torch.device, batch: int, seed: int = 0):
     """A closure that runs one training step at ``precision`` on fresh random data."""
     torch.manual_seed(seed)
     model = build_denoiser(config).to(device)
-    channels_last = precision is Precision.BF16 and device.type == "cpu"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if precision is Precision.BF16 and device.type == "cpu":
+        model = model.to(memory_format=torch.channels_last)  # as BBDMTrainer.build
+    defaults = TrainConfig()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(defaults.ema_decay), use_buffers=True)
     scheduler = BridgeScheduler(BridgeSchedulerConfig(objective="plain"))
     autocast = autocast_context(device, precision)
     size = config.image_size
     generator = torch.Generator().manual_seed(seed)
-
-    def network(inputs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return model(inputs, t)
 
     def step() -> float:
         condition = torch.rand((batch, config.condition_channels, size, size), generator=generator) * 2 - 1
@@ -46,11 +45,8 @@ def make_step(config: BBDMConfig, precision: Precision, device: torch.device, ba
         noise = torch.randn((batch, 1, size, size), generator=generator)
         t = torch.randint(scheduler.config.timesteps, (batch,), generator=generator)
         args = [tensor.to(device) for tensor in (condition, x0, t, noise)]
-        loss = bridge_loss(scheduler, network, args[0], args[1], args[2], args[3], config.neighbours, autocast)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimiser.step()
+        loss = bridge_loss(scheduler, model, args[0], args[1], args[2], args[3], config.neighbours, autocast)
+        optimisation_step(loss, model, optimiser, defaults.grad_clip, ema)
         return float(loss.detach())
 
     return step

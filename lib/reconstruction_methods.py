@@ -14,6 +14,7 @@ the pipeline passes the sampling in as a function.
 from __future__ import annotations
 
 import enum
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
@@ -290,8 +291,15 @@ class IntensityMap(GapFilling):
     method = Method.INTENSITY_MAP
     translates = False
 
+    def __init__(self) -> None:
+        # One table per knowledge base, fitted at its first use: an evaluation reconstructs many
+        # volumes with the same knowledge base, and the fit reads all its slices.
+        self._tables: weakref.WeakKeyDictionary[ReferenceSlices, np.ndarray] = weakref.WeakKeyDictionary()
+
     def fill(self, plan: SlicePlan, sample: SampleFn, knowledge_base: ReferenceSlices) -> tuple[np.ndarray, np.ndarray]:
-        table = fit_intensity_map(knowledge_base.slice_pairs(chunk=256))
+        table = self._tables.get(knowledge_base)
+        if table is None:
+            table = self._tables[knowledge_base] = fit_intensity_map(knowledge_base.slice_pairs(chunk=256))
         return apply_intensity_map(table, plan.y), np.zeros(plan.y.shape, dtype=np.float32)
 
 

@@ -157,6 +157,23 @@ class Trainer(abc.ABC):
         """After the last iteration (e.g. plot the curves)."""
 
 
+def optimisation_step(
+    loss: torch.Tensor,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    grad_clip: float | None,
+    ema: AveragedModel | None,
+) -> None:
+    """One update from a batch's loss: backward, gradient clipping, the optimiser, the EMA (all float32)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    optimizer.step()
+    if ema is not None:
+        ema.update_parameters(module)
+
+
 def run_training(
     trainer: Trainer,
     out: str | os.PathLike[str],
@@ -233,13 +250,7 @@ def run_training(
     for iteration in range(run.start + 1, iters + 1):
         module.train()
         loss, values = trainer.loss(generator, autocast)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if plan.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), plan.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            ema.update_parameters(module)
+        optimisation_step(loss, module, optimizer, plan.grad_clip, ema)
         run.log("loss", [iteration, f"{loss.item():.6g}", *values, f"{time.perf_counter() - started:.1f}"])
 
         message = ""
