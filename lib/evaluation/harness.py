@@ -363,9 +363,9 @@ def _evaluate_all(
                         index = reference_slices(subject.source, reconstruction)
                         truth, mask = subject.target[:, :, index], subject.mask[:, :, index]
                         row.update(score_arrays(reconstruction.mri, truth, mask))
-                        row.update(scores_by_slice_kind(reconstruction, truth, mask))
+                        truth_unit, brain = reference_to_unit(truth, mask)
+                        row.update(scores_by_slice_kind(reconstruction, truth_unit, brain))
                         if example:
-                            truth_unit, _ = reference_to_unit(truth, mask)
                             result.slice_psnr[method] = per_slice_psnr(reconstruction.mri, truth_unit, mask)
                             result.example_truth, result.example_mask = truth_unit, mask
                     else:
@@ -380,13 +380,13 @@ def _evaluate_all(
                     )
 
 
-def scores_by_slice_kind(reconstruction: Reconstruction, truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+def scores_by_slice_kind(reconstruction: Reconstruction, truth_unit: np.ndarray, brain: np.ndarray) -> dict[str, float]:
     """NRMSE, PSNR and SSIM inside the brain on the gap slices and on the acquired slices apart.
 
-    The ground truth is normalised once on all its slices (as :func:`score_arrays` does), so the
-    parts are on the same scale as the whole. A part without brain (or without slices) is left out.
+    ``truth_unit`` and ``brain`` are the ground truth normalised on all its slices and its mask
+    (:func:`lib.evaluation.score.reference_to_unit`, as :func:`score_arrays` normalises it), so
+    the parts are on the same scale as the whole. A part without brain (or slices) is left out.
     """
-    truth_unit, brain = reference_to_unit(truth, mask)
     prediction = np.clip(reconstruction.mri, 0.0, 1.0)
     acquired = np.array([record.acquired for record in reconstruction.slices])
     scores: dict[str, float] = {}
