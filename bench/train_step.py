@@ -16,13 +16,13 @@ import statistics
 import time
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig
 from lib.models.denoiser import BBDMConfig, build_denoiser
 from lib.models.device import Precision, autocast_context, resolve_device, supports_bf16
 from lib.train.bbdm import TrainConfig, bridge_loss
-from lib.train.loop import optimisation_step
+from lib.train.loop import optimisation_step, warmup_ema
 
 
 def make_step(config: BBDMConfig, precision: Precision, device: torch.device, batch: int, seed: int = 0):
@@ -33,7 +33,7 @@ def make_step(config: BBDMConfig, precision: Precision, device: torch.device, ba
         model = model.to(memory_format=torch.channels_last)  # as BBDMTrainer.build
     defaults = TrainConfig()
     optimiser = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(defaults.ema_decay), use_buffers=True)
+    ema = AveragedModel(model, multi_avg_fn=warmup_ema(defaults.ema_decay), use_buffers=True)
     scheduler = BridgeScheduler(BridgeSchedulerConfig(objective="plain"))
     autocast = autocast_context(device, precision)
     size = config.image_size

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from lib.models.device import Precision, autocast_context, resolve_device, resolve_precision
 from lib.options_schema import check_bounds
@@ -157,6 +157,29 @@ class Trainer(abc.ABC):
         """After the last iteration (e.g. plot the curves)."""
 
 
+def warmup_ema(decay: float):
+    """A ``multi_avg_fn`` for :class:`AveragedModel`: an EMA whose decay warms up to ``decay``.
+
+    The decay after ``n`` updates is ``min(decay, (1 + n) / (10 + n))`` (the warm-up diffusers'
+    ``EMAModel`` uses). A fixed 0.999 from the first step leaves the copy mostly made of the
+    first few hundred (still poor) weights for the first thousand iterations, so short runs and
+    early validations scored the initialisation rather than the training; with the warm-up the
+    copy follows the model early and averages over ~1000 steps only once the run is long.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        n = float(num_averaged)
+        step_decay = min(decay, (1.0 + n) / (10.0 + n))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1.0 - step_decay)
+        else:  # integer buffers (e.g. counters): lerp has no integer kernel
+            for mine, theirs in zip(averaged, current, strict=True):
+                mine.copy_(mine * step_decay + theirs * (1.0 - step_decay))
+
+    return update
+
+
 def optimisation_step(
     loss: torch.Tensor,
     module: torch.nn.Module,
@@ -212,7 +235,7 @@ def run_training(
     torch.manual_seed(train_config.seed)
     module = trainer.build(channels_last=where.type == "cpu" and precision is Precision.BF16)
     ema = (
-        AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(plan.ema_decay), use_buffers=True)
+        AveragedModel(module, multi_avg_fn=warmup_ema(plan.ema_decay), use_buffers=True)
         if plan.ema_decay is not None
         else None
     )

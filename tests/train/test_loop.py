@@ -84,3 +84,25 @@ def test_every_training_setting_is_described_for_the_front_ends():
     for config_class in (TrainConfig, ControlNetTrainConfig, RetrievalTrainConfig):
         undescribed = [item.name for item in fields(config_class) if not item.metadata.get("help")]
         assert not undescribed, (config_class.__name__, undescribed)
+
+
+def test_the_ema_copy_warms_up_then_averages_with_the_configured_decay():
+    from torch.optim.swa_utils import AveragedModel
+
+    from lib.train.loop import warmup_ema
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(0.0)
+    ema = AveragedModel(model, multi_avg_fn=warmup_ema(0.9), use_buffers=True)
+    ema.update_parameters(model)  # the first update copies
+    expected = 0.0
+    for n in range(1, 200):
+        model.weight.data.fill_(float(n))
+        ema.update_parameters(model)
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * n
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-6)
+        if n == 1:  # the first average already weighs the new weights 9/11, not 1 - 0.9
+            assert ema.module.weight.item() == pytest.approx(9 / 11)
+    # Late in the run the decay is the configured one: the copy lags the ramp by decay / (1 - decay) steps.
+    assert ema.module.weight.item() == pytest.approx(199 - 9, abs=0.01)
