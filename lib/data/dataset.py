@@ -34,6 +34,8 @@ class PreparedDataset:
                 f"{PREPARED_FORMAT_VERSION}"
             )
         self.slices = pd.read_csv(self.root / "slices.csv")
+        if "input_coverage" not in self.slices:  # prepared before the column existed
+            self.slices["input_coverage"] = 1.0
         missing = [
             s["key"]
             for s in self.manifest["subjects"]
@@ -66,6 +68,7 @@ class PreparedSlices(Dataset):
         split: ``train``, ``val``, ``test`` or None for all.
         min_brain_fraction: skip slices with less brain than this (0 keeps all).
         neighbours: neighbouring slices on each side added as source channels.
+        min_input_coverage: skip slices whose source has signal over less of the brain than this.
     """
 
     def __init__(
@@ -74,15 +77,18 @@ class PreparedSlices(Dataset):
         split: str | None = "train",
         min_brain_fraction: float = 0.0,
         neighbours: int = 0,
+        min_input_coverage: float = 0.0,
     ) -> None:
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         table = self.dataset.slices
         if split is not None:
             table = table[table["split"] == split]
         table = table[table["brain_fraction"] >= min_brain_fraction] if min_brain_fraction > 0 else table
+        table = table[table["input_coverage"] >= min_input_coverage] if min_input_coverage > 0 else table
         if table.empty:
             raise ValueError(
                 f"{self.dataset.root}: no slices in split {split!r} with brain fraction >= {min_brain_fraction}"
+                f" and input coverage >= {min_input_coverage}"
             )
         self.table = table.reset_index(drop=True)
         self.neighbours = neighbours

@@ -3,7 +3,8 @@
 A prepared dataset folder holds::
 
     manifest.json               arguments, normalisation, versions, per-subject hashes and counts
-    slices.csv                  one row per slice: subject, split, slice, position, brain_fraction
+    slices.csv                  one row per slice: subject, split, slice, position, brain_fraction,
+                                input_coverage
     private_subject_map.json    anonymised key -> original case name (never copy into outputs)
     subjects/<key>/source.npy   float32 (Z, S, S) in [-1, 1]; slice z is source[z], axes (R, A)
     subjects/<key>/target.npy   float32 (Z, S, S) in [-1, 1]
@@ -12,6 +13,11 @@ A prepared dataset folder holds::
 Slices are stored first-axis so one slice is one contiguous read (``np.load(mmap_mode="r")``).
 ``position`` is the normalised axial position across the brain: 0 at the lowest slice with
 brain, 1 at the highest; slices outside the brain get values below 0 or above 1.
+``input_coverage`` is the fraction of the slice's brain voxels where the source image has signal
+(1 where the slice has no brain). It finds pairs whose input misses part of the brain the target
+shows: in BraTS case Brats18_2013_20_1 the FLAIR is background over about a third of the T1's
+brain on nearly every slice, and training on such slices teaches the model to invent tissue from
+nothing. Datasets prepared before the column existed read as full coverage.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from lib.io.atomic import atomic_directory
 from lib.progress import ProgressFn, report
 
 PREPARED_FORMAT_VERSION = 1
-SLICE_COLUMNS = ["subject", "split", "slice", "position", "brain_fraction"]
+SLICE_COLUMNS = ["subject", "split", "slice", "position", "brain_fraction", "input_coverage"]
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ def prepare_subject(pair: SubjectPair, config: PrepareConfig) -> dict[str, np.nd
 
     Returns:
         ``source``, ``target`` (float32 (Z, S, S) in [-1, 1]), ``mask`` (uint8), ``position``
-        and ``brain_fraction`` (float (Z,)).
+        ``brain_fraction`` and ``input_coverage`` (float (Z,)).
 
     Raises:
         ValueError: if the brain mask is empty.
@@ -155,16 +161,20 @@ def prepare_subject(pair: SubjectPair, config: PrepareConfig) -> dict[str, np.nd
     brain_slices = np.nonzero(mask.any(axis=(0, 1)))[0]
     low, high = brain_slices.min(), brain_slices.max()
     positions = (np.arange(mask.shape[2]) - low) / max(high - low, 1)
+    source_slices = np.where(resized_mask, np.clip(_resize_slices(source_crop, config.size), -1, 1), -1.0)
+    brain_voxels = resized_mask.sum(axis=(1, 2))
+    # Normalised background is exactly -1; the darkest brain voxels sit at the low percentile,
+    # which a little above -1 separates from "no signal at all" after resizing.
+    covered = ((source_slices > -1.0 + 1e-3) & resized_mask).sum(axis=(1, 2))
     return {
-        "source": np.where(resized_mask, np.clip(_resize_slices(source_crop, config.size), -1, 1), -1.0).astype(
-            np.float32
-        ),
+        "source": source_slices.astype(np.float32),
         "target": np.where(resized_mask, np.clip(_resize_slices(target_crop, config.size), -1, 1), -1.0).astype(
             np.float32
         ),
         "mask": resized_mask.astype(np.uint8),
         "position": positions.astype(np.float32),
         "brain_fraction": resized_mask.mean(axis=(1, 2)).astype(np.float32),
+        "input_coverage": np.where(brain_voxels > 0, covered / np.maximum(brain_voxels, 1), 1.0).astype(np.float32),
     }
 
 
@@ -224,14 +234,30 @@ def prepare_dataset(
             folder.mkdir(parents=True)
             for name in ("source", "target", "mask"):
                 _save_npy(folder / f"{name}.npy", prepared[name])
-            for index, (position, fraction) in enumerate(zip(prepared["position"], prepared["brain_fraction"])):
-                rows.append((key, splits[key], index, round(float(position), 5), round(float(fraction), 5)))
+            for index, (position, fraction, coverage) in enumerate(
+                zip(prepared["position"], prepared["brain_fraction"], prepared["input_coverage"])
+            ):
+                rows.append(
+                    (
+                        key,
+                        splits[key],
+                        index,
+                        round(float(position), 5),
+                        round(float(fraction), 5),
+                        round(float(coverage), 4),
+                    )
+                )
             subjects.append(
                 {
                     "key": key,
                     "split": splits[key],
                     "slices": int(prepared["source"].shape[0]),
                     "brain_slices": int((prepared["brain_fraction"] > 0).sum()),
+                    "input_coverage": round(
+                        float((prepared["input_coverage"] * prepared["brain_fraction"]).sum())
+                        / max(float(prepared["brain_fraction"].sum()), 1e-9),
+                        4,
+                    ),
                     "inputs": {path.name: file_sha256(path) for path in record.files},
                     "provenance": record.provenance,
                     "seconds": round(time.perf_counter() - subject_started, 2),

@@ -45,6 +45,11 @@ VALIDATION_COLUMNS = ["iteration", "psnr", "ssim", "psnr_brain"]
 # slice is mostly background, whose easy zeros would inflate PSNR and SSIM and make the curves
 # say little about the brain, which is what the model is for.
 VALIDATION_MIN_BRAIN_FRACTION = 0.2
+# Training and validation slices need an input with signal over at least this fraction of the
+# brain (prepare's ``input_coverage``). Normal pairs are at 0.74..1.0 (dark CSF in FLAIR can sit
+# at the normalised floor); Brats18_2013_20_1, whose FLAIR misses a third of the brain, is at
+# 0.56..0.7 on nearly every slice.
+MIN_INPUT_COVERAGE = 0.8
 
 # (neighbours, min_brain_fraction) -> training slices and validation slices (None: no validation).
 SliceSets = Callable[[int, float], tuple[Dataset, Dataset | None]]
@@ -73,11 +78,13 @@ def prepared_slices(
     """The training and validation slices of a prepared dataset (:data:`SliceSets` with ``data`` bound).
 
     Validation slices need :data:`VALIDATION_MIN_BRAIN_FRACTION`; a dataset without any trains
-    without validation, with a warning.
+    without validation, with a warning. Both leave out slices under :data:`MIN_INPUT_COVERAGE`.
     """
-    train_set = PreparedSlices(data, "train", min_brain_fraction, neighbours)
+    train_set = PreparedSlices(data, "train", min_brain_fraction, neighbours, MIN_INPUT_COVERAGE)
     try:
-        val_set = PreparedSlices(data, "val", max(min_brain_fraction, VALIDATION_MIN_BRAIN_FRACTION), neighbours)
+        val_set = PreparedSlices(
+            data, "val", max(min_brain_fraction, VALIDATION_MIN_BRAIN_FRACTION), neighbours, MIN_INPUT_COVERAGE
+        )
     except ValueError:
         warnings.warn(f"{data}: no validation slices; training without validation", stacklevel=2)
         val_set = None

@@ -51,6 +51,7 @@ from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices, encoder
 from lib.progress import ProgressFn
 from lib.retrieval.knowledge_base import KnowledgeBase
 from lib.train.bbdm import (
+    MIN_INPUT_COVERAGE,
     VALIDATION_MIN_BRAIN_FRACTION,
     BridgeTrainer,
     TrainConfig,
@@ -268,7 +269,11 @@ def _validation_set(
     """Fixed validation slices with a retrieved reference, and their controls (None: no validation)."""
     try:
         val_set = PreparedSlices(
-            dataset, "val", max(train_config.min_brain_fraction, VALIDATION_MIN_BRAIN_FRACTION), neighbours
+            dataset,
+            "val",
+            max(train_config.min_brain_fraction, VALIDATION_MIN_BRAIN_FRACTION),
+            neighbours,
+            MIN_INPUT_COVERAGE,
         )
     except ValueError:
         warnings.warn(f"{dataset.root}: no validation slices; training the ControlNet without validation", stacklevel=3)
@@ -337,7 +342,9 @@ class ControlNetTrainer(BridgeTrainer):
             Path(self.encoder),
             Path(self.data),
         )
-        self.train_set = PreparedSlices(dataset, "train", train_config.min_brain_fraction, self.spec.neighbours)
+        self.train_set = PreparedSlices(
+            dataset, "train", train_config.min_brain_fraction, self.spec.neighbours, MIN_INPUT_COVERAGE
+        )
         self.triplets = retrieve_references(
             self.train_set, knowledge_base, encoder_model, train_config.position_tolerance
         )

@@ -45,7 +45,8 @@ def test_brats_layout_prepares_normalised_cropped_slices(prepared_brats, brats_c
         assert np.all(target[mask == 0] == -1.0) and np.all(source[mask == 0] == -1.0)
         assert mask[:, 0, :].sum() == 0 and mask[:, :, 0].sum() == 0
     table = dataset.slices
-    assert list(table.columns) == ["subject", "split", "slice", "position", "brain_fraction"]
+    assert list(table.columns) == ["subject", "split", "slice", "position", "brain_fraction", "input_coverage"]
+    assert table.input_coverage.between(0, 1).all() and table.input_coverage.median() > 0.95
     first = table[table.subject == dataset.subjects()[0]]
     brain = first[first.brain_fraction > 0]
     assert brain.position.min() == pytest.approx(0.0, abs=0.02) and brain.position.max() == pytest.approx(1.0, abs=0.02)
@@ -198,3 +199,39 @@ def test_one_subject_in_two_folders_or_open_with_two_folders_is_refused(brats_ro
         discover_subjects("open", [brats_root, tmp_path])
     with pytest.raises(ValueError, match="no subject found"):
         discover_subjects("brats", [brats_root, tmp_path])
+
+
+def test_an_input_that_misses_part_of_the_brain_is_measured_and_left_out_of_training(tmp_path, brats_root):
+    from lib.train.bbdm import MIN_INPUT_COVERAGE
+
+    src = tmp_path / "brats"
+    for case in sorted(p for p in brats_root.iterdir() if p.is_dir())[:2]:
+        shutil.copytree(case, src / case.name)
+    # Like Brats18_2013_20_1: the FLAIR of the second case is background over the brain's right part.
+    broken = sorted(src.iterdir())[1]
+    flair = nib.load(str(broken / "t2f.nii.gz"))
+    data = np.asarray(flair.dataobj).copy()
+    data[: data.shape[0] // 2 + 10] = 0
+    nib.save(nib.Nifti1Image(data, flair.affine, flair.header), str(broken / "t2f.nii.gz"))
+    manifest = prepare_dataset(
+        "brats", src, tmp_path / "out", config=PrepareConfig(size=32, val_fraction=0, test_fraction=0)
+    )
+    coverage = {s["key"]: s["input_coverage"] for s in manifest["subjects"]}
+    good, bad = (anonymised_key("brats", case.name) for case in sorted(src.iterdir()))
+    assert coverage[good] > 0.97 and coverage[bad] < 0.7
+    table = PreparedDataset(tmp_path / "out").slices
+    brain = table[table.brain_fraction > 0.05]
+    assert (brain[brain.subject == bad].input_coverage < MIN_INPUT_COVERAGE).mean() > 0.9
+    kept = PreparedSlices(tmp_path / "out", "train", 0.05, 0, MIN_INPUT_COVERAGE).table
+    assert (kept.subject == good).sum() == (brain.subject == good).sum()
+    assert (kept.subject == bad).sum() < 0.1 * (brain.subject == bad).sum()
+
+
+def test_a_dataset_prepared_before_input_coverage_reads_as_fully_covered(prepared_brats, tmp_path):
+    out, _ = prepared_brats
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    table = pd.read_csv(old / "slices.csv").drop(columns="input_coverage")
+    table.to_csv(old / "slices.csv", index=False)
+    assert (PreparedDataset(old).slices.input_coverage == 1.0).all()
+    assert len(PreparedSlices(old, None, 0.0, 0, 0.8)) == len(table)
