@@ -60,12 +60,28 @@ METRIC_COLUMNS = (
     "nrmse_acquired",
     "psnr_acquired",
     "ssim_acquired",
+    # Share of the ground truth's brain where the (dense) input has signal: under
+    # LOW_INPUT_COVERAGE the scores measure missing input, not the method (report warns).
+    "input_coverage",
     "retrieval_success_rate",
     "fallback_rate",
     "slices",
     "generated_slices",
     "seconds",
 )
+
+
+# Normal FLAIR/T1 pairs cover 0.97..1.0 of the T1's brain; Brats18_2013_20_1's FLAIR covers 0.68.
+LOW_INPUT_COVERAGE = 0.9
+
+
+def input_coverage(source: Volume, mask: np.ndarray) -> float:
+    """Share of the brain ``mask`` (the ground truth's) where ``source`` is above its background
+    (its minimum: 0 in skull-stripped MRI, air in CT)."""
+    brain = mask > 0
+    if not brain.any() or brain.shape != source.shape:
+        return float("nan")
+    return float((source.array[brain] > source.array.min()).mean())
 
 
 @dataclass(frozen=True)
@@ -365,6 +381,7 @@ def _evaluate_all(
                         row.update(score_arrays(reconstruction.mri, truth, mask))
                         truth_unit, brain = reference_to_unit(truth, mask)
                         row.update(scores_by_slice_kind(reconstruction, truth_unit, brain))
+                        row["input_coverage"] = round(input_coverage(subject.source, subject.mask), 4)
                         if example:
                             result.slice_psnr[method] = per_slice_psnr(reconstruction.mri, truth_unit, mask)
                             result.example_truth, result.example_mask = truth_unit, mask

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from lib.evaluation.figures import plot_montage, plot_similarity_histogram, plot_slice_psnr, plot_uncertainty_and_error
-from lib.evaluation.harness import METRIC_COLUMNS, EvaluationResult
+from lib.evaluation.harness import LOW_INPUT_COVERAGE, METRIC_COLUMNS, EvaluationResult
 from lib.io.atomic import atomic_directory, check_replaceable_folder
 
 TABLE_METRICS = (("nrmse", "NRMSE", 4), ("psnr", "PSNR (dB)", 2), ("ssim", "SSIM", 3), ("issim", "I-SSIM", 3))
@@ -111,6 +111,17 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
             "",
         ]
         lines += ["## Results", "", _markdown(summary_table(metrics)), DEFINITIONS, ""]
+        coverage = metrics.groupby("subject", sort=False)["input_coverage"].first()
+        low = coverage[coverage < LOW_INPUT_COVERAGE]
+        if not low.empty:
+            lines += [
+                "**Warning:** the input has signal over only "
+                + ", ".join(f"{value:.0%} ({key})" for key, value in low.items())
+                + f" of the ground truth's brain (under {LOW_INPUT_COVERAGE:.0%}): there every method outputs "
+                "background where the truth has tissue, so these subjects' scores measure the missing input, "
+                "not the method. They are included in the means above; see metrics.csv per subject.",
+                "",
+            ]
         if metrics["psnr_gap"].notna().any():
             lines += [
                 "### Gap and acquired slices apart",

@@ -123,6 +123,12 @@ def test_gap_and_acquired_slices_are_scored_apart(pipeline, subject, tmp_path):
     assert row["psnr_gap"] < row["psnr"] < row["psnr_acquired"] and row["ssim_gap"] < row["ssim_acquired"]
     report = (write_report(tmp_path / "report", result, {"preset": "tiny"}) / "report.md").read_text()
     assert "### Gap and acquired slices apart" in report and "gap PSNR (dB)" in report
+    assert row["input_coverage"] > 0.9 and "**Warning:**" not in report
+    # A subject whose input misses part of the truth's brain is named in a warning.
+    for entry in result.rows:
+        entry["input_coverage"] = 0.68
+    report = (write_report(tmp_path / "low", result, {"preset": "tiny"}) / "report.md").read_text()
+    assert f"**Warning:** the input has signal over only 68% ({row['subject']})" in report
 
 
 def test_report_folder_holds_metrics_report_and_figures(pipeline, subject, tmp_path):
@@ -240,3 +246,19 @@ def test_ablation_variants_rerun_only_the_methods_they_change(pipeline, subject,
     assert other_model.model is not model and not other_model.has_controlnet and other_model.kb is full
     # The tiny knowledge base has a single training subject: any fraction keeps at least one.
     assert kb_subset(full, 0.5) == sorted(set(full.entries["subject"]))[:1]
+
+
+def test_input_coverage_is_the_share_of_the_truths_brain_where_the_input_has_signal():
+    from lib.evaluation.harness import input_coverage
+    from lib.io.volume import Volume
+
+    flair = np.zeros((10, 10, 4), np.float32)
+    flair[2:8, 2:8] = 5.0
+    mask = np.zeros((10, 10, 4), np.uint8)
+    mask[2:8, 2:8] = 1
+    volume = Volume(array=flair, affine=np.eye(4), positions=np.arange(4.0))
+    assert input_coverage(volume, mask) == 1.0
+    flair[2:5, 2:8] = 0.0  # like Brats18_2013_20_1: the input misses half of the brain
+    assert input_coverage(volume, mask) == pytest.approx(0.5)
+    ct = Volume(array=np.where(mask > 0, 30.0, -1000.0).astype(np.float32), affine=np.eye(4), positions=np.arange(4.0))
+    assert input_coverage(ct, mask) == 1.0
