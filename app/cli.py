@@ -39,13 +39,14 @@ RECONSTRUCT_OPTIONS = (
     "eta",
     "seed",
     "batch_size",
+    "precision",
     "use_retrieval",
     "use_controlnet",
     "brain_extraction",
     "alignment",
     "method",
 )
-BATCH_OPTIONS = ("steps", "seed", "batch_size", "brain_extraction", "alignment")
+BATCH_OPTIONS = ("steps", "seed", "batch_size", "precision", "brain_extraction", "alignment")
 # Library messages name the library's parameters; the command line names its flags instead.
 FLAG_NAMES = {
     "overwrite=True": "--overwrite",

@@ -1,15 +1,23 @@
-"""Benchmark of the default BBDM denoiser: forward time, FLOPs, whole-volume sampling, memory.
+"""Benchmark of the default BBDM denoiser: forward time, FLOPs, whole-volume sampling, memory,
+and the forward pass per slice in fp32 and bf16 at several batch sizes.
 
-Run with ``make bench-bbdm`` (or ``python -m bench.bbdm --help``). Prints a Markdown table.
+Run with ``make bench-bbdm`` (or ``python -m bench.bbdm --help``). Prints Markdown tables.
 Times are medians of repeated runs; each is also given as a ratio to a fixed matrix-multiply
 baseline timed in the same process, which is steadier than seconds on a shared machine.
 Sampling a whole volume at many steps is long on a CPU: step counts whose estimated time
 exceeds ``--budget-s`` are reported as estimates (steps x measured time per step), marked so.
+The first table runs the network in ``--precision`` as the pipeline does (auto: bf16 where the
+device computes it natively). The second times fp32 and bf16 alternately, one forward each in
+turn, so that a load that comes and goes on a shared machine weighs on both alike; its speed-up
+(fp32 time over bf16 time) is the number to read, and its best batch size is the one the
+pipeline's ``batch_size`` should default to.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import resource
 import statistics
 import time
@@ -20,7 +28,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from lib.diffusion.sampler import translate_slices
 from lib.diffusion.scheduler import BridgeSchedulerConfig
 from lib.models.denoiser import BBDMConfig, BBDMSpec, build_denoiser
-from lib.models.device import resolve_device
+from lib.models.device import (
+    Precision,
+    autocast_context,
+    inference_memory_format,
+    resolve_device,
+    resolve_inference_precision,
+    supports_bf16,
+)
 
 
 def _median_seconds(function, repeats: int, device: torch.device) -> float:
@@ -57,8 +72,9 @@ def run(
     batch: int,
     repeats: int,
     budget_s: float,
+    precision: Precision = Precision.FP32,
 ) -> list[tuple[str, str, str]]:
-    """Measure and return table rows (what, value, ratio to baseline)."""
+    """Measure and return table rows (what, value, ratio to baseline); ``precision`` is resolved."""
     torch.manual_seed(0)
     model = build_denoiser(config).to(device).eval()
     parameters = sum(p.numel() for p in model.parameters())
@@ -72,7 +88,8 @@ def run(
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(single, t_single)
     rows.append(("FLOPs per slice forward", f"{counter.get_total_flops() / 1e9:.2f} GFLOP", ""))
-    with torch.no_grad():
+    model.to(memory_format=inference_memory_format(precision, device))
+    with torch.no_grad(), autocast_context(device, precision):
         model(single, t_single)  # warm-up
         forward_1 = _median_seconds(lambda: model(single, t_single), repeats, device)
         rows.append(("forward, batch 1", f"{forward_1 * 1e3:.1f} ms", f"{forward_1 / base:.2f}"))
@@ -93,7 +110,7 @@ def run(
     def sample(steps: int) -> None:
         # Batched over slices in chunks of `batch`, as the pipeline does.
         for start in range(0, slices, batch):
-            translate_slices(model, spec, condition[start : start + batch], steps=steps)
+            translate_slices(model, spec, condition[start : start + batch], steps=steps, precision=precision)
 
     per_step = _median_seconds(lambda: sample(2), max(1, repeats // 2), device) / 2
     rows.append((f"one sampling step, {slices} slices", f"{per_step:.2f} s", f"{per_step / base:.1f}"))
@@ -122,31 +139,90 @@ def run(
     return rows
 
 
+def precision_per_slice(
+    config: BBDMConfig, device: torch.device, batches: list[int], repeats: int
+) -> list[tuple[int, float, float]]:
+    """(batch, fp32 s per slice, bf16 s per slice) of one network forward at each batch size.
+
+    The two run alternately on the same weights (bf16 on a ``channels_last`` copy on a CPU, as
+    the pipeline runs it), each after one warm-up forward at that batch size (oneDNN builds its
+    kernels for a shape on first use); times are medians of ``repeats``.
+    """
+    torch.manual_seed(0)
+    models = {Precision.FP32: build_denoiser(config).to(device).eval()}
+    models[Precision.BF16] = copy.deepcopy(models[Precision.FP32]).to(
+        memory_format=inference_memory_format(Precision.BF16, device)
+    )
+
+    def forward(precision: Precision, x: torch.Tensor, t: torch.Tensor) -> None:
+        with autocast_context(device, precision):
+            models[precision](x, t)
+
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 1 + config.condition_channels, config.image_size, config.image_size, device=device)
+        t = torch.full((batch,), 500, device=device)
+        seconds: dict[Precision, list[float]] = {precision: [] for precision in models}
+        with torch.no_grad():
+            for precision in models:
+                forward(precision, x, t)  # warm-up
+            for _ in range(repeats):
+                for precision in models:
+                    seconds[precision].append(_median_seconds(functools.partial(forward, precision, x, t), 1, device))
+        fp32, bf16 = (statistics.median(seconds[precision]) / batch for precision in models)
+        rows.append((batch, fp32, bf16))
+    return rows
+
+
 def main() -> None:
     """Parse arguments, run the benchmark, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--image-size", type=int, default=BBDMConfig.image_size)
     parser.add_argument("--channels", type=int, nargs="+", default=list(BBDMConfig.channels))
+    parser.add_argument("--neighbours", type=int, default=BBDMConfig.neighbours, help="2.5-D neighbours per side")
     parser.add_argument("--slices", type=int, default=155)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--batch", type=int, default=16, help="slices per forward pass")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--precision",
+        type=Precision.parse,
+        default=Precision.AUTO,
+        help="the network's arithmetic in the first table: auto (bf16 where native, as the pipeline), fp32, bf16",
+    )
+    parser.add_argument(
+        "--precision-batches",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 16],
+        help="batch sizes of the fp32-vs-bf16 table (needs native bf16)",
+    )
+    parser.add_argument("--precision-only", action="store_true", help="print only the fp32-vs-bf16 table")
     parser.add_argument(
         "--budget-s", type=float, default=300.0, help="measure a step count only if its estimate is below this"
     )
     args = parser.parse_args()
     device = resolve_device(args.device)
     channels = tuple(args.channels)
-    config = BBDMConfig.for_channels(args.image_size, channels)
+    config = BBDMConfig.for_channels(args.image_size, channels, neighbours=args.neighbours)
+    precision = resolve_inference_precision(args.precision, device)
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
         f"BBDM denoiser benchmark: {args.image_size}x{args.image_size}, channels {channels}, attention at the "
-        f"last level; {label}; torch {torch.__version__}\n"
+        f"last level, {args.neighbours} neighbours; {label}; torch {torch.__version__}\n"
     )
-    print("| measure | value | ratio to baseline |\n|---|---|---|")
-    for what, value, ratio in run(config, device, args.slices, args.steps, args.batch, args.repeats, args.budget_s):
-        print(f"| {what} | {value} | {ratio} |")
+    if not args.precision_only:
+        print(f"Network in {precision.value}.\n\n| measure | value | ratio to baseline |\n|---|---|---|")
+        rows = run(config, device, args.slices, args.steps, args.batch, args.repeats, args.budget_s, precision)
+        for what, value, ratio in rows:
+            print(f"| {what} | {value} | {ratio} |")
+    if not supports_bf16(device):
+        print(f"\n{label}: no native bfloat16, so no fp32-vs-bf16 table.")
+        return
+    print("\n| batch | fp32 ms / slice | bf16 ms / slice | bf16 speed-up |\n|---|---|---|---|")
+    for batch, fp32, bf16 in precision_per_slice(config, device, args.precision_batches, args.repeats):
+        print(f"| {batch} | {fp32 * 1e3:.1f} | {bf16 * 1e3:.1f} | {fp32 / bf16:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ For every slice of the dense target grid:
    own neighbour).
 4. The controlled BBDM samples the MRI slice from y and the control, batched across slices;
    with ``samples > 1`` (stochastic, eta > 0) the output is the mean and the per-voxel
-   standard deviation is the uncertainty.
+   standard deviation is the uncertainty. The network runs in the options' ``precision``
+   (bfloat16 where the device computes it natively, by default); the sampler's arithmetic
+   stays float32.
 
 That is the method (``rebrain``); the evaluation's baselines change steps 2 to 4, each as an
 object of :mod:`lib.reconstruction_methods` that the pipeline asks what to retrieve, what
@@ -40,7 +42,7 @@ from lib.diffusion.slerp import slerp
 from lib.io.volume import DenseGrid, Volume, dense_grid
 from lib.models.controlnet import ControlledDenoiser, load_controlled_denoiser
 from lib.models.denoiser import load_bbdm
-from lib.models.device import resolve_device
+from lib.models.device import Precision, inference_memory_format, resolve_device, resolve_inference_precision
 from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices, encoder_hash, load_retrieval_encoder
 from lib.presets import Preset
 from lib.progress import ProgressFn, report
@@ -100,6 +102,10 @@ class ReBrainPipeline:
     preset: Preset
     device: torch.device
     versions: dict[str, str] = field(init=False)
+    # The memory layout the model's weights are in (None: not set yet). It follows the precision
+    # of the last sampling run and changes only with it, so that a model is converted once, not
+    # on every call, and float32 runs in the layout it always had.
+    _memory_format: torch.memory_format | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         slice_shape = self.kb.manifest.slice_shape
@@ -221,6 +227,7 @@ class ReBrainPipeline:
 
         method = gap_filling(options.method)
         controlled = method.guided_by(self.has_controlnet and options.use_controlnet)
+        precision = resolve_inference_precision(options.precision, self.device)
         started = time.perf_counter()
         retrieval = self._retrieve(y, positions, options) if method.retrieves else None
         control, references, records = self._controls(y, grid, positions, retrieval, method, controlled)
@@ -232,7 +239,7 @@ class ReBrainPipeline:
         )
 
         def sample(condition: np.ndarray, control: np.ndarray, use_control: bool) -> tuple[np.ndarray, np.ndarray]:
-            return self._sample(condition, control, options, progress, use_control)
+            return self._sample(condition, control, options, progress, use_control, precision)
 
         mean, std = method.fill(plan, sample, self.kb)
         sampling_s = time.perf_counter() - started
@@ -257,6 +264,7 @@ class ReBrainPipeline:
             options,
             method,
             controlled,
+            precision,
             {"prepare": prepared_s, "retrieval": retrieval_s, "sampling": sampling_s, "output": output_s},
             self._extraction_summary(extraction, options),
             alignment_record,
@@ -367,12 +375,18 @@ class ReBrainPipeline:
         options: ReconstructionOptions,
         progress: ProgressFn | None,
         use_control: bool,
+        precision: Precision,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Mean and standard deviation over samples of the translated slices, (Z, S, S) each.
 
         ``y`` is a run of adjacent slices (its neighbours feed a 2.5-D model); ``use_control``
-        false samples the BBDM alone whatever the preset has.
+        false samples the BBDM alone whatever the preset has; ``precision`` is resolved
+        (float32 or bfloat16).
         """
+        memory_format = inference_memory_format(precision, self.device)
+        if memory_format != self._memory_format:
+            self.model.to(memory_format=memory_format)  # in place, the ControlNet's denoiser too
+            self._memory_format = memory_format
         condition = torch.from_numpy(self._condition(y))
         control_tensor = torch.from_numpy(control[:, None])
         steps = options.effective_steps(self.preset)
@@ -399,6 +413,7 @@ class ReBrainPipeline:
                     generator=generator,
                     progress=step,
                     control=control_tensor[chunk].to(self.device) if use_control else None,
+                    precision=precision,
                 )
                 out[chunk] = translated[:, 0].float().cpu().numpy()
                 done += steps
@@ -424,6 +439,7 @@ class ReBrainPipeline:
         options: ReconstructionOptions,
         method: GapFilling,
         controlled: bool,
+        precision: Precision,
         seconds: dict[str, float],
         brain_extraction: dict,
         alignment: dict,
@@ -454,6 +470,7 @@ class ReBrainPipeline:
             samples=options.samples,
             eta=options.effective_eta,
             seed=options.seed,
+            precision=precision.value,
             seconds={name: round(value, 3) for name, value in seconds.items()},
             brain_extraction=brain_extraction,
             alignment=alignment,

@@ -83,6 +83,9 @@ class Summary:
         samples: samples per slice.
         eta: sampler noise.
         seed: sampler seed.
+        precision: the network's arithmetic while sampling, ``fp32`` or ``bf16`` (the
+            ``precision`` option as the device resolved it). Results written before it was
+            recorded were sampled in float32 and read back so.
         seconds: wall time per stage (``prepare``, ``retrieval``, ``sampling``, ``output``).
         brain_extraction: whether the skull was removed and how (``applied`` and its record).
         alignment: how the slice positions were found (``applied``, ``positions`` and the
@@ -110,6 +113,7 @@ class Summary:
     samples: int
     eta: float
     seed: int
+    precision: str = "fp32"
     seconds: dict[str, float]
     brain_extraction: dict[str, Any] = field(default_factory=dict)
     alignment: dict[str, Any] = field(default_factory=dict)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lib.models.precision import Precision
 from lib.options_schema import check_bounds
 from lib.presets import Preset
 from lib.reconstruction_methods import METHODS, Method
@@ -28,6 +29,10 @@ class ReconstructionOptions:
             deterministic samples would be identical).
         seed: random seed of the stochastic sampler.
         batch_size: slices per network call (small batches are faster on a CPU).
+        precision: the network's arithmetic while sampling: ``auto`` is bfloat16 where the
+            device computes it natively (a CUDA GPU, a CPU with AVX512-BF16 or AMX), float32
+            elsewhere (see :func:`lib.models.device.resolve_inference_precision`); the
+            summary records the one used.
         position_tolerance: retrieval position filter (None: the preset's).
         target_spacing: dense grid spacing in mm (None: the preset's slice spacing).
         use_retrieval: query the knowledge base (off: every slice uses the SLERP control).
@@ -47,7 +52,8 @@ class ReconstructionOptions:
     Each field's help and bounds are in its metadata (see :mod:`lib.options_schema`).
 
     Raises:
-        ValueError: an unknown method or a number out of its field's bounds, naming the field.
+        ValueError: an unknown method or precision, or a number out of its field's bounds,
+            naming the field.
     """
 
     # The metadata is the one description of each option (lib.options_schema): the command line's
@@ -67,6 +73,13 @@ class ReconstructionOptions:
     )
     seed: int = field(default=0, metadata={"help": "random seed of the sampler", "min": 0, "max": 2**31 - 1})
     batch_size: int = field(default=8, metadata={"help": "slices per network call", "min": 1})
+    precision: Precision = field(
+        default=Precision.AUTO,
+        metadata={
+            "help": "arithmetic of the network: auto (bf16 where the device computes it natively, else fp32), "
+            "fp32, or bf16"
+        },
+    )
     position_tolerance: float | None = field(
         default=None,
         metadata={"help": "retrieval position window (normalised axial position)", "min": 0.0, "none": "the preset's"},
@@ -121,6 +134,7 @@ class ReconstructionOptions:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         object.__setattr__(self, "method", Method(self.method))  # a name given as a plain word
+        object.__setattr__(self, "precision", Precision.parse(self.precision))
         # None, not a falsy value, means "the preset's": 0 is refused rather than read as the default.
         check_bounds(self)
         if self.samples > 1 and self.eta == 0:

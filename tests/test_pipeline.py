@@ -8,11 +8,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from lib.data.sparse import simulate_sparse_volume
 from lib.diffusion.slerp import slerp
 from lib.io import read_volume
 from lib.io.volume import dense_grid
+from lib.models.device import resolve_inference_precision, supports_bf16
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions, dense_slices
 from lib.reconstruction import Summary
 from tests.test_reconstruction import (
@@ -150,6 +152,7 @@ def test_bad_inputs_are_refused(pipeline, dense_volume):
         ("eta", float("nan")),
         ("samples", 0),
         ("batch_size", 0),
+        ("precision", "fp16"),
     ],
 )
 def test_out_of_range_options_are_refused_not_read_as_the_default(field, value):
@@ -163,6 +166,30 @@ def test_unset_options_take_the_presets_values(preset):
     assert ReconstructionOptions().effective_spacing(preset) == preset.slice_spacing_mm
     assert ReconstructionOptions(steps=4, target_spacing=0.5).effective_steps(preset) == 4
     assert ReconstructionOptions(steps=4, target_spacing=0.5).effective_spacing(preset) == 0.5
+
+
+def weights_in(pipeline: ReBrainPipeline, memory_format) -> bool:
+    """Whether every convolution weight of the pipeline's model (ControlNet included) is in ``memory_format``."""
+    return all(p.is_contiguous(memory_format=memory_format) for p in pipeline.model.parameters() if p.dim() == 4)
+
+
+def test_the_summary_records_the_precision_and_the_layout_follows_it(pipeline, dense_volume, reconstruction):
+    """auto samples in bf16 where the CPU computes it natively; the weights are channels_last
+    only while bf16 runs on the CPU, so float32 keeps the layout (and the results) it had."""
+    assert reconstruction.summary.precision == resolve_inference_precision("auto", pipeline.device).value
+    volume = simulate_sparse_volume(dense_volume.take_slices(np.arange(0, 9)), factor=2)
+    fp32 = pipeline.reconstruct(volume, ReconstructionOptions(steps=2, precision="fp32"))
+    assert fp32.summary.precision == "fp32" and weights_in(pipeline, torch.contiguous_format)
+    if not supports_bf16(pipeline.device):
+        with pytest.warns(UserWarning, match="no native bfloat16"):
+            result = pipeline.reconstruct(volume, ReconstructionOptions(steps=2, precision="bf16"))
+        assert result.summary.precision == "fp32"
+        return
+    bf16 = pipeline.reconstruct(volume, ReconstructionOptions(steps=2, precision="bf16"))
+    assert bf16.summary.precision == "bf16" and weights_in(pipeline, torch.channels_last)
+    again = pipeline.reconstruct(volume, ReconstructionOptions(steps=2, precision="fp32"))
+    assert weights_in(pipeline, torch.contiguous_format)
+    np.testing.assert_array_equal(again.mri, fp32.mri)
 
 
 def test_progress_reports_sampling_steps_without_a_message(pipeline, dense_volume):

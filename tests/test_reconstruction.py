@@ -38,6 +38,7 @@ SUMMARY_KEYS = [
     "samples",
     "eta",
     "seed",
+    "precision",
     "seconds",
     "brain_extraction",
     "alignment",
@@ -69,10 +70,17 @@ SERVER_ANSWER_KEYS = ["result_id", "outputs", "status_codes", "slice_status", *P
 
 @pytest.mark.parametrize(
     "module",
-    ["lib.reconstruction", "lib.reconstruction_methods", "lib.report.outputs", "app.server.results"],
+    [
+        "lib.reconstruction",
+        "lib.reconstruction_methods",
+        "lib.reconstruction_options",
+        "lib.report.outputs",
+        "app.server.results",
+    ],
 )
 def test_result_writers_load_no_models(module):
-    """Outputs and the server's result store are written without torch, faiss or SimpleITK."""
+    """Outputs and the server's result store are written, and the options (their precision word
+    too) checked, without torch, faiss or SimpleITK."""
     check = f"import sys, {module}; print(sorted({set(HEAVY)!r} & set(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]", f"{module} imports {loaded.strip()}"
@@ -99,6 +107,7 @@ def summary() -> Summary:
         samples=1,
         eta=0.0,
         seed=0,
+        precision="bf16",
         seconds={"prepare": 0.1, "retrieval": 0.2, "sampling": 3.0, "output": 0.4},
         brain_extraction={"applied": False, "reason": "not a CT preset"},
         alignment={"applied": False, "positions": "brain extent", "reason": "turned off"},
@@ -116,6 +125,12 @@ def test_a_summary_written_before_the_brain_extraction_and_alignment_records_rea
     older = {key: value for key, value in summary().to_dict().items() if key not in ("brain_extraction", "alignment")}
     read = Summary.from_dict({**older, "added_later": 1})  # and a key this version does not know
     assert read.alignment == {} and read.brain_extraction == {} and read.slices == 9
+
+
+def test_a_summary_written_before_the_precision_was_recorded_reads_back_as_float32():
+    """Sampling ran in float32 only until the precision option came (issue 19)."""
+    older = {key: value for key, value in summary().to_dict().items() if key != "precision"}
+    assert Summary.from_dict(older).precision == "fp32"
 
 
 def test_a_summary_missing_a_key_is_refused_naming_it():

@@ -4,6 +4,10 @@ Starting from x_T = y (the bridge has no noise at t = T), each visited time step
 network once and :meth:`lib.diffusion.scheduler.BridgeScheduler.step` moves to the next,
 earlier, one; the equations are cited there. As in diffusers, the scheduler steps and this
 loop drives it.
+
+In bfloat16 (:func:`translate_slices`' ``precision``) only the network runs under autocast:
+its output is taken back to float32 before the step, so x_t and the bridge's arithmetic stay
+float32 and the rounding errors of the steps do not pile up in bfloat16.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 
 from lib.diffusion.scheduler import BridgeScheduler
 from lib.models.denoiser import BBDMSpec, denoise
+from lib.models.device import Precision, autocast_context, resolve_inference_precision
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # step_progress(steps_done, steps): called after each sampling step.
@@ -71,6 +76,7 @@ def translate_slices(
     progress: StepProgress | None = None,
     *,
     control: torch.Tensor | None = None,
+    precision: Precision | str = Precision.FP32,
 ) -> torch.Tensor:
     """Sample MRI slices from CT slices with a trained denoiser and its spec.
 
@@ -82,12 +88,27 @@ def translate_slices(
         condition: (B, 1 + 2 * neighbours, H, W) CT slices, the centre one is the bridge's y.
         steps, eta, generator, progress: as in :func:`sample_bridge`.
         control: (B, 1, H, W) ControlNet control images (METHOD.md section 3), or None.
+        precision: the network's arithmetic, as :func:`lib.models.device.resolve_inference_precision`
+            reads it (auto: bfloat16 where the device computes it natively). float32, the
+            default, runs the network exactly as without autocast. For bfloat16 on a CPU the
+            model should be ``channels_last`` (:func:`lib.models.device.inference_memory_format`),
+            which the caller sets once rather than on every call.
+
+    Raises:
+        ValueError: an unknown precision word, and as :func:`sample_bridge`.
     """
     y = condition[:, config.neighbours : config.neighbours + 1]
     if control is None:
-        denoise_fn = lambda x, t, c: denoise(model, x, t, c)  # noqa: E731
+        network = lambda x, t, c: denoise(model, x, t, c)  # noqa: E731
     else:
-        denoise_fn = lambda x, t, c: model(torch.cat([x, c], dim=1), t, control)  # noqa: E731
+        network = lambda x, t, c: model(torch.cat([x, c], dim=1), t, control)  # noqa: E731
+    autocast = autocast_context(condition.device, resolve_inference_precision(precision, condition.device))
+
+    def denoise_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            output = network(x, t, c)
+        return output.float()  # a no-op in float32
+
     return sample_bridge(
         denoise_fn,
         BridgeScheduler(config.scheduler),

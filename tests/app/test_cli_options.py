@@ -16,6 +16,7 @@ import pytest
 from app.cli import BATCH_OPTIONS, RECONSTRUCT_OPTIONS, build_parser, main
 from app.server.config import ServerConfig
 from app.server.request import PARAM_HELP, REQUEST_OPTIONS, RequestError, default_params, parse_infer_params
+from lib.models.precision import Precision
 from lib.options_schema import OptionSpec, option_specs, options_from_arguments
 from lib.reconstruction_methods import METHODS
 from lib.reconstruction_options import InputOptions, ReconstructionOptions
@@ -93,6 +94,23 @@ def test_cli_and_server_accept_the_same_methods(method, capsys):
     assert server_accepts(OPTIONS["method"], method) is expected
 
 
+@pytest.mark.parametrize("command", ["reconstruct", "batch"])
+def test_the_precision_is_one_of_its_words_on_the_command_line(command, capsys):
+    """The network's arithmetic is the machine's business: the command lines take it, a request does not."""
+
+    def options(*more: str) -> ReconstructionOptions:
+        arguments = build_parser().parse_args([command, "in", "out", *more])
+        return ReconstructionOptions(**options_from_arguments(ReconstructionOptions, arguments))
+
+    assert options().precision is Precision.AUTO
+    assert options("--precision", "fp32").precision is Precision.FP32
+    for word in ("fp16", "BF16"):
+        with pytest.raises(SystemExit):
+            options("--precision", word)
+        assert f"argument --precision: {word!r} is not one of auto, fp32, bf16" in capsys.readouterr().err
+    assert "precision" not in REQUEST_OPTIONS
+
+
 def test_every_request_option_has_the_same_bounds_on_the_command_line():
     """The server offers no option the command line lacks (the CLI's are a superset)."""
     assert set(REQUEST_OPTIONS) <= set(RECONSTRUCT_OPTIONS) and set(BATCH_OPTIONS) <= set(RECONSTRUCT_OPTIONS)
@@ -126,7 +144,7 @@ def test_cli_arguments_make_the_options_the_fields_describe():
     assert ReconstructionOptions(**options_from_arguments(ReconstructionOptions, defaults)) == ReconstructionOptions()
     given = build_parser().parse_args(
         ["reconstruct", "ct.nii.gz", "out", "--steps", "4", "--samples", "3", "--eta", "0.5", "--seed", "7"]
-        + ["--batch-size", "2", "--target-spacing", "2", "--no-retrieval", "--no-controlnet"]
+        + ["--batch-size", "2", "--precision", "bf16", "--target-spacing", "2", "--no-retrieval", "--no-controlnet"]
         + ["--no-brain-extraction", "--no-alignment", "--method", "bbdm", "--simulate-sparsity", "3"]
     )
     assert ReconstructionOptions(**options_from_arguments(ReconstructionOptions, given)) == ReconstructionOptions(
@@ -135,6 +153,7 @@ def test_cli_arguments_make_the_options_the_fields_describe():
         eta=0.5,
         seed=7,
         batch_size=2,
+        precision="bf16",
         target_spacing=2.0,
         use_retrieval=False,
         use_controlnet=False,

@@ -56,6 +56,8 @@ def test_reconstruct_writes_the_four_outputs(preset, flair_input, tmp_path, caps
             "2",
             "--steps",
             "2",
+            "--precision",
+            "fp32",
             "--quiet",
         ]
     )
@@ -76,6 +78,7 @@ def test_reconstruct_writes_the_four_outputs(preset, flair_input, tmp_path, caps
     assert b"SYNTHETIC" in nib.load(out / "uncertainty.nii.gz").header["descrip"].tobytes()
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["synthetic"] is True and provenance["summary"]["synthetic"] is True
+    assert provenance["summary"]["precision"] == "fp32"  # --precision fp32 forces float32 on any CPU
     # The tiny preset translates FLAIR: the notice names the real input, not "CT".
     assert "generated from FLAIR" in provenance["notice"]
     assert len(provenance["slices"]) == 21 and provenance["input"]["simulated_sparsity"] == 2

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.models.device import Precision, autocast_context, resolve_device, resolve_precision, supports_bf16
+from lib.models.device import (
+    Precision,
+    autocast_context,
+    inference_memory_format,
+    resolve_device,
+    resolve_inference_precision,
+    resolve_precision,
+    supports_bf16,
+)
 
 CPU = torch.device("cpu")
 
@@ -19,8 +27,8 @@ def test_device_words():
         assert "--" not in str(error.value)  # the library names no command-line flag
 
 
-def test_auto_keeps_float32_on_the_cpu():
-    """Issue 18 is a refactor: auto is bf16 on CUDA only until the CPU is measured (issue 19)."""
+def test_auto_keeps_float32_on_the_cpu_for_training():
+    """Issue 18 is a refactor: training's auto is bf16 on CUDA only until the CPU is measured."""
     assert resolve_precision("auto", CPU) is Precision.FP32
     assert resolve_precision(Precision.FP32, CPU) is Precision.FP32
     with autocast_context(CPU, "auto"):
@@ -37,3 +45,17 @@ def test_bf16_on_the_cpu_computes_in_bfloat16_where_supported():
     else:
         with pytest.warns(UserWarning, match="no native bfloat16"):
             assert resolve_precision("bf16", CPU) is Precision.FP32
+
+
+def test_auto_samples_in_bf16_wherever_it_is_native():
+    """Issue 19: sampling's auto takes bf16 on a CPU with AVX512-BF16 or AMX too, training's does not."""
+    expected = Precision.BF16 if supports_bf16(CPU) else Precision.FP32
+    assert resolve_inference_precision("auto", CPU) is expected
+    assert resolve_precision("auto", CPU) is Precision.FP32
+    assert resolve_inference_precision("fp32", CPU) is Precision.FP32
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_inference_precision("half", CPU)
+    # oneDNN's bfloat16 convolutions work in channels_last; float32 keeps the layout it had.
+    assert inference_memory_format(Precision.BF16, CPU) == torch.channels_last
+    assert inference_memory_format(Precision.FP32, CPU) == torch.contiguous_format
+    assert inference_memory_format(Precision.BF16, torch.device("cuda")) == torch.contiguous_format
