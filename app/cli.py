@@ -293,6 +293,7 @@ def _build_kb(args: argparse.Namespace) -> None:
         split=args.split,
         tau_percentile=args.tau_percentile,
         overwrite=args.overwrite,
+        slice_step=args.slice_step,
     )
     print(
         f"built {args.out}: {len(kb.entries)} entries, tau {kb.tau:.4f} (top {args.tau_percentile} % of random "
@@ -583,6 +584,12 @@ def build_parser() -> argparse.ArgumentParser:
     kb.add_argument("--split", default="train", help="which subjects go in (default: train)")
     kb.add_argument(
         "--tau-percentile", type=float, default=5.0, help="tau = similarity at the top p %% of random pairs"
+    )
+    kb.add_argument(
+        "--slice-step",
+        type=int,
+        default=1,
+        help="keep every k-th slice of each subject (adjacent 1 mm slices are near-duplicates; default 1)",
     )
     kb.add_argument("--overwrite", action="store_true")
     kb.set_defaults(run=_build_kb)

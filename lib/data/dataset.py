@@ -14,6 +14,12 @@ from torch.utils.data import Dataset
 
 from lib.data.prepare import PREPARED_FORMAT_VERSION
 
+# Slices used for training or for a knowledge base need an input with signal over at least this
+# share of the brain (prepare's ``input_coverage``). Normal FLAIR/T1 pairs are at 0.74..1.0 per
+# slice (dark CSF in FLAIR can sit at the normalised floor); Brats18_2013_20_1, whose FLAIR misses
+# a third of the brain, is at 0.56..0.70 on nearly every slice.
+MIN_INPUT_COVERAGE = 0.8
+
 
 class PreparedDataset:
     """A prepared dataset folder (see :mod:`lib.data.prepare`).

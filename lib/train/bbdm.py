@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lib.data.dataset import PreparedSlices
+from lib.data.dataset import MIN_INPUT_COVERAGE, PreparedSlices
 from lib.diffusion.sampler import translate_slices
 from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig
 from lib.metrics import psnr, ssim_2d
@@ -45,11 +45,6 @@ VALIDATION_COLUMNS = ["iteration", "psnr", "ssim", "psnr_brain"]
 # slice is mostly background, whose easy zeros would inflate PSNR and SSIM and make the curves
 # say little about the brain, which is what the model is for.
 VALIDATION_MIN_BRAIN_FRACTION = 0.2
-# Training and validation slices need an input with signal over at least this fraction of the
-# brain (prepare's ``input_coverage``). Normal pairs are at 0.74..1.0 (dark CSF in FLAIR can sit
-# at the normalised floor); Brats18_2013_20_1, whose FLAIR misses a third of the brain, is at
-# 0.56..0.7 on nearly every slice.
-MIN_INPUT_COVERAGE = 0.8
 
 # (neighbours, min_brain_fraction) -> training slices and validation slices (None: no validation).
 SliceSets = Callable[[int, float], tuple[Dataset, Dataset | None]]

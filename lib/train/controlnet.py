@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.data.dataset import PreparedDataset, PreparedSlices
+from lib.data.dataset import MIN_INPUT_COVERAGE, PreparedDataset, PreparedSlices
 from lib.diffusion.scheduler import BridgeScheduler
 from lib.diffusion.slerp import slerp
 from lib.models.controlnet import ControlledDenoiser, controlnet_checkpoint, controlnet_from_denoiser, state_dict_hash
@@ -51,7 +51,6 @@ from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices, encoder
 from lib.progress import ProgressFn
 from lib.retrieval.knowledge_base import KnowledgeBase
 from lib.train.bbdm import (
-    MIN_INPUT_COVERAGE,
     VALIDATION_MIN_BRAIN_FRACTION,
     BridgeTrainer,
     TrainConfig,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -112,6 +114,7 @@ def test_build_kb_from_encoder_round_trips_and_checks_the_encoder(prepared, trai
     embedding = embed_slices(model, torch.from_numpy(np.array(ct)[None, None]))
     result = loaded.query(embedding, np.array([row.position]), k=1)[0]
     assert result.similarity == pytest.approx(1.0, abs=1e-3)
+
     np.testing.assert_allclose(loaded.ct_slice(result.entry_id), ct, atol=1e-3)  # float16 storage
     np.testing.assert_allclose(
         loaded.mri_slice(result.entry_id), dataset.array(result.subject, "target")[result.slice_index], atol=1e-3
@@ -119,3 +122,27 @@ def test_build_kb_from_encoder_round_trips_and_checks_the_encoder(prepared, trai
     torch.manual_seed(99)
     with pytest.raises(KnowledgeBaseError, match="encoder"):
         KnowledgeBase.load(tmp_path / "kb", expected_encoder_hash=encoder_hash(build_retrieval_encoder(TINY), TINY))
+
+
+def test_build_kb_keeps_every_kth_slice_and_leaves_out_slices_without_input(prepared, trained, tmp_path):
+    run, _ = trained
+    full = build_knowledge_base(prepared, run / "encoder.pt", tmp_path / "full")
+    thinned = build_knowledge_base(prepared, run / "encoder.pt", tmp_path / "thin", slice_step=3)
+    assert (thinned.entries.slice % 3 == 0).all()
+    kept = full.entries[full.entries.slice % 3 == 0]
+    assert set(zip(thinned.entries.subject, thinned.entries.slice)) == set(zip(kept.subject, kept.slice))
+    first_thin = thinned.entries.iloc[0]
+    same = kept[(kept.subject == first_thin.subject) & (kept.slice == first_thin.slice)].index[0]
+    assert np.array_equal(thinned.mri_slice(0), full.mri_slice(int(same)))
+    # A slice whose input misses most of the brain (prepare's input_coverage) is not an entry.
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared, copy)
+    table = pd.read_csv(copy / "slices.csv")
+    first = full.entries.iloc[0]
+    table.loc[(table.subject == first.subject) & (table.slice == first.slice), "input_coverage"] = 0.5
+    table.to_csv(copy / "slices.csv", index=False)
+    without = build_knowledge_base(copy, run / "encoder.pt", tmp_path / "without")
+    assert len(without.entries) == len(full.entries) - 1
+    assert not ((without.entries.subject == first.subject) & (without.entries.slice == first.slice)).any()
+    with pytest.raises(ValueError, match="slice_step"):
+        build_knowledge_base(prepared, run / "encoder.pt", tmp_path / "bad", slice_step=0)
