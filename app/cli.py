@@ -283,6 +283,13 @@ def _eval_retrieval(args: argparse.Namespace) -> None:
     )
 
 
+def _half_weights(args: argparse.Namespace) -> None:
+    from lib.io.checkpoint import halve_weights
+
+    halve_weights(args.src, args.dst)
+    print(f"wrote {args.dst}: {Path(args.dst).stat().st_size / 1e6:.1f} MB (float16 weights)")
+
+
 def _build_kb(args: argparse.Namespace) -> None:
     from lib.retrieval.build import build_knowledge_base
 
@@ -576,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="held-out split (default: test)")
     evaluate.add_argument("--position-tolerance", type=float, default=0.1)
     evaluate.set_defaults(run=_eval_retrieval)
+
+    half = commands.add_parser(
+        "half-weights",
+        help="copy a model.pt / controlnet.pt with float16 weights (for presets; train a ControlNet "
+        "against the halved BBDM)",
+    )
+    half.add_argument("src", help="weights file (model.pt or controlnet.pt)")
+    half.add_argument("dst", help="the float16 copy (written atomically)")
+    half.set_defaults(run=_half_weights)
 
     kb = commands.add_parser("build-kb", help="embed the training CT slices into a FAISS knowledge base")
     kb.add_argument("--data", required=True, help="prepared dataset folder")

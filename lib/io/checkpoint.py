@@ -38,3 +38,22 @@ def load_checkpoint(path: str | os.PathLike[str], kind: str | None = None) -> di
     if kind is not None and state.get("kind") != kind:
         raise ValueError(f"{path}: a {state.get('kind')!r} checkpoint, expected {kind!r}")
     return state
+
+
+def halve_weights(src: str | os.PathLike[str], dst: str | os.PathLike[str], key: str = "model") -> Path:
+    """Copy a weights file with the floating-point tensors of its ``key`` state dict in float16.
+
+    Shipped presets store their networks this way (half the size on disk); loading copies the
+    values into the float32 parameters, so inference is unchanged apart from the rounding.
+    Weights that name another file's hash (a ControlNet names its BBDM's) must be trained
+    against the halved file, because the rounded weights are different weights.
+
+    Raises:
+        ValueError: ``src`` unreadable or without a ``key`` state dict.
+    """
+    state = load_checkpoint(src)
+    weights = state.get(key)
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise ValueError(f"{src}: no {key!r} state dict to store in float16")
+    state[key] = {name: value.half() if value.is_floating_point() else value for name, value in weights.items()}
+    return save_checkpoint(dst, state)

@@ -32,6 +32,31 @@ def test_checkpoint_keeps_the_two_configs_apart_and_round_trips(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
+def test_halved_weights_load_into_float32_with_only_the_rounding_changed(tmp_path):
+    from lib.diffusion.sampler import translate_slices
+    from lib.io.checkpoint import halve_weights
+    from lib.models.weights_hash import state_dict_hash
+
+    torch.manual_seed(0)
+    model = build_denoiser(CONFIG)
+    save_checkpoint(tmp_path / "model.pt", bbdm_checkpoint(model.state_dict(), BBDMSpec(CONFIG, SCHEDULER)))
+    halve_weights(tmp_path / "model.pt", tmp_path / "half.pt")
+    assert (tmp_path / "half.pt").stat().st_size < 0.6 * (tmp_path / "model.pt").stat().st_size
+    full, spec = load_bbdm(tmp_path / "model.pt")
+    half, half_spec = load_bbdm(tmp_path / "half.pt")
+    assert half_spec == spec and all(p.dtype == torch.float32 for p in half.parameters())
+    for (name, a), b in zip(full.state_dict().items(), half.state_dict().values()):
+        assert torch.equal(b, a.half().float()) if a.is_floating_point() else torch.equal(a, b), name
+    # Rounded weights are other weights: a ControlNet trained on the float32 file is refused by hash.
+    assert state_dict_hash(half.state_dict()) != state_dict_hash(full.state_dict())
+    condition = torch.rand(2, 1, 16, 16) * 2 - 1
+    a = translate_slices(full, spec, condition, steps=4)
+    b = translate_slices(half, spec, condition, steps=4)
+    assert (a - b).abs().max() < 2e-2
+    with pytest.raises(ValueError, match="no 'weights' state dict"):
+        halve_weights(tmp_path / "model.pt", tmp_path / "x.pt", key="weights")
+
+
 def test_old_single_config_checkpoints_are_split_on_reading():
     old = {"config": {**CONFIG.to_dict(), **SCHEDULER.to_dict()}}
     assert BBDMSpec.from_checkpoint(old) == BBDMSpec(CONFIG, SCHEDULER)
