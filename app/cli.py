@@ -440,7 +440,17 @@ def _evaluate(args: argparse.Namespace) -> None:
             source = read_volume(args.input, modality=pipeline.preset.input_modality)
         subjects = [EvaluationSubject(key="input", split="no ground truth", source=source)]
     else:
-        subjects = held_out_subjects(pipeline, args.layout, args.src, args.max_subjects, args.open_count)
+        subjects = held_out_subjects(
+            pipeline,
+            args.layout,
+            args.src,
+            args.max_subjects,
+            args.open_count,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            split_seed=args.split_seed,
+            splits=args.split,
+        )
     with ProgressBar("evaluate", "run") as bar:
         result = evaluate_subjects(pipeline, subjects, config, progress=bar)
     header = {
@@ -698,6 +708,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--max-subjects", type=at_least(int, 1), default=None, help="evaluate at most this many held-out subjects"
     )
+    evaluate.add_argument(
+        "--split",
+        nargs="+",
+        choices=("val", "test", "unseen"),
+        help="evaluate only held-out subjects of these splits (default: all held out)",
+    )
+    evaluate.add_argument(
+        "--val-fraction", type=float, default=0.2, help="as given to prepare: recomputes the split (default 0.2)"
+    )
+    evaluate.add_argument(
+        "--test-fraction", type=float, default=0.2, help="as given to prepare: recomputes the split (default 0.2)"
+    )
+    evaluate.add_argument("--split-seed", type=int, default=0, help="prepare's --seed (default 0)")
     evaluate.add_argument(
         "--open-count",
         type=at_least(int, 1),

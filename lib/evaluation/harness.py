@@ -197,13 +197,18 @@ def held_out_subjects(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     split_seed: int = 0,
+    splits: Sequence[str] | None = None,
 ) -> list[EvaluationSubject]:
     """The subjects of a dataset that the preset's knowledge base does not hold.
 
     Their split (``test``/``val``) is recomputed as ``prepare`` assigns it (same fractions and
     seed, all the layout's subjects); a subject prepare never saw (e.g. an extra ``open``
     pseudo-subject) is ``unseen``. Subjects of the knowledge base are skipped: the models
-    trained on them.
+    trained on them. A training subject the knowledge base leaves out (one whose input misses
+    the brain) is labelled ``train``: pass ``splits`` to score only ``test`` subjects.
+
+    Args:
+        splits: keep only subjects of these splits (e.g. ``("test",)``); None keeps all held out.
 
     Raises:
         ValueError: no held-out subject, or a source of the wrong modality for the preset.
@@ -211,25 +216,24 @@ def held_out_subjects(
     records = discover_subjects(layout, src, open_count=open_count)
     keys = [anonymised_key(layout, record.name) for record in records]
     prepared_count = DEFAULT_OPEN_COUNT if layout == "open" else len(records)  # what `prepare` split
-    splits = split_subjects(keys[:prepared_count], val_fraction, test_fraction, split_seed)
+    splits_of = split_subjects(keys[:prepared_count], val_fraction, test_fraction, split_seed)
     in_kb = set(pipeline.kb.entries["subject"])
     subjects = []
     for record, key in zip(records, keys):
-        if key in in_kb:
+        split = splits_of.get(key, "unseen")
+        if key in in_kb or (splits is not None and split not in splits):
             continue
         pair = record.load()
         pipeline.check_modality(pair.source)  # before any work, not at the first reconstruction
         subjects.append(
-            EvaluationSubject(
-                key=key, split=splits.get(key, "unseen"), source=pair.source, target=pair.target.array, mask=pair.mask
-            )
+            EvaluationSubject(key=key, split=split, source=pair.source, target=pair.target.array, mask=pair.mask)
         )
         if max_subjects is not None and len(subjects) >= max_subjects:
             break
     if not subjects:
         raise ValueError(
-            f"{src or layout}: every subject is in the knowledge base of preset {pipeline.preset.name!r}; "
-            "nothing held out to evaluate"
+            f"{src or layout}: every subject is in the knowledge base of preset {pipeline.preset.name!r} or "
+            f"outside the splits asked for ({', '.join(splits) if splits else 'all'}); nothing held out to evaluate"
         )
     return subjects
 

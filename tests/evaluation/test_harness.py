@@ -78,6 +78,12 @@ def test_held_out_subjects_are_not_in_the_knowledge_base(pipeline):
     names = sorted(p.name for p in BRATS.iterdir() if p.is_dir())
     assert {anonymised_key("brats", name) for name in names} & in_kb
     assert all(s.split in {"train", "val", "test", "unseen"} for s in subjects)
+    # Asked for one split, only its subjects come (the split recomputed as prepare assigns it).
+    tests = held_out_subjects(pipeline, "brats", str(require(BRATS)), splits=("test",), test_fraction=0.34)
+    assert tests and all(s.split == "test" for s in tests)
+    assert {s.key for s in tests} < {
+        s.key for s in held_out_subjects(pipeline, "brats", str(require(BRATS)), test_fraction=0.34)
+    }
 
 
 def test_every_subject_method_sparsity_seed_gets_a_row(pipeline, subject):
