@@ -7,10 +7,10 @@ baseline timed in the same process, which is steadier than seconds on a shared m
 Sampling a whole volume at many steps is long on a CPU: step counts whose estimated time
 exceeds ``--budget-s`` are reported as estimates (steps x measured time per step), marked so.
 The first table runs the network in ``--precision`` as the pipeline does (auto: bf16 where the
-device computes it natively). The second times fp32 and bf16 alternately, one forward each in
-turn, so that a load that comes and goes on a shared machine weighs on both alike; its speed-up
-(fp32 time over bf16 time) is the number to read, and its best batch size is the one the
-pipeline's ``batch_size`` should default to.
+device computes it natively). The second times fp32 and bf16 at every batch size in turn, round
+after round, so that a load that comes and goes on a shared machine weighs on all alike; its
+speed-up (fp32 time over bf16 time) is the number to read, and its fastest batch size per slice
+is the one the pipeline's ``batch_size`` should default to.
 """
 
 from __future__ import annotations
@@ -144,34 +144,41 @@ def precision_per_slice(
 ) -> list[tuple[int, float, float]]:
     """(batch, fp32 s per slice, bf16 s per slice) of one network forward at each batch size.
 
-    The two run alternately on the same weights (bf16 on a ``channels_last`` copy on a CPU, as
-    the pipeline runs it), each after one warm-up forward at that batch size (oneDNN builds its
-    kernels for a shape on first use); times are medians of ``repeats``.
+    The two run on the same weights (bf16 on a ``channels_last`` copy on a CPU, as the pipeline
+    runs it), each after one warm-up forward at each batch size (oneDNN builds its kernels for a
+    shape on first use). Each of the ``repeats`` rounds times every batch size in both
+    precisions, one forward each in turn, so that a load that comes and goes on a shared machine
+    falls on all of them alike; times are the medians over the rounds.
     """
     torch.manual_seed(0)
     models = {Precision.FP32: build_denoiser(config).to(device).eval()}
     models[Precision.BF16] = copy.deepcopy(models[Precision.FP32]).to(
         memory_format=inference_memory_format(Precision.BF16, device)
     )
+    size = config.image_size
+    inputs = {
+        batch: (
+            torch.randn(batch, 1 + config.condition_channels, size, size, device=device),
+            torch.full((batch,), 500, device=device),
+        )
+        for batch in batches
+    }
 
-    def forward(precision: Precision, x: torch.Tensor, t: torch.Tensor) -> None:
+    def forward(batch: int, precision: Precision) -> None:
         with autocast_context(device, precision):
-            models[precision](x, t)
+            models[precision](*inputs[batch])
 
-    rows = []
-    for batch in batches:
-        x = torch.randn(batch, 1 + config.condition_channels, config.image_size, config.image_size, device=device)
-        t = torch.full((batch,), 500, device=device)
-        seconds: dict[Precision, list[float]] = {precision: [] for precision in models}
-        with torch.no_grad():
-            for precision in models:
-                forward(precision, x, t)  # warm-up
-            for _ in range(repeats):
-                for precision in models:
-                    seconds[precision].append(_median_seconds(functools.partial(forward, precision, x, t), 1, device))
-        fp32, bf16 = (statistics.median(seconds[precision]) / batch for precision in models)
-        rows.append((batch, fp32, bf16))
-    return rows
+    cells = [(batch, precision) for batch in batches for precision in models]
+    seconds: dict[tuple[int, Precision], list[float]] = {cell: [] for cell in cells}
+    with torch.no_grad():
+        for cell in cells:
+            forward(*cell)  # warm-up
+        for _ in range(repeats):
+            for cell in cells:
+                seconds[cell].append(_median_seconds(functools.partial(forward, *cell), 1, device))
+    return [
+        (batch, *(statistics.median(seconds[batch, precision]) / batch for precision in models)) for batch in batches
+    ]
 
 
 def main() -> None:
