@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train the shipped default weights (model_weights/ct2mri and model_weights/flair2t1) with the
-# project's own commands. Every step is skipped when its output exists and resumed from its
+# Train the shipped ct2mri weights (model_weights/ct2mri) and the earlier 64 x 64 flair2t1 with the
+# project's own commands. The shipped flair2t1 (128 x 128, issue 19) comes from
+# scripts/train_flair2t1.sh. Every step is skipped when its output exists and resumed from its
 # checkpoint when one is there, so the script can be re-run after an interruption.
 #
 #   bash scripts/train_default_weights.sh WORK_DIR [ct2mri|flair2t1|all]

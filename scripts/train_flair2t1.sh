@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Train the shipped flair2t1 preset (issue 19: 128 x 128, 2.5-D, 26 real BraTS subjects, bf16 on
+# the CPU) with the project's own commands, exactly as it was made (model_weights/MODEL_CARD.md).
+# Every step is skipped when its output exists and resumed from its checkpoint otherwise.
+#
+#   bash scripts/train_flair2t1.sh WORK_DIR [BBDM_ITERS]
+#
+# BBDM_ITERS: the iteration the shipped BBDM was stopped at (see MODEL_CARD.md); the run can be
+# resumed further with the same command and a larger number.
+set -euo pipefail
+WORK=${1:?usage: train_flair2t1.sh WORK_DIR [BBDM_ITERS]}
+ITERS=${2:-1000}
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-../shared/data}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+mkdir -p "$WORK"
+PREP=$WORK/prep128c OLD=$WORK/prep128 BBDM=$WORK/bbdm ENC=$WORK/encoder KB=$WORK/kb3 CN=$WORK/controlnet
+SPLIT=(--val-fraction 0.12 --test-fraction 0.12)
+
+[ -d "$OLD" ] || $PY main.py prepare --layout brats --src "$DATA/brats_dev" "$DATA/brats_more" --out "$OLD" --size 128 "${SPLIT[@]}"
+[ -d "$PREP" ] || $PY main.py prepare --layout brats --src "$DATA/brats_dev" "$DATA/brats_more" --out "$PREP" --size 128 "${SPLIT[@]}"
+
+# The BBDM: the winning candidate of the comparison (neighbours 1), its first 200 iterations on
+# the dataset prepared before input coverage existed (so Brats18_2013_20_1 was still in), then
+# resumed on the re-prepared one (its slices without input left out).
+BBDM_ARGS=(--channels 32 64 128 256 --neighbours 1 --precision bf16)
+if [ ! -f "$BBDM/checkpoint.pt" ]; then
+  $PY main.py train-bbdm --data "$OLD" --out "$BBDM" "${BBDM_ARGS[@]}" --iters 200 --val-every 100 --checkpoint-every 100 --quiet
+fi
+$PY main.py train-bbdm --data "$PREP" --out "$BBDM" "${BBDM_ARGS[@]}" --iters "$ITERS" --resume --quiet
+$PY main.py half-weights "$BBDM/model.pt" "$WORK/bbdm16.pt"
+
+if [ ! -f "$ENC/encoder.pt" ]; then
+  $PY main.py train-retrieval --data "$PREP" --out "$ENC" --patch-size 16 --width 96 --depth 4 --heads 3 \
+    --perceptual-blocks 1 3 --iters 400 --eval-every 100 --checkpoint-every 100 --seed 0 --precision bf16 --quiet
+fi
+[ -d "$KB" ] || $PY main.py build-kb --data "$PREP" --encoder "$ENC/encoder.pt" --out "$KB" --slice-step 3
+
+# The ControlNet is trained against the halved BBDM (its hash names the exact weights shipped),
+# with --target own: --target reference fell from the BBDM's 15.98 dB to 13.14 dB validation
+# brain PSNR by iteration 200 (it pulls the output towards another subject's anatomy).
+CN_ARGS=(--data "$PREP" --bbdm "$WORK/bbdm16.pt" --kb "$KB" --encoder "$ENC/encoder.pt" --out "$CN"
+  --iters "${CN_ITERS:-300}" --batch-size 8 --lr 1e-4 --target own --slerp-fraction 0.25 --val-every 100
+  --val-slices 16 --val-steps 10 --checkpoint-every 100 --seed 0 --precision bf16 --quiet)
+if [ -f "$CN/checkpoint.pt" ]; then $PY main.py train-controlnet "${CN_ARGS[@]}" --resume; else $PY main.py train-controlnet "${CN_ARGS[@]}"; fi
+$PY main.py half-weights "$CN/controlnet.pt" "$WORK/controlnet16.pt"
+
+rm -rf model_weights/flair2t1
+$PY main.py make-preset --name flair2t1 \
+  --description "FLAIR -> T1 MRI (the method's BraTS setting), 128x128 slices, 2.5-D input (+-1 slice), trained on 19 real BraTS subjects" \
+  --data "$PREP" --bbdm "$WORK/bbdm16.pt" --encoder "$ENC/encoder.pt" --kb "$KB" --controlnet "$WORK/controlnet16.pt" \
+  --steps 5 --position-tolerance 0.1 --out model_weights/flair2t1
