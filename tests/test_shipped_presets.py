@@ -28,9 +28,10 @@ from tests.data.test_demo_inputs import write_small_inv3
 
 MODEL_CARD = DEFAULT_WEIGHTS_DIR / "MODEL_CARD.md"
 PRESETS = ("ct2mri", "flair2t1")
-# A BraTS case of the test split of `prepare --layout brats --size 64` (split seed 0): never in
+# A BraTS case of the test split of the 26-subject `prepare` the flair2t1 preset was trained on
+# (brats_dev + brats_more, --val-fraction 0.12 --test-fraction 0.12, split seed 0): never in
 # training, validation or the flair2t1 knowledge base.
-HELD_OUT_BRATS_CASE = SHARED_DATA / "brats_dev" / "Brats18_CBICA_AAB_1"
+HELD_OUT_BRATS_CASE = SHARED_DATA / "brats_dev" / "Brats18_CBICA_ARW_1"
 
 
 def unit_reference(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
