@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.data.dataset import MIN_INPUT_COVERAGE, PreparedDataset
+from lib.data.dataset import MIN_INPUT_COVERAGE, PreparedDataset, PreparedSlices
 from lib.models.retrieval_encoder import embed_slices, encoder_hash, load_retrieval_encoder
 from lib.retrieval.knowledge_base import KnowledgeBase
 
@@ -42,17 +42,12 @@ def build_knowledge_base(
         raise ValueError(f"slice_step must be >= 1, got {slice_step}")
     dataset = PreparedDataset(data)
     model, config = load_retrieval_encoder(encoder_path)
-    slices = dataset.slices
-    table = slices[
-        (slices["split"] == split)
-        & (slices["brain_fraction"] >= min_brain_fraction)
-        & (slices["input_coverage"] >= MIN_INPUT_COVERAGE)
-        & (slices["slice"] % slice_step == 0)
-    ]
+    # The training sets' own selection (split, brain fraction, input coverage), then the step.
+    selected = PreparedSlices(dataset, split, min_brain_fraction, min_input_coverage=MIN_INPUT_COVERAGE).table
+    table = selected[selected["slice"] % slice_step == 0]
     if table.empty:
         raise ValueError(
-            f"{data}: no slices in split {split!r} with brain fraction >= {min_brain_fraction}"
-            f" (every {slice_step}. slice)"
+            f"{data}: none of the {len(selected)} slices of split {split!r} has an index divisible by {slice_step}"
         )
     subjects = [str(s) for s in table["subject"]]
     indices = table["slice"].to_numpy(dtype=int)
