@@ -356,6 +356,8 @@ def _evaluate_all(
     """One pass over subjects x sparsities x seeds x methods with the variant's pipeline."""
     spacing = source_spacing(subjects[0].source)
     for number, subject in enumerate(subjects):
+        # The dense input's coverage of the truth's brain: one number per subject, not per run.
+        coverage = round(input_coverage(subject.source, subject.mask), 4) if subject.target is not None else None
         for sparsity in config.sparsities:
             for seed in config.seeds:
                 sparse = simulate_sparse_volume(subject.source, factor=sparsity, offset=seed % sparsity)
@@ -385,7 +387,7 @@ def _evaluate_all(
                         row.update(score_arrays(reconstruction.mri, truth, mask))
                         truth_unit, brain = reference_to_unit(truth, mask)
                         row.update(scores_by_slice_kind(reconstruction, truth_unit, brain))
-                        row["input_coverage"] = round(input_coverage(subject.source, subject.mask), 4)
+                        row["input_coverage"] = coverage
                         if example:
                             result.slice_psnr[method] = per_slice_psnr(reconstruction.mri, truth_unit, mask)
                             result.example_truth, result.example_mask = truth_unit, mask
