@@ -5,6 +5,8 @@ A run folder holds::
     config.json        the model config, the bridge scheduler's settings and the training config
     checkpoint.pt      everything needed to resume (model, EMA, optimiser, RNG, iteration)
     model.pt           the EMA weights, the model config and the scheduler's: what inference loads
+    best_model.pt      the same for the validation with the best brain PSNR so far; best.json
+                       names its iteration and score
     loss.csv           iteration, loss, learning rate, seconds
     validation.csv     iteration, PSNR / SSIM (whole slice) and PSNR inside the brain mask
     curves.png         the loss and validation curves
@@ -274,6 +276,7 @@ class BBDMTrainer(BridgeTrainer):
     kind = "bbdm-train"
     weights_name = "model.pt"
     validation_columns = VALIDATION_COLUMNS
+    selection = "psnr_brain"
 
     def __init__(self, slices: SliceSets, config: BBDMConfig, scheduler: BridgeSchedulerConfig | None = None) -> None:
         self.slices = slices

@@ -17,6 +17,8 @@ A run folder holds::
     checkpoint.pt      everything needed to resume (ControlNet, EMA, optimiser, RNG, iteration)
     controlnet.pt      the EMA ControlNet, the BBDM config and the BBDM's hash: what inference
                        loads with :func:`lib.models.controlnet.load_controlled_denoiser`
+    best_controlnet.pt the same for the validation with the best brain PSNR so far; best.json
+                       names its iteration and score
     loss.csv           iteration, loss, learning rate, seconds
     validation.csv     iteration, PSNR / SSIM / brain PSNR of the controlled model and, for
                        comparison, of the frozen BBDM alone (bbdm_*), on fixed val slices
@@ -310,6 +312,7 @@ class ControlNetTrainer(BridgeTrainer):
     weights_name = "controlnet.pt"
     weights_key = "controlnet"
     validation_columns = VALIDATION_COLUMNS
+    selection = "psnr_brain"
 
     def __init__(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,3 +108,28 @@ def test_the_ema_copy_warms_up_then_averages_with_the_configured_decay():
             assert ema.module.weight.item() == pytest.approx(9 / 11)
     # Late in the run the decay is the configured one: the copy lags the ramp by decay / (1 - decay) steps.
     assert ema.module.weight.item() == pytest.approx(199 - 9, abs=0.01)
+
+
+def test_the_best_validation_weights_are_kept_beside_the_last_and_survive_a_resume(prepared, tmp_path):
+    """best_model.pt holds the EMA weights of the validation with the highest brain PSNR, not the last ones."""
+    settings = {**SETTINGS, "val_every": 1, "checkpoint_every": 1}
+    run = tmp_path / "r"
+    snapshots = {}
+
+    def snapshot(done: int, total: int, message: str) -> None:
+        if done:
+            snapshots[done] = torch.load(run / "model.pt", weights_only=True)["model"]
+
+    train_bbdm(prepared, run, TINY, TrainConfig(iters=4, lr=3e-3, **settings), progress=snapshot)
+    train_bbdm(prepared, run, TINY, TrainConfig(iters=7, lr=3e-3, **settings), resume=True, progress=snapshot)
+    validation = pd.read_csv(run / "validation.csv")
+    assert validation.iteration.tolist() == list(range(1, 8))
+    winner = int(validation.iteration[validation.psnr_brain.idxmax()])
+    record = json.loads((run / "best.json").read_text())
+    assert record["iteration"] == winner and record["column"] == "psnr_brain"
+    assert record["score"] == pytest.approx(validation.psnr_brain.max(), abs=1e-4)
+    best = torch.load(run / "best_model.pt", weights_only=True)
+    assert best["iteration"] == winner and best["config"] == torch.load(run / "model.pt", weights_only=True)["config"]
+    assert all(torch.equal(best["model"][key], snapshots[winner][key]) for key in best["model"])
+    if winner != 7:  # the last weights differ from the best ones
+        assert not all(torch.equal(best["model"][key], snapshots[7][key]) for key in best["model"])
