@@ -358,6 +358,7 @@ class ReBrainPipeline:
                     control=method.control_kind(acquired, use_reference, controlled),
                     fallback=not use_reference and not acquired and method.retrieves,
                     reference=f"{result.subject}:{result.slice_index}" if use_reference else None,
+                    snap_mm=round(float(grid.snap_mm[z]), 4),
                 )
             )
         return control, references, records

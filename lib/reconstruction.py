@@ -40,6 +40,8 @@ class SliceRecord:
         fallback: a gap slice whose retrieval failed, guided by the SLERP of its neighbours.
         reference: the reference's anonymised ``subject:slice`` key, or None.
         uncertainty_mean: mean per-voxel standard deviation in the brain (0 for one sample).
+        snap_mm: for an acquired slice, how far it was moved to lie on the grid (grid minus
+            acquired position, mm; real positions drift by tenths of a mm); 0 otherwise.
     """
 
     index: int
@@ -53,6 +55,7 @@ class SliceRecord:
     fallback: bool
     reference: str | None
     uncertainty_mean: float = 0.0
+    snap_mm: float = 0.0
 
 
 @dataclass(kw_only=True)

@@ -231,3 +231,18 @@ def test_provenance_json_and_the_server_answer_keep_their_keys(reconstruction, d
     assert answer["output"] == "uncertainty"  # the output sent with the answer
     assert list(answer["summary"]) == SUMMARY_KEYS and all(list(r) == SLICE_KEYS for r in answer["slices"])
     assert answer["summary"] == written["summary"] and answer["slices"] == written["slices"]
+
+
+def test_acquired_slices_off_the_grid_by_a_fraction_of_a_millimetre_keep_their_own_input(dense_volume):
+    """Issue 20: drifting positions (0.1-0.25 mm off the 1 mm grid) made acquired slices gaps whose
+    input was interpolated; they now keep the acquired slice itself."""
+    sparse = simulate_sparse_volume(dense_volume, factor=4)
+    drift = np.resize([0.0, 0.12, -0.2, 0.25], sparse.shape[2])
+    drifted = replace(sparse, positions=sparse.positions + drift)
+    grid = dense_grid(drifted)
+    assert grid.acquired.sum() == sparse.shape[2]
+    rng = np.random.default_rng(0)
+    acquired = rng.uniform(-1, 1, (sparse.shape[2], 8, 8)).astype(np.float32)
+    y, _ = dense_slices(acquired, np.ones_like(acquired, dtype=bool), grid)
+    np.testing.assert_array_equal(y[grid.acquired], acquired)
+    np.testing.assert_allclose(grid.snap_mm[grid.acquired], -drift, atol=1e-9)

@@ -55,6 +55,7 @@ SLICE_KEYS = [
     "fallback",
     "reference",
     "uncertainty_mean",
+    "snap_mm",
 ]
 INPUT_KEYS = [
     "modality",

@@ -205,6 +205,12 @@ def volume_from_slices(array: np.ndarray, affine: np.ndarray, positions: np.ndar
     )
 
 
+# An acquired slice within this fraction of the grid spacing of a grid slice is written on it
+# (a quarter: real positions drift by a few tenths of a mm; below a half, so that no acquired
+# slice can land on two grid slices).
+SNAP_FRACTION = 0.25
+
+
 @dataclass(frozen=True)
 class DenseGrid:
     """The regular target grid of a (sparse) volume, and where the acquired slices fall on it.
@@ -223,6 +229,8 @@ class DenseGrid:
         lower: ``(Z,)`` acquired index at or below.
         upper: ``(Z,)`` acquired index at or above.
         alpha: ``(Z,)`` interpolation fraction in [0, 1].
+        snap_mm: ``(Z,)`` how far the grid slice lies from its acquired slice (grid minus
+            acquired position, mm; 0 for gaps): the acquired slice is written on the grid slice.
     """
 
     affine: np.ndarray
@@ -234,6 +242,7 @@ class DenseGrid:
     lower: np.ndarray
     upper: np.ndarray
     alpha: np.ndarray
+    snap_mm: np.ndarray
 
     @property
     def gap_count(self) -> int:
@@ -256,26 +265,36 @@ class DenseGrid:
 def dense_grid(volume: Volume, spacing: float = 1.0, tolerance: float | None = None) -> DenseGrid:
     """Build the dense target grid (``spacing`` mm along z) spanning the acquired slices.
 
-    The grid starts at the first acquired slice and keeps the exact requested spacing; an
-    acquired slice counts as lying on a grid slice when it is within ``tolerance`` of it
-    (default: a tenth of the spacing). Acquired slices between grid positions (e.g. 2.5 mm
-    slices on a 1 mm grid) are still used as interpolation neighbours.
+    The grid starts at the first acquired slice and keeps the exact requested spacing. An
+    acquired slice counts as lying on the grid slice nearest to it when it is within
+    ``tolerance`` (default: :data:`SNAP_FRACTION` of the spacing) and is then written there
+    unchanged: real scanners' positions drift (a tilted CT with 4, 1.1 and 7 mm steps lands
+    0.1-0.2 mm off a 1 mm grid), and an acquired slice taken for a gap would be replaced by
+    interpolated input. The grid reaches one slice past the last acquired position when that
+    slice is within the tolerance, so a last slice drifting upwards is kept too. Acquired
+    slices between grid positions (e.g. 2.5 mm slices on a 1 mm grid) are still used as
+    interpolation neighbours.
 
     Args:
         volume: the acquired slices.
         spacing: target slice spacing in mm.
-        tolerance: mm; how close an acquired slice must be to a grid slice to be "on" it.
+        tolerance: mm; how close an acquired slice must be to a grid slice to be "on" it;
+            below half the spacing, so that no acquired slice lands on two grid slices.
 
     Raises:
-        ValueError: for a non-positive spacing.
+        ValueError: for a non-positive spacing or a tolerance outside [0, spacing / 2).
         VolumeReadError: naming the volume's source, when the grid would have more than
             :data:`~lib.io.limits.MAX_GRID_SLICES` slices (slices metres apart, a corrupt header).
     """
     if spacing <= 0:
         raise ValueError(f"target spacing must be positive, got {spacing}")
-    tolerance = spacing / 10 if tolerance is None else tolerance
+    tolerance = spacing * SNAP_FRACTION if tolerance is None else tolerance
+    if not 0 <= tolerance < spacing / 2:
+        raise ValueError(f"snapping tolerance must lie in [0, {spacing / 2:g}) mm (half the spacing), got {tolerance}")
     acquired_positions = volume.positions
-    count = int(np.floor((acquired_positions[-1] - acquired_positions[0]) / spacing + 1e-6)) + 1
+    # A relative epsilon: positions read from DICOM carry float noise of ~1e-6 mm.
+    epsilon = 1e-6 * spacing
+    count = int(np.floor((acquired_positions[-1] - acquired_positions[0] + tolerance + epsilon) / spacing)) + 1
     if count > MAX_GRID_SLICES:
         raise VolumeReadError(
             volume.source,
@@ -284,11 +303,17 @@ def dense_grid(volume: Volume, spacing: float = 1.0, tolerance: float | None = N
         )
     positions = acquired_positions[0] + spacing * np.arange(count)
 
-    upper = np.searchsorted(acquired_positions, positions - tolerance, side="left")
-    upper = np.clip(upper, 0, len(acquired_positions) - 1)
-    nearest_distance = np.abs(acquired_positions[upper] - positions)
-    acquired = nearest_distance <= tolerance
-    lower = np.where(acquired, upper, np.clip(upper - 1, 0, None))
+    # The acquired slice nearest to each grid slice (ties: the lower one).
+    above = np.clip(np.searchsorted(acquired_positions, positions, side="left"), 0, len(acquired_positions) - 1)
+    below = np.clip(above - 1, 0, None)
+    take_below = np.abs(acquired_positions[below] - positions) <= np.abs(acquired_positions[above] - positions)
+    nearest = np.where(take_below, below, above)
+    acquired = np.abs(acquired_positions[nearest] - positions) <= tolerance + epsilon
+    # Interpolation neighbours of the other grid slices: the acquired slices just below and above.
+    upper = np.clip(np.searchsorted(acquired_positions, positions, side="left"), 0, len(acquired_positions) - 1)
+    lower = np.clip(np.searchsorted(acquired_positions, positions, side="right") - 1, 0, None)
+    lower = np.where(acquired, nearest, lower)
+    upper = np.where(acquired, nearest, upper)
     span = acquired_positions[upper] - acquired_positions[lower]
     alpha = np.where(span > 0, (positions - acquired_positions[lower]) / np.where(span > 0, span, 1), 0.0)
     alpha = np.clip(alpha, 0.0, 1.0)
@@ -302,7 +327,8 @@ def dense_grid(volume: Volume, spacing: float = 1.0, tolerance: float | None = N
         spacing=float(spacing),
         positions=positions,
         acquired=acquired,
-        source_index=np.where(acquired, upper, -1),
+        source_index=np.where(acquired, nearest, -1),
+        snap_mm=np.where(acquired, positions - acquired_positions[nearest], 0.0),
         lower=lower,
         upper=upper,
         alpha=alpha,
