@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lib.consistency import CHECK_COLUMNS, check_columns
 from lib.data.sparse import simulate_sparse_volume
 from lib.io import VolumeReadError
 from lib.io.atomic import STAGING_PREFIX, atomic_directory, atomic_path
@@ -63,10 +64,14 @@ MANIFEST_FIELDS = (
     "retrieval_success_rate",
     "fallback_count",
     "positions",
+    # The checks without ground truth (lib/consistency.py): tissue consistency and banding.
+    *CHECK_COLUMNS,
     "output",
     "pushed",
     "message",
 )
+# The header batch wrote before the check columns: an output root it made is still its own.
+EARLIER_MANIFEST_FIELDS = tuple(name for name in MANIFEST_FIELDS if name not in CHECK_COLUMNS)
 # What atomic_directory names its staging folders: STAGING_PREFIX, 8 hex digits, a dash.
 STAGING_NAME = re.compile(rf"{re.escape(STAGING_PREFIX)}[0-9a-f]{{8}}-.+")
 
@@ -85,6 +90,12 @@ class SeriesOutcome:
     output: str = ""
     pushed: bool | None = None
     message: str = ""
+    checks: dict = field(default_factory=dict)  # CHECK_COLUMNS (lib.consistency.check_columns)
+
+    def row(self) -> dict:
+        """The manifest row: :data:`MANIFEST_FIELDS`, the checks among them (None where not measured)."""
+        values = {**asdict(self), **self.checks}
+        return {name: values.get(name) for name in MANIFEST_FIELDS}
 
 
 @dataclass
@@ -212,7 +223,7 @@ def is_own_manifest(path: Path) -> bool:
     try:
         if path.suffix == ".json":
             return set(json.loads(path.read_text())) == {"series", "failed"}
-        return path.read_text().splitlines()[0] == ",".join(MANIFEST_FIELDS)
+        return path.read_text().splitlines()[0] in (",".join(MANIFEST_FIELDS), ",".join(EARLIER_MANIFEST_FIELDS))
     except (OSError, ValueError, IndexError, TypeError):
         return False
 
@@ -233,7 +244,7 @@ def check_manifests(output_root: Path) -> None:
 
 def write_manifest(output_root: Path, outcomes: list[SeriesOutcome]) -> None:
     """manifest.json and manifest.csv, each written atomically."""
-    rows = [asdict(outcome) for outcome in outcomes]
+    rows = [outcome.row() for outcome in outcomes]
     with atomic_path(output_root / "manifest.json") as temporary:
         temporary.write_text(
             json.dumps({"series": rows, "failed": sum(r["status"] == "failed" for r in rows)}, indent=1)
@@ -285,6 +296,7 @@ def reconstruct_series(
         fallback_count=summary.fallback_count,
         positions=positions_source(summary),
         output=out.name,
+        checks=check_columns(summary.tissue_check, summary.banding),
     )
 
 
@@ -300,6 +312,7 @@ def resumed_outcome(series: DicomSeries, out: Path) -> SeriesOutcome:
         positions=positions_source(summary),
         output=out.name,
         message="already complete (resume)",
+        checks=check_columns(summary.tissue_check, summary.banding),
     )
 
 

@@ -47,6 +47,8 @@ RECONSTRUCT_OPTIONS = (
     "method",
 )
 BATCH_OPTIONS = ("steps", "seed", "batch_size", "precision", "brain_extraction", "alignment")
+# A DICOM folder may hold several series (a 2.5 mm and a 5 mm axial, reformats); `inspect` lists them.
+SERIES_UID_HELP = "DICOM: the SeriesInstanceUID to read (default: the best series of the preset's modality)"
 # Library messages name the library's parameters; the command line names its flags instead.
 FLAG_NAMES = {
     "overwrite=True": "--overwrite",
@@ -321,7 +323,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
     preset = load_preset(args.preset, args.weights)
     options = ReconstructionOptions(**options_from_arguments(ReconstructionOptions, args))
     with naming_input(args.input):
-        volume = read_volume(args.input, modality=preset.input_modality)
+        volume = read_volume(args.input, series_uid=args.series_uid, modality=preset.input_modality)
         if args.simulate_sparsity is not None:
             volume = simulate_sparse_volume(volume, factor=args.simulate_sparsity)
     pipeline = ReBrainPipeline.from_preset(preset, device=args.device)
@@ -437,7 +439,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     pipeline = ReBrainPipeline.from_preset(load_preset(args.preset, args.weights), device=args.device)
     if args.input:
         with naming_input(args.input):
-            source = read_volume(args.input, modality=pipeline.preset.input_modality)
+            source = read_volume(args.input, series_uid=args.series_uid, modality=pipeline.preset.input_modality)
         subjects = [EvaluationSubject(key="input", split="no ground truth", source=source)]
     else:
         subjects = held_out_subjects(
@@ -625,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recon.add_argument("input", help="a NIfTI file or a DICOM folder")
     recon.add_argument("out_dir", help="output folder (written atomically)")
+    recon.add_argument("--series-uid", help=SERIES_UID_HELP)
     recon.add_argument(
         "--preset", default="ct2mri", help="preset name in --weights, or a preset folder (default ct2mri)"
     )
@@ -689,8 +692,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--layout", choices=["brats", "synthrad", "open"], help="dataset layout with ground truth (see prepare)"
     )
     where.add_argument(
-        "--input", help="one real scan without ground truth (NIfTI or DICOM folder): continuity and retrieval only"
+        "--input",
+        help="one real scan without ground truth (NIfTI or DICOM folder): continuity, retrieval, tissue check, banding",
     )
+    evaluate.add_argument("--series-uid", help=SERIES_UID_HELP + " of --input")
     evaluate.add_argument(
         "--src", nargs="+", help="dataset folder(s) as given to prepare, in its order (brats, synthrad; open: optional)"
     )

@@ -20,6 +20,10 @@ object of :mod:`lib.reconstruction_methods` that the pipeline asks what to retri
 guides a slice and how the slices are filled. The result (:class:`Reconstruction`, its
 :class:`SliceRecord` and :class:`Summary`) is defined in :mod:`lib.reconstruction`.
 
+The summary also carries two checks that need no ground truth (:mod:`lib.consistency`): for a
+CT input, whether the synthetic T1 orders the CT's CSF, grey and white matter as a real T1 does,
+and for every input, how much the output jumps where acquired and generated slices meet.
+
 The output lies on the dense grid in the input's physical frame (same in-plane grid, slices
 along the input's slice normal) and carries a per-slice provenance record. No identifier of a
 reference patient is recorded: knowledge-base entries carry anonymised subject keys only.
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from lib.consistency import measure_banding, tissue_check
 from lib.data.ct_alignment import align_to_template, too_short_to_register
 from lib.data.ct_brain import BrainExtraction, extract_brain
 from lib.data.model_frame import ModelFrame, foreground_mask, normalise_source
@@ -257,6 +262,14 @@ class ReBrainPipeline:
             brain = mask_dense[:, :, record.index]
             record.uncertainty_mean = float(uncertainty[:, :, record.index][brain].mean()) if brain.any() else 0.0
         ct = grid.interpolate(volume.array, axis=2)
+        # Checks without ground truth (lib/consistency.py): the CT's HU classes against the T1
+        # (CT input only: other inputs have no HU), and the stripes at acquired slices.
+        tissue = (
+            tissue_check(ct, mri, mask_dense, grid.acquired, grid.voxel_spacing[:2]).to_dict()
+            if modality == "ct"
+            else {}
+        )
+        banding = measure_banding(mri, mask_dense, grid.acquired).to_dict()
         output_s = time.perf_counter() - started
 
         summary = self._summary(
@@ -268,6 +281,8 @@ class ReBrainPipeline:
             {"prepare": prepared_s, "retrieval": retrieval_s, "sampling": sampling_s, "output": output_s},
             self._extraction_summary(extraction, options),
             alignment_record,
+            tissue,
+            banding,
         )
         return Reconstruction(
             mri=mri, uncertainty=uncertainty, ct=ct, mask=mask_dense, grid=grid, slices=records, summary=summary
@@ -444,6 +459,8 @@ class ReBrainPipeline:
         seconds: dict[str, float],
         brain_extraction: dict,
         alignment: dict,
+        tissue: dict,
+        banding: dict,
     ) -> Summary:
         similarities = [r.similarity for r in records if r.similarity is not None]
         generated = [r for r in records if not r.acquired]
@@ -475,4 +492,6 @@ class ReBrainPipeline:
             seconds={name: round(value, 3) for name, value in seconds.items()},
             brain_extraction=brain_extraction,
             alignment=alignment,
+            tissue_check=tissue,
+            banding=banding,
         )

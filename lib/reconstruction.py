@@ -94,6 +94,12 @@ class Summary:
         alignment: how the slice positions were found (``applied``, ``positions`` and the
             registration record or the reason). Results written before these two were
             recorded read back with empty records.
+        tissue_check: for a CT-input preset, whether the synthetic T1 orders the CT's CSF, grey
+            and white matter as a real T1 does (:meth:`lib.consistency.TissueCheck.to_dict`);
+            empty for other presets.
+        banding: the slice-to-slice jumps at acquired/generated boundaries against those
+            between generated slices (:meth:`lib.consistency.Banding.to_dict`). Results
+            written before these two were recorded read back with empty records.
     """
 
     synthetic: bool = True
@@ -120,6 +126,8 @@ class Summary:
     seconds: dict[str, float]
     brain_extraction: dict[str, Any] = field(default_factory=dict)
     alignment: dict[str, Any] = field(default_factory=dict)
+    tissue_check: dict[str, Any] = field(default_factory=dict)
+    banding: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready summary: one key per field, in field order."""

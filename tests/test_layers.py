@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "lib.progress": 0,
     "lib.data": 1,
     "lib.metrics": 1,
+    "lib.consistency": 1,
     "lib.presets": 1,
     "lib.models": 2,
     "lib.diffusion": 2,

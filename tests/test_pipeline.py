@@ -212,6 +212,15 @@ def test_a_pipeline_from_parts_is_the_pipeline_from_the_preset(pipeline, preset,
         ReBrainPipeline.from_parts(pipeline.model, SimpleNamespace(image_size=64), *parts[2:])
 
 
+def test_an_mri_input_gets_the_banding_measure_and_no_tissue_check(reconstruction):
+    summary = reconstruction.summary
+    assert summary.tissue_check == {}  # a FLAIR has no Hounsfield units to classify
+    # x2 sparsity: each generated slice lies between two acquired ones; no two generated in a row.
+    assert summary.banding["pairs"] == {"acquired_generated": 40, "generated_generated": 0}
+    assert summary.banding["brightness_ratio"] is None and summary.banding["voxel_ratio"] is None
+    assert summary.banding["voxel_jump"]["acquired_generated"] > 0
+
+
 def test_provenance_json_and_the_server_answer_keep_their_keys(reconstruction, dense_volume, tmp_path):
     from app.server.results import ResultStore
     from lib.report.outputs import input_geometry, write_outputs

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from app.cli import main
+from lib.consistency import tissue_check
 from lib.data.ct_alignment import MAX_METRIC
 from lib.data.ct_brain import extract_brain
 from lib.io import dense_grid, read_volume
@@ -50,6 +51,22 @@ def test_real_ct_gets_the_brain_only(pipeline, head_cut):
     assert result.mri.max() > 0
     # The display CT is the input's, skull included.
     assert result.ct.max() > 1000
+
+
+def test_a_real_ct_gets_the_tissue_check_on_its_acquired_slices_and_the_banding_measure(pipeline, head_cut):
+    result = pipeline.reconstruct(head_cut, ReconstructionOptions(steps=2))
+    check = result.summary.tissue_check
+    # The check sees the input's HU (skull included: the erosion and masked smoothing keep it
+    # out), the output T1 and the brain, on the 6 acquired slices of the 26 on the grid.
+    assert (
+        check
+        == tissue_check(result.ct, result.mri, result.mask, result.grid.acquired, head_cut.pixel_spacing).to_dict()
+    )
+    assert check["slices"] == result.summary.acquired_slices == 6 and result.summary.slices == 26
+    assert check["voxels"]["white"] > 0 and check["voxels"]["grey"] > 0 and 20 < check["brain_median_hu"] < 45
+    # 6 slices 5 mm apart on the 1 mm grid: 5 gaps of 4 generated slices, 2 boundaries and 3 inner pairs each.
+    assert result.summary.banding["pairs"] == {"acquired_generated": 10, "generated_generated": 15}
+    assert result.summary.banding["brightness_ratio"] > 0
 
 
 def test_brain_extraction_can_be_turned_off(pipeline, head_cut):

@@ -42,6 +42,8 @@ SUMMARY_KEYS = [
     "seconds",
     "brain_extraction",
     "alignment",
+    "tissue_check",
+    "banding",
 ]
 SLICE_KEYS = [
     "index",
@@ -112,6 +114,8 @@ def summary() -> Summary:
         seconds={"prepare": 0.1, "retrieval": 0.2, "sampling": 3.0, "output": 0.4},
         brain_extraction={"applied": False, "reason": "not a CT preset"},
         alignment={"applied": False, "positions": "brain extent", "reason": "turned off"},
+        tissue_check={"slices": 5, "order_holds": True, "csf_dice": 0.61, "csf_dice_chance": 0.1},
+        banding={"brightness_ratio": 1.4, "voxel_ratio": 2.0},
     )
 
 
@@ -139,3 +143,9 @@ def test_a_summary_missing_a_key_is_refused_naming_it():
     del incomplete["tau"]
     with pytest.raises(ValueError, match=r"missing \['tau'\]"):
         Summary.from_dict(incomplete)
+
+
+def test_a_summary_written_before_the_tissue_check_and_banding_reads_back_with_empty_records():
+    older = {key: value for key, value in summary().to_dict().items() if key not in ("tissue_check", "banding")}
+    read = Summary.from_dict(older)
+    assert read.tissue_check == {} and read.banding == {} and read.alignment == summary().alignment

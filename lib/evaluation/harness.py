@@ -6,7 +6,9 @@ moves the sampling phase, so seeds see different acquired slices), each method r
 (sampler seed s; with ``eta`` > 0 the sampling itself varies too), and the output is scored
 against the ground truth on the reconstructed slices (lib/evaluation/score.py: NRMSE, PSNR,
 SSIM, 3-D SSIM, I-SSIM inside the brain). A real scan without ground truth is evaluated for
-continuity (I-SSIM) and retrieval success and fallback rates only.
+continuity (I-SSIM) and retrieval success and fallback rates. Every run also carries the checks
+that need no ground truth (lib/consistency.py, from the reconstruction's summary): tissue
+consistency of a CT input with its synthetic T1, and banding at acquired/generated slices.
 
 Results: one row per subject x method x sparsity x seed (:data:`METRIC_COLUMNS`), per-slice
 PSNR along z, and the reconstructions of the first subject, first sparsity, seed 0 (figures).
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.consistency import CHECK_COLUMNS, check_columns
 from lib.data.layouts import DEFAULT_OPEN_COUNT, Folders, discover_subjects
 from lib.data.prepare import anonymised_key, split_subjects
 from lib.data.sparse import simulate_sparse_volume
@@ -68,6 +71,9 @@ METRIC_COLUMNS = (
     "slices",
     "generated_slices",
     "seconds",
+    # No ground truth needed: the synthetic T1 against the CT's tissue classes (CT presets)
+    # and the stripes at acquired/generated boundaries (lib/consistency.py).
+    *CHECK_COLUMNS,
 )
 
 
@@ -446,4 +452,5 @@ def _row(
         "slices": summary.slices,
         "generated_slices": generated,
         "seconds": round(seconds, 2),
+        **check_columns(summary.tissue_check, summary.banding),
     }

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lib.consistency import TissueCheckConfig
 from lib.evaluation.figures import plot_montage, plot_similarity_histogram, plot_slice_psnr, plot_uncertainty_and_error
 from lib.evaluation.harness import LOW_INPUT_COVERAGE, METRIC_COLUMNS, EvaluationResult
 from lib.io.atomic import atomic_directory, check_replaceable_folder
@@ -24,6 +25,37 @@ PART_METRICS = (
     ("psnr_acquired", "acquired PSNR (dB)", 2),
     ("ssim_acquired", "acquired SSIM", 3),
 )
+# Checks without ground truth (lib/consistency.py): the synthetic T1 against the CT's tissue
+# classes (CT presets), and the stripes where acquired and generated slices meet.
+TISSUE_METRICS = (
+    ("tissue_order", "W > G > CSF (share)", 2),
+    ("t1_white", "T1 white", 3),
+    ("t1_grey", "T1 grey", 3),
+    ("t1_csf", "T1 CSF", 3),
+    ("d_white_grey", "d white-grey", 2),
+    ("d_grey_csf", "d grey-CSF", 2),
+    ("csf_dice", "CSF Dice", 3),
+    ("csf_dice_chance", "CSF Dice by chance", 3),
+)
+BANDING_METRICS = (
+    ("banding_brightness_ratio", "brightness jump ratio", 2),
+    ("banding_voxel_ratio", "voxel jump ratio", 2),
+)
+_CHECK = TissueCheckConfig()  # what the pipeline records with
+TISSUE_DEFINITIONS = f"""Tissue consistency (lib/consistency.py; no ground truth): on the acquired slices only, the
+input CT's brain, eroded by {_CHECK.erosion_mm:g} mm and smoothed by a {_CHECK.smoothing_mm:g} mm Gaussian in-plane, is
+classified by HU as CSF [{_CHECK.csf_hu[0]:g}, {_CHECK.csf_hu[1]:g}), white matter [{_CHECK.white_hu[0]:g}, \
+{_CHECK.white_hu[1]:g}) and grey matter [{_CHECK.grey_hu[0]:g}, {_CHECK.grey_hu[1]:g}) (the rest unclassified); a real
+T1 orders them white > grey > CSF. Share: runs where the synthetic T1's class means keep that
+order; T1 columns: those means; d: Cohen's d (mean difference over the pooled standard
+deviation), positive in the T1 order; CSF Dice: the T1's n darkest classified voxels (n = CSF
+voxels) against the CT's CSF; by chance: the Dice of a random dark set of that size (the CSF
+share)."""
+BANDING_DEFINITIONS = """Banding (no ground truth): for adjacent output slices, inside the brain of both, the
+|difference of their brain means| (brightness) and the mean absolute voxel difference (voxel),
+averaged over acquired/generated pairs and divided by the same over generated/generated pairs:
+1 means a boundary slice steps no more than any other, above 1 stripes. Undefined (-) without
+two generated slices in a row (e.g. sparsity 2 at the source's spacing)."""
 DEFINITIONS = """Definitions (lib/metrics.py, lib/evaluation/score.py): the ground truth is brought to [0, 1]
 by its 0.5/99.5 brain percentiles, the reconstruction is already there; every metric is taken
 inside the ground truth's brain mask on the reconstructed slices. NRMSE = RMSE / range of the
@@ -50,7 +82,10 @@ def summary_table(metrics: pd.DataFrame, columns=TABLE_METRICS) -> pd.DataFrame:
     means, stds = grouped.mean(), grouped.std(ddof=0)
     table = pd.DataFrame(index=means.index)
     for name, label, digits in available:
-        table[label] = [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(means[name], stds[name])]
+        # A group whose runs all lack the metric (e.g. banding without two gap slices in a row): "-".
+        table[label] = [
+            "-" if np.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(means[name], stds[name])
+        ]
     return table.reset_index()
 
 
@@ -131,6 +166,7 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
                 "is tested, and on the acquired slices only.",
                 "",
             ]
+        lines += _check_sections(metrics)
         if metrics["issim_reference"].notna().any():
             lines += [f"Ground truth I-SSIM (mean over runs): {metrics['issim_reference'].mean():.3f}.", ""]
         rates = (
@@ -162,6 +198,20 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
         lines += ["## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in _figures(figures, result)] + [""]
         (staging / "report.md").write_text("\n".join(lines))
     return Path(out_dir)
+
+
+def _check_sections(metrics: pd.DataFrame) -> list[str]:
+    """The report's lines on the checks without ground truth; none when no run has them."""
+    # order_holds is True/False/None per run; as 1/0/NaN its mean is the share of runs.
+    numeric = metrics.assign(tissue_order=metrics["tissue_order"].map({True: 1.0, False: 0.0}).astype(float))
+    lines: list[str] = []
+    for title, columns, definitions in (
+        ("Tissue consistency with the input CT", TISSUE_METRICS, TISSUE_DEFINITIONS),
+        ("Banding at acquired/generated slices", BANDING_METRICS, BANDING_DEFINITIONS),
+    ):
+        if any(numeric[name].notna().any() for name, _, _ in columns):
+            lines += [f"### {title}", "", _markdown(summary_table(numeric, columns)), definitions, ""]
+    return lines
 
 
 def _figures(folder: Path, result: EvaluationResult) -> list[str]:

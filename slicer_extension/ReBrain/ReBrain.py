@@ -43,6 +43,7 @@ from ReBrainLib import (  # noqa: E402 (after the dependency install)
     provenance_rows,
     similarity_colour_table,
     slice_overlays,
+    status_text,
 )
 from ReBrainLib.geometry import read_volume, write_volume  # noqa: E402
 from ReBrainLib.overlays import TABLE_COLUMNS  # noqa: E402
@@ -287,13 +288,7 @@ class ReBrainWidget(ScriptedLoadableModuleWidget):
             self.ui.provenanceTableView.setMRMLTableNode(self.nodes["table"])
             self.ui.uncertaintySelector.setCurrentNode(None)
             self.ui.legendLabel.text = legend_text(job.result.params)
-            summary = job.result.params["summary"]
-            positions = "CT head template" if (summary.get("alignment") or {}).get("applied") else "brain extent"
-            self.ui.statusLabel.text = (
-                f"Done in {job.elapsed:.0f} s: {summary['slices']} slices, {summary['fallback_count']} SLERP "
-                "fallbacks, "
-                f"slice positions from the {positions}. SYNTHETIC image."
-            )
+            self.ui.statusLabel.text = status_text(job.result.params["summary"], job.elapsed)
             self.showOverlays()
         self.updateButtons()
 

@@ -3,6 +3,7 @@ a broken CT series, an MR distractor, a localizer, a non-image object and unread
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pydicom
@@ -19,12 +21,14 @@ import SimpleITK as sitk
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from app.batch import is_complete
+from app.batch import EARLIER_MANIFEST_FIELDS, MANIFEST_FIELDS, is_complete, is_own_manifest, resumed_outcome
 from app.cli import main
+from lib.consistency import CHECK_COLUMNS
 from lib.io import dense_grid, read_volume
 from lib.io.dicom_writer import SeriesDescription, write_dicom_series
 from tests.app.server_process import REPO
 from tests.dicom_variants import copy_position_of, corrupt_vr, remove
+from tests.test_reconstruction import summary
 from tests.tilted import make_tilted
 from tests.tiny_preset import make_tiny_preset
 
@@ -159,6 +163,19 @@ def test_batch_writes_every_ct_series_and_reports_the_rest(tree, preset, tmp_pat
         assert manifest[name]["status"] == "skipped"
     assert "not an image" in manifest["junk/report.dcm"]["message"]
     assert (out / "manifest.csv").read_text().count("\n") == len(manifest) + 1
+    # The checks without ground truth: columns of every row, the provenance's values for a
+    # reconstructed series, empty for the others.
+    with open(out / "manifest.csv", newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert set(CHECK_COLUMNS) <= set(csv_rows[0])
+    for name in ("ct_a", "ct_b"):
+        summary = json.loads((out / series[name] / "provenance.json").read_text())["summary"]
+        row = manifest[series[name]]
+        assert row["csf_dice"] == summary["tissue_check"]["csf_dice"] is not None
+        assert row["tissue_order"] == summary["tissue_check"]["order_holds"]
+        assert row["t1_grey"] == summary["tissue_check"]["t1_mean"]["grey"]
+        assert row["banding_brightness_ratio"] == summary["banding"]["brightness_ratio"] is not None
+    assert all(manifest[series["mr"]][column] is None for column in CHECK_COLUMNS)
     assert not list(out.glob(".tmp-*"))
 
     private = list(json.loads((preset.root.parent / "prepared" / "private_subject_map.json").read_text()).values())
@@ -478,3 +495,20 @@ def test_a_user_manifest_in_the_output_root_is_never_replaced(real_ct_volume, pr
         )
         assert f"{name}: exists and was not written by ReBrain batch" in capsys.readouterr().err
         assert (out / name).read_text() == "the hospital's own list" and sorted(p.name for p in out.iterdir()) == [name]
+
+
+def test_an_output_root_from_before_the_check_columns_is_still_resumable(tmp_path):
+    """A manifest and a provenance.json written before the checks were recorded: batch still
+    knows the manifest as its own, and a resumed series has empty check columns."""
+    old_header = ",".join(EARLIER_MANIFEST_FIELDS)
+    assert not set(CHECK_COLUMNS) & set(EARLIER_MANIFEST_FIELDS) and len(MANIFEST_FIELDS) > len(EARLIER_MANIFEST_FIELDS)
+    (tmp_path / "manifest.csv").write_text(old_header + "\n1.2.3,done,1.0,10,0.5,2,brain extent,1.2.3,,\n")
+    (tmp_path / "other.csv").write_text("series_uid,status\n")
+    assert is_own_manifest(tmp_path / "manifest.csv") and not is_own_manifest(tmp_path / "other.csv")
+    folder = tmp_path / "1.2.3"
+    folder.mkdir()
+    older = {key: value for key, value in summary().to_dict().items() if key not in ("tissue_check", "banding")}
+    (folder / "provenance.json").write_text(json.dumps({"summary": older, "slices": []}))
+    row = resumed_outcome(SimpleNamespace(uid="1.2.3"), folder).row()
+    assert list(row) == list(MANIFEST_FIELDS) and row["slices"] == 9 and row["status"] == "complete"
+    assert all(row[column] is None for column in CHECK_COLUMNS)

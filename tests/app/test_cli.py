@@ -39,6 +39,18 @@ def test_inspect_reports_acquired_positions_and_skipped_series(head_ct_folder):
     assert report["dense_grid"]["slices"] == 166 and len(report["skipped_series"]) == 4
 
 
+@pytest.mark.parametrize("command", ["reconstruct", "evaluate"])
+def test_series_uid_picks_the_series_of_a_dicom_folder(head_ct_folder, tmp_path, capsys, command):
+    """The study holds a 2.5 and a 5 mm axial series: --series-uid is what is read (a UID the
+    folder lacks is refused naming the ones it has), for reconstruct and evaluate --input."""
+    where = [str(head_ct_folder), str(tmp_path / "out")]
+    if command == "evaluate":
+        where = ["--input", str(head_ct_folder), "--out", str(tmp_path / "out")]
+    assert main([command, *where, "--series-uid", "1.2.3.4"]) == 2
+    err = capsys.readouterr().err
+    assert "no series with SeriesInstanceUID 1.2.3.4" in err and ".2599.0" in err and "Traceback" not in err
+
+
 def test_bad_input_gives_one_line_error_not_a_traceback(tmp_path):
     bad = tmp_path / "scan.nii.gz"
     bad.write_bytes(b"garbage")

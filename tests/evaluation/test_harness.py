@@ -28,6 +28,7 @@ from lib.io.checkpoint import save_checkpoint
 from lib.models.denoiser import build_denoiser
 from lib.pipeline import ReBrainPipeline
 from tests.conftest import SHARED_DATA, require
+from tests.test_consistency import TISSUE_RECORD
 from tests.tiny_preset import TINY_BBDM, make_tiny_preset
 
 BRATS = SHARED_DATA / "brats_dev"
@@ -167,6 +168,52 @@ def test_a_scan_without_ground_truth_reports_continuity_and_retrieval(pipeline, 
     assert "psnr" not in row and 0 < row["issim"] <= 1 and row["retrieval_success_rate"] is not None
     out = write_report(tmp_path / "report", result, {"preset": "tiny"})
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["montage.png", "similarity.png"]
+    # A FLAIR input has no tissue check, and x2 sparsity no two generated slices in a row.
+    assert row["tissue_order"] is None and row["banding_brightness_ratio"] is None
+    report = (out / "report.md").read_text()
+    assert "Tissue consistency" not in report and "Banding at" not in report
+
+
+class WithTissueCheck:
+    """The pipeline, with a known tissue-check record in every summary (the tiny preset reads a
+    FLAIR, which has no HU): the rows and the report must carry exactly this record."""
+
+    RECORD = TISSUE_RECORD
+
+    def __init__(self, pipeline: ReBrainPipeline) -> None:
+        self.pipeline = pipeline
+
+    def reconstruct(self, volume, options):
+        result = self.pipeline.reconstruct(volume, options)
+        return replace(result, summary=replace(result.summary, tissue_check=self.RECORD))
+
+
+def test_rows_and_report_carry_the_checks_without_ground_truth(pipeline, subject, tmp_path):
+    scan = EvaluationSubject(key="input", split="no ground truth", source=subject.source)
+    config = EvaluationConfig(methods=("rebrain",), sparsities=(4, 2), seeds=(0,), steps=2)
+    result = evaluate_subjects(WithTissueCheck(pipeline), [scan], config)
+    row = result.rows[0]
+    record = WithTissueCheck.RECORD
+    assert row["tissue_order"] is True and row["csf_dice"] == record["csf_dice"]
+    assert (row["t1_white"], row["t1_grey"], row["t1_csf"]) == (0.8, 0.6, 0.2)
+    assert (row["d_white_grey"], row["d_grey_csf"]) == (1.5, 2.5) and row["csf_dice_chance"] == 0.1
+    # x4 sparsity leaves three generated slices per gap: the banding ratio is defined.
+    banding = result.example["rebrain"].summary.banding
+    assert banding["pairs"]["generated_generated"] > 0
+    assert row["banding_brightness_ratio"] == banding["brightness_ratio"] is not None
+    assert row["banding_voxel_ratio"] == banding["voxel_ratio"] is not None
+    out = write_report(tmp_path / "report", result, {"preset": "tiny"})
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics.loc[0, "csf_dice"] == 0.7 and bool(metrics.loc[0, "tissue_order"]) is True
+    report = (out / "report.md").read_text()
+    tissue = report.split("### Tissue consistency with the input CT")[1].split("###")[0]
+    # One run: the order held in all of it (share 1), the Dice and effect sizes as recorded.
+    assert "| 4 | rebrain | 1.00 ± 0.00 | 0.800 ± 0.000 |" in tissue and "0.700 ± 0.000" in tissue
+    assert "1.50 ± 0.00" in tissue and "Cohen's d" in tissue
+    banding_table = report.split("### Banding at acquired/generated slices")[1]
+    assert f"| 4 | rebrain | {banding['brightness_ratio']:.2f} ± 0.00 |" in banding_table
+    # x2: every gap slice between two acquired ones, no ratio: shown as "-", not "nan".
+    assert result.rows[1]["banding_brightness_ratio"] is None and "| 2 | rebrain | - | - |" in banding_table
 
 
 def test_evaluate_command_end_to_end(pipeline, tmp_path, capsys):

@@ -14,11 +14,13 @@ from ReBrainLib import (
     provenance_rows,
     similarity_colour_table,
     slice_overlays,
+    status_text,
 )
 from ReBrainLib.geometry import read_volume, write_volume
 
 from lib.io import dense_grid
 from lib.io import read_volume as read_lib_volume
+from tests.test_consistency import TISSUE_RECORD
 
 
 def _oblique() -> np.ndarray:
@@ -84,6 +86,38 @@ def test_slice_overlays_follow_the_provenance():
     )
     text = legend_text(params)
     assert "tau = 0.9000" in text and "acquired slice (2)" in text and "SLERP fallback (1)" in text
+
+
+STATUS_SUMMARY = {"slices": 166, "fallback_count": 10, "alignment": {"applied": True}}
+BANDING = {"brightness_ratio": 2.257, "voxel_ratio": 1.636}
+
+
+def test_the_status_line_shows_the_tissue_check_and_the_banding():
+    text = status_text({**STATUS_SUMMARY, "tissue_check": TISSUE_RECORD, "banding": BANDING}, 42.4)
+    assert text.startswith("Done in 42 s: 166 slices, 10 SLERP fallbacks, slice positions from the CT head template.")
+    assert "white > grey > CSF holds (d 1.50 / 2.50), CSF Dice 0.70 (chance 0.10)." in text
+    assert "jumps 2.26x the generated ones (1.64x voxelwise)" in text and text.endswith("SYNTHETIC image.")
+
+
+def test_the_status_line_says_when_the_order_fails_with_the_means():
+    failed = {**TISSUE_RECORD, "order_holds": False, "t1_mean": {"csf": 0.28, "white": 0.7, "grey": 0.78}}
+    text = status_text({**STATUS_SUMMARY, "tissue_check": failed}, 5)
+    assert "does NOT hold (T1 means white 0.70, grey 0.78, CSF 0.28), CSF Dice 0.70" in text and "holds (" not in text
+    empty = {**TISSUE_RECORD, "order_holds": None, "csf_dice": None}
+    assert "a tissue class is empty in the CT, order not measured." in status_text(
+        {**STATUS_SUMMARY, "tissue_check": empty}, 5
+    )
+
+
+def test_the_status_line_of_a_result_without_the_checks_leaves_them_out():
+    """An MRI preset (no tissue check), banding undefined (x2 sparsity), or an older server."""
+    for summary in (
+        {**STATUS_SUMMARY, "tissue_check": {}, "banding": {"brightness_ratio": None}},
+        {**STATUS_SUMMARY, "alignment": {}},
+    ):
+        text = status_text(summary, 3)
+        assert "Tissue" not in text and "Banding" not in text and text.endswith(". SYNTHETIC image.")
+    assert "from the brain extent." in status_text({**STATUS_SUMMARY, "alignment": {}}, 3)
 
 
 def test_similarity_colours_change_at_tau():

@@ -1,10 +1,17 @@
 """Everything of the ReBrain Slicer module that needs no ``slicer`` import, so it is testable
 with pytest: the HTTP client of the ReBrain MONAI Label server, the background job that runs a
-request off the GUI thread, volume geometry conversions and the provenance overlays."""
+request off the GUI thread, volume geometry conversions, the provenance overlays and the status line."""
 
 from .client import ReBrainClient, ReconstructionResult, ServerError
 from .job import Cancelled, JobState, ReconstructionJob
-from .overlays import STATUS_COLOURS, legend_text, provenance_rows, similarity_colour_table, slice_overlays
+from .overlays import (
+    STATUS_COLOURS,
+    legend_text,
+    provenance_rows,
+    similarity_colour_table,
+    slice_overlays,
+    status_text,
+)
 
 __all__ = [
     "Cancelled",
@@ -18,4 +25,5 @@ __all__ = [
     "provenance_rows",
     "similarity_colour_table",
     "slice_overlays",
+    "status_text",
 ]

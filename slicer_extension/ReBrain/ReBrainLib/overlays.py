@@ -73,6 +73,52 @@ def legend_text(params: dict) -> str:
     )
 
 
+def _tissue_text(check: dict) -> str:
+    """The tissue-consistency check (the summary's ``tissue_check``) in one sentence."""
+    means, effect = check.get("t1_mean") or {}, check.get("cohen_d") or {}
+    dice, chance = check.get("csf_dice"), check.get("csf_dice_chance")
+    overlap = f", CSF Dice {dice:.2f} (chance {chance:.2f})" if dice is not None and chance is not None else ""
+    order = check.get("order_holds")
+    if order is None:
+        return f"Tissue check: a tissue class is empty in the CT, order not measured{overlap}."
+    if order:
+        d = [effect.get(name) for name in ("white_grey", "grey_csf")]
+        sizes = f" (d {d[0]:.2f} / {d[1]:.2f})" if None not in d else ""
+        return f"Tissue check: white > grey > CSF holds{sizes}{overlap}."
+    return (
+        "Tissue check: white > grey > CSF does NOT hold (T1 means white "
+        f"{means['white']:.2f}, grey {means['grey']:.2f}, CSF {means['csf']:.2f}){overlap}."
+    )
+
+
+def status_text(summary: dict, elapsed_s: float) -> str:
+    """The widget's status line after a reconstruction: counts, where the positions came from,
+    the tissue-consistency check (CT presets) and the banding ratio, each when the result has it
+    (a server older than these checks, or an MRI preset, leaves them out).
+
+    Args:
+        summary: the result's ``summary`` (provenance.json's).
+        elapsed_s: seconds the request took.
+    """
+    positions = "CT head template" if (summary.get("alignment") or {}).get("applied") else "brain extent"
+    parts = [
+        f"Done in {elapsed_s:.0f} s: {summary['slices']} slices, {summary['fallback_count']} SLERP fallbacks, "
+        f"slice positions from the {positions}."
+    ]
+    if summary.get("tissue_check"):
+        parts.append(_tissue_text(summary["tissue_check"]))
+    banding = summary.get("banding") or {}
+    if banding.get("brightness_ratio") is not None:
+        voxel = banding.get("voxel_ratio")
+        parts.append(
+            f"Banding: acquired/generated jumps {banding['brightness_ratio']:.2f}x the generated ones"
+            + (f" ({voxel:.2f}x voxelwise)" if voxel is not None else "")
+            + "; 1 = no stripes."
+        )
+    parts.append("SYNTHETIC image.")
+    return " ".join(parts)
+
+
 TABLE_COLUMNS = ("slice", "position_mm", "status", "similarity", "reference", "uncertainty_mean")
 
 

@@ -1,0 +1,234 @@
+"""The checks without ground truth (lib/consistency.py) on volumes whose answer is known by
+construction: CT tissue classes and a T1 that does or does not follow them, and outputs with
+and without stripes at their acquired slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lib.consistency import (
+    CHECK_COLUMNS,
+    TISSUE_LABELS,
+    UNCLASSIFIED,
+    TissueCheckConfig,
+    TissueClass,
+    check_columns,
+    classify_tissue,
+    inner_brain,
+    measure_banding,
+    smoothed_hu,
+    tissue_check,
+)
+
+# Literature-like HU of each class and the T1 a real scan gives them (white brightest, CSF dark).
+HU = {TissueClass.CSF: 8.0, TissueClass.WHITE: 25.0, TissueClass.GREY: 40.0}
+T1 = {TissueClass.CSF: 0.15, TissueClass.WHITE: 0.8, TissueClass.GREY: 0.55}
+SKULL_HU = 1200.0
+PIXEL_MM = (1.0, 1.0)
+# A tissue-check record as provenance.json holds it, for the tests of its readers (evaluation
+# rows and report, Slicer status line).
+TISSUE_RECORD = {
+    "order_holds": True,
+    "t1_mean": {"csf": 0.2, "white": 0.8, "grey": 0.6},
+    "cohen_d": {"white_grey": 1.5, "grey_csf": 2.5},
+    "csf_dice": 0.7,
+    "csf_dice_chance": 0.1,
+}
+
+
+def phantom(slices: int = 9, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CT (HU), a T1 in the order a real T1 has, and the brain: a skull ring around grey matter
+    holding a white-matter block holding a CSF "ventricle", in every slice; the T1 has noise."""
+    shape = (72, 72, slices)
+    brain = np.zeros(shape, dtype=bool)
+    brain[8:64, 8:64] = True
+    ct = np.full(shape, SKULL_HU)
+    ct[brain] = HU[TissueClass.GREY]
+    ct[20:52, 20:52] = HU[TissueClass.WHITE]
+    ct[30:42, 30:42] = HU[TissueClass.CSF]
+    t1 = np.zeros(shape)
+    for tissue, value in HU.items():
+        t1[ct == value] = T1[tissue]
+    t1 = np.where(brain, t1 + np.random.default_rng(seed).normal(0.0, 0.03, shape), 0.0)
+    return ct, t1, brain
+
+
+EVERY_FOURTH = np.arange(9) % 4 == 0
+
+
+def test_a_t1_in_the_real_order_holds_it_and_its_dark_voxels_are_the_csf():
+    ct, t1, brain = phantom()
+    check = tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM)
+    assert check.slices == 3
+    assert all(check.voxels[tissue] > 0 for tissue in TissueClass)
+    for tissue in TissueClass:
+        assert check.t1_mean[tissue] == pytest.approx(T1[tissue], abs=0.01)
+    assert check.order_holds is True
+    # Classes 0.25 apart with noise 0.03: effect sizes of about 8.
+    assert check.cohen_d["white_grey"] > 5 and check.cohen_d["grey_csf"] > 5
+    assert check.csf_dice == pytest.approx(1.0)
+    assert check.csf_dice_chance == pytest.approx(
+        check.voxels["csf"] / sum(check.voxels[tissue] for tissue in TissueClass)
+    )
+    assert check.brain_median_hu == pytest.approx(HU[TissueClass.GREY], abs=1.0)
+
+
+def test_an_inverted_t1_breaks_the_order_and_misses_the_csf():
+    ct, t1, brain = phantom()
+    check = tissue_check(ct, np.where(brain, 1.0 - t1, 0.0), brain, EVERY_FOURTH, PIXEL_MM)
+    assert check.order_holds is False
+    assert check.cohen_d["white_grey"] < -5 and check.cohen_d["grey_csf"] < -5
+    # The inverted T1's darkest voxels are white matter: no overlap with the CSF at all.
+    assert check.csf_dice == pytest.approx(0.0) and check.csf_dice < check.csf_dice_chance
+
+
+def test_gap_slices_are_left_out():
+    ct, t1, brain = phantom()
+    expected = tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM).to_dict()
+    # Interpolated CT of another class and an inverted T1 on every gap slice change nothing.
+    gaps = ~EVERY_FOURTH
+    ct[:, :, gaps] = np.where(brain[:, :, gaps], HU[TissueClass.CSF], SKULL_HU)
+    t1[:, :, gaps] = np.where(brain[:, :, gaps], 1.0 - t1[:, :, gaps], 0.0)
+    assert tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM).to_dict() == expected
+    # Counted in, they would: more "CSF", and a part of it bright on the T1.
+    counted = tissue_check(ct, t1, brain, np.ones(9, dtype=bool), PIXEL_MM)
+    assert counted.voxels["csf"] > expected["voxels"]["csf"] and counted.csf_dice < expected["csf_dice"]
+
+
+NO_SMOOTHING = TissueCheckConfig(smoothing_mm=0.0, erosion_mm=0.0)
+
+
+@pytest.mark.parametrize(
+    ("hu", "label"),
+    [
+        (0.0, TISSUE_LABELS[TissueClass.CSF]),
+        (14.9, TISSUE_LABELS[TissueClass.CSF]),
+        (20.0, TISSUE_LABELS[TissueClass.WHITE]),
+        (29.9, TISSUE_LABELS[TissueClass.WHITE]),
+        (35.0, TISSUE_LABELS[TissueClass.GREY]),
+        (44.9, TISSUE_LABELS[TissueClass.GREY]),
+        # Between the classes, below CSF and above grey matter: nobody's.
+        (15.0, UNCLASSIFIED),
+        (17.5, UNCLASSIFIED),
+        (32.5, UNCLASSIFIED),
+        (34.9, UNCLASSIFIED),
+        (-5.0, UNCLASSIFIED),
+        (45.0, UNCLASSIFIED),
+        (70.0, UNCLASSIFIED),
+    ],
+)
+def test_hu_is_classified_by_the_documented_ranges(hu, label):
+    brain = np.ones((4, 4, 2), dtype=bool)
+    labels = classify_tissue(np.full(brain.shape, hu), brain, PIXEL_MM, NO_SMOOTHING)
+    assert np.all(labels == label)
+
+
+def test_outside_the_brain_nothing_is_classified():
+    brain = np.zeros((6, 6, 1), dtype=bool)
+    brain[1:5, 1:5] = True
+    labels = classify_tissue(np.full(brain.shape, HU[TissueClass.WHITE]), brain, PIXEL_MM, NO_SMOOTHING)
+    assert np.all(labels[~brain] == UNCLASSIFIED) and np.all(labels[brain] == TISSUE_LABELS[TissueClass.WHITE])
+
+
+def test_smoothing_keeps_the_skull_out_of_the_brain():
+    ct, _, brain = phantom(slices=1)
+    ct[brain] = HU[TissueClass.GREY]  # a uniform brain inside 1200 HU of bone
+    smoothed = smoothed_hu(ct, brain, (0.5, 0.5), sigma_mm=1.0)
+    np.testing.assert_allclose(smoothed[brain], HU[TissueClass.GREY])
+    noisy = np.where(brain, HU[TissueClass.GREY] + np.random.default_rng(1).normal(0.0, 5.0, ct.shape), ct)
+    # Noise of 5 HU, as large as the gap between classes, falls several times lower.
+    assert smoothed_hu(noisy, brain, (0.5, 0.5), sigma_mm=1.0)[brain].std() < 1.5
+
+
+def test_the_brain_is_eroded_in_plane_by_the_radius_in_millimetres():
+    brain = np.zeros((60, 60, 3), dtype=bool)
+    brain[10:50, 10:50] = True
+    inner = inner_brain(brain, (0.5, 0.5), radius_mm=3.0)  # 6 pixels of 0.5 mm
+    assert inner[:, 30, 1].sum() == 40 - 2 * 6 and inner[30, :, 1].sum() == 40 - 2 * 6
+    # Every slice on its own: the first and last slices are not eroded away through z.
+    assert all(inner[:, :, z].sum() == inner[:, :, 1].sum() for z in (0, 2))
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        {"csf_hu": (15.0, 0.0)},
+        {"white_hu": (10.0, 30.0)},  # overlaps CSF
+        {"grey_hu": (5.0, 12.0)},  # below white
+    ],
+)
+def test_thresholds_out_of_order_are_refused(ranges):
+    with pytest.raises(ValueError, match="_hu|overlap"):
+        TissueCheckConfig(**ranges)
+
+
+def test_the_record_names_the_thresholds_used():
+    ct, t1, brain = phantom()
+    record = tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM).to_dict()
+    assert record["thresholds_hu"] == {"csf": [0.0, 15.0], "white": [20.0, 30.0], "grey": [35.0, 45.0]}
+    assert record["smoothing_mm"] == 1.0 and record["erosion_mm"] == 3.0
+
+
+def smooth_output(slices: int = 21) -> tuple[np.ndarray, np.ndarray]:
+    """An output without stripes: an in-plane pattern growing steadily brighter along z."""
+    x, y = np.meshgrid(np.linspace(0, 1, 32), np.linspace(0, 1, 32), indexing="ij")
+    volume = np.stack([0.3 + 0.2 * x * y + 0.01 * z for z in range(slices)], axis=2)
+    brain = np.zeros(volume.shape, dtype=bool)
+    brain[4:28, 4:28] = True
+    return np.where(brain, volume, 0.0), brain
+
+
+ACQUIRED_EVERY_FIFTH = np.arange(21) % 5 == 0
+
+
+def test_a_smooth_output_has_no_banding():
+    volume, brain = smooth_output()
+    banding = measure_banding(volume, brain, ACQUIRED_EVERY_FIFTH)
+    # 4 gaps of 4 generated slices: 2 boundary pairs and 3 inner pairs each.
+    assert banding.pairs == {"acquired_generated": 8, "generated_generated": 12}
+    assert banding.brightness_ratio == pytest.approx(1.0) and banding.voxel_ratio == pytest.approx(1.0)
+    assert banding.brightness_jump["generated_generated"] == pytest.approx(0.01)
+
+
+def test_brightened_acquired_slices_are_stripes():
+    volume, brain = smooth_output()
+    volume[:, :, ACQUIRED_EVERY_FIFTH] += np.where(brain[:, :, ACQUIRED_EVERY_FIFTH], 0.05, 0.0)
+    banding = measure_banding(volume, brain, ACQUIRED_EVERY_FIFTH)
+    # A boundary steps by 0.01 +- 0.05, an inner pair by 0.01: (0.06 + 0.04) / 2 / 0.01 = 5.
+    assert banding.brightness_ratio == pytest.approx(5.0) and banding.voxel_ratio == pytest.approx(5.0)
+
+
+def test_textured_acquired_slices_are_stripes_voxelwise():
+    volume, brain = smooth_output()
+    noise = np.random.default_rng(2).normal(0.0, 0.05, volume.shape)
+    volume[:, :, ACQUIRED_EVERY_FIFTH] += np.where(brain, noise, 0.0)[:, :, ACQUIRED_EVERY_FIFTH]
+    banding = measure_banding(volume, brain, ACQUIRED_EVERY_FIFTH)
+    # Zero-mean texture barely moves the slices' means, but every voxel steps.
+    assert banding.voxel_ratio > 3 and banding.brightness_ratio < banding.voxel_ratio
+
+
+def test_banding_is_undefined_without_two_generated_slices_in_a_row():
+    volume, brain = smooth_output()
+    banding = measure_banding(volume, brain, np.arange(21) % 2 == 0)
+    assert banding.pairs["generated_generated"] == 0 and banding.brightness_ratio is None
+    assert banding.voxel_ratio is None
+    # Two acquired slices side by side are no boundary: all acquired means no pair at all.
+    assert measure_banding(volume, brain, np.ones(21, dtype=bool)).pairs == {
+        "acquired_generated": 0,
+        "generated_generated": 0,
+    }
+
+
+def test_columns_flatten_the_records_and_are_empty_without_them():
+    ct, t1, brain = phantom()
+    check = tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM).to_dict()
+    volume, output_brain = smooth_output()
+    banding = measure_banding(volume, output_brain, ACQUIRED_EVERY_FIFTH).to_dict()
+    columns = check_columns(check, banding)
+    assert list(columns) == list(CHECK_COLUMNS)
+    assert columns["tissue_order"] is True and columns["csf_dice"] == check["csf_dice"]
+    assert columns["t1_white"] == check["t1_mean"]["white"] and columns["d_grey_csf"] == check["cohen_d"]["grey_csf"]
+    assert columns["banding_brightness_ratio"] == banding["brightness_ratio"]
+    # An MRI-input preset (no tissue check) or a result older than the checks.
+    assert check_columns({}, {}) == dict.fromkeys(CHECK_COLUMNS)
