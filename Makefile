@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CRANIUM := /usr/share/doc/invesalius-examples/examples/Cranium.inv3
 
-.PHONY: venv system-deps lint format test bench bench-bbdm bench-ct bench-retrieval bench-server demo serve clean-venv
+.PHONY: venv system-deps lint format test bench bench-bbdm bench-ct bench-retrieval bench-server bench-batch demo serve clean-venv
 
 venv: $(STAMP)
 
@@ -60,6 +60,10 @@ bench-server: $(STAMP) system-deps
 # BBDM training throughput, fp32 against bf16 (images per second; issue 19).
 bench-train: $(STAMP)
 	$(PY) -m bench.train_step $(BENCH_ARGS)
+
+# batch's engines: series per hour, local against Ray with 1 and 2 workers (issue 21).
+bench-batch: $(STAMP)
+	$(PY) -m bench.batch $(BENCH_ARGS)
 
 # The knowledge-base index at 10k/100k/1M entries (exact against HNSW).
 bench-retrieval: $(STAMP)

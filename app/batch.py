@@ -25,8 +25,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from lib.consistency import CHECK_COLUMNS, check_columns
 from lib.data.sparse import simulate_sparse_volume
@@ -300,6 +302,53 @@ def reconstruct_series(
     )
 
 
+@dataclass(frozen=True)
+class SeriesJob:
+    """One series to reconstruct and its output folder: what an engine's worker is given."""
+
+    series: DicomSeries
+    out: Path
+
+
+def attempt_series(
+    job: SeriesJob,
+    pipeline: ReBrainPipeline,
+    options: ReconstructionOptions,
+    sparsity: int | None,
+    input_root: Path,
+) -> SeriesOutcome:
+    """:func:`reconstruct_series`, with a failure recorded as a failed outcome (the others go on)."""
+    try:
+        return reconstruct_series(job.series, job.out, pipeline, options, sparsity)
+    except Exception as error:  # one series' failure is recorded; the others go on
+        message = failure_message(error, input_root)
+        logger.warning("series %s failed: %s", job.series.uid, message)
+        return SeriesOutcome(series_uid=job.series.uid, status="failed", message=message)
+
+
+class SeriesRunner(Protocol):
+    """An engine: reconstructs jobs and yields one outcome per job as each finishes."""
+
+    def run(self, jobs: Sequence[SeriesJob]) -> Iterator[SeriesOutcome]:
+        """Each job's outcome (done or failed), in the order they finish."""
+        ...
+
+
+@dataclass
+class LocalRunner:
+    """The default engine: the series one after another, in this process, with one loaded pipeline."""
+
+    pipeline: ReBrainPipeline
+    options: ReconstructionOptions
+    sparsity: int | None
+    input_root: Path
+
+    def run(self, jobs: Sequence[SeriesJob]) -> Iterator[SeriesOutcome]:
+        """Each job's outcome, in order."""
+        for job in jobs:
+            yield attempt_series(job, self.pipeline, self.options, self.sparsity, self.input_root)
+
+
 def resumed_outcome(series: DicomSeries, out: Path) -> SeriesOutcome:
     """The manifest row of a series whose complete output ``out`` a previous run wrote."""
     summary = Summary.from_dict(json.loads((out / "provenance.json").read_text())["summary"])
@@ -326,7 +375,30 @@ def run_batch(
     sparsity: int | None = None,
     progress: bool = True,
 ) -> list[SeriesOutcome]:
-    """Process every input series; returns the manifest rows (also written to ``output_root``).
+    """Process every input series in this process (the local engine); see :func:`run_batch_with`."""
+    runner = LocalRunner(pipeline, options, sparsity, Path(input_root).resolve())
+    return run_batch_with(
+        input_root, output_root, runner, pipeline.preset.input_modality, resume, push_url, progress=progress
+    )
+
+
+def run_batch_with(
+    input_root: Path,
+    output_root: Path,
+    runner: SeriesRunner,
+    modality: str,
+    resume: bool = False,
+    push_url: str | None = None,
+    progress: bool = True,
+) -> list[SeriesOutcome]:
+    """Process every input series with an engine; returns the manifest rows (also written to ``output_root``).
+
+    The driver's part, the same for every engine: the scan and the series selection, resume
+    (complete outputs are not redone, half-written ones removed), the manifest rewritten as
+    each outcome arrives, the DICOMweb push and the progress bar over series.
+
+    Args:
+        modality: the preset's input modality (series of others are skipped).
 
     Raises:
         VolumeReadError: ``input_root`` is missing, empty, or ``output_root`` lies inside it or
@@ -340,30 +412,30 @@ def run_batch(
             output_root, "the output folder must not lie inside the input tree (the input is never modified)"
         )
     check_manifests(output_root)
-    plan = plan_batch(input_root, pipeline.preset.input_modality)
+    plan = plan_batch(input_root, modality)
     output_root.mkdir(parents=True, exist_ok=True)
     for leftover in remove_half_written(output_root):
         logger.warning("removed half-written output %s", leftover.name)
     outcomes: list[SeriesOutcome] = list(plan.skipped)
     write_manifest(output_root, outcomes)
-    for series in tqdm(plan.series, desc="series", unit="series", disable=not progress):
-        out = output_folder(output_root, series.uid)
-        try:
-            outcome = (
-                resumed_outcome(series, out)
-                if resume and is_complete(out)
-                else reconstruct_series(series, out, pipeline, options, sparsity)
-            )
-        except Exception as error:  # one series' failure is recorded; the others go on
-            message = failure_message(error, input_root)
-            logger.warning("series %s failed: %s", series.uid, message)
-            outcome = SeriesOutcome(series_uid=series.uid, status="failed", message=message)
-        if push_url and outcome.status == "done":
-            try:
-                push_series(out / DICOM_FOLDER, push_url)
-                outcome.pushed = True
-            except RuntimeError as error:
-                outcome.pushed, outcome.status, outcome.message = False, "failed", str(error)
-        outcomes.append(outcome)
-        write_manifest(output_root, outcomes)
+    jobs = []
+    with tqdm(total=len(plan.series), desc="series", unit="series", disable=not progress) as bar:
+        for series in plan.series:
+            out = output_folder(output_root, series.uid)
+            if resume and is_complete(out):
+                outcomes.append(resumed_outcome(series, out))
+                write_manifest(output_root, outcomes)
+                bar.update()
+            else:
+                jobs.append(SeriesJob(series, out))
+        for outcome in runner.run(jobs):
+            if push_url and outcome.status == "done":
+                try:
+                    push_series(output_root / outcome.output / DICOM_FOLDER, push_url)
+                    outcome.pushed = True
+                except RuntimeError as error:
+                    outcome.pushed, outcome.status, outcome.message = False, "failed", str(error)
+            outcomes.append(outcome)
+            write_manifest(output_root, outcomes)
+            bar.update()
     return outcomes

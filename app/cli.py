@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from app.engines import BatchEngine
 from lib.data.layouts import DEFAULT_OPEN_COUNT
 from lib.io.errors import VolumeReadError
 from lib.options_schema import (
@@ -340,26 +341,34 @@ def _reconstruct(args: argparse.Namespace) -> None:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from app.batch import run_batch
+    from app.batch import run_batch, run_batch_with
     from lib.pipeline import ReBrainPipeline
     from lib.presets import load_preset
 
-    pipeline = ReBrainPipeline.from_preset(load_preset(args.preset, args.weights), device=args.device)
+    preset = load_preset(args.preset, args.weights)
     options = ReconstructionOptions(**options_from_arguments(ReconstructionOptions, args))
-    outcomes = run_batch(
-        args.input_root,
-        args.output_root,
-        pipeline,
-        options,
-        resume=args.resume,
-        push_url=args.push_dicomweb,
-        sparsity=args.simulate_sparsity,
-        progress=not args.quiet,
-    )
+    common = dict(resume=args.resume, push_url=args.push_dicomweb, progress=not args.quiet)
+    if args.engine == BatchEngine.RAY:
+        from app.batch_ray import RayOptions, RayRunner
+
+        ray_options = RayOptions(
+            address=args.address,
+            workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
+        )
+        input_root = Path(args.input_root).resolve()
+        with RayRunner(preset, options, args.simulate_sparsity, input_root, ray_options) as runner:
+            outcomes = run_batch_with(input_root, args.output_root, runner, preset.input_modality, **common)
+    else:
+        pipeline = ReBrainPipeline.from_preset(preset, device=args.device)
+        outcomes = run_batch(
+            args.input_root, args.output_root, pipeline, options, sparsity=args.simulate_sparsity, **common
+        )
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "complete", "skipped", "failed")}
     print(
         f"{args.output_root}: {counts['done']} series reconstructed, {counts['complete']} already complete, "
-        f"{counts['skipped']} skipped (not {pipeline.preset.input_modality} volumes or unreadable), "
+        f"{counts['skipped']} skipped (not {preset.input_modality} volumes or unreadable), "
         f"{counts['failed']} failed; see manifest.csv"
     )
     for outcome in outcomes:
@@ -658,6 +667,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument("--device", default="auto")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.add_argument(
+        "--engine",
+        choices=[engine.value for engine in BatchEngine],
+        default=BatchEngine.LOCAL.value,
+        help="local: the series one after another in this process (default); ray: on a Ray cluster's workers",
+    )
+    batch.add_argument(
+        "--address",
+        default=None,
+        help="ray: 'auto' (the cluster this machine joined) or the head's HOST:PORT; default: a Ray "
+        "instance started on this machine for the run",
+    )
+    batch.add_argument("--workers", type=at_least(int, 1), default=2, help="ray: long-lived workers (default 2)")
+    batch.add_argument(
+        "--cpus-per-worker", type=at_least(float, 0, exclusive=True), default=1.0, help="ray: CPU cores per worker"
+    )
+    batch.add_argument(
+        "--gpus-per-worker", type=at_least(float, 0), default=0.0, help="ray: GPUs per worker (0: CPU workers)"
+    )
     batch.set_defaults(run=_batch)
 
     make_preset = commands.add_parser(

@@ -1,8 +1,8 @@
 """Where models run: the torch device from a device word, the precision, and the mixed-precision context.
 
-What :attr:`Precision.AUTO` means depends on the task: training (:func:`resolve_precision`) keeps
-float32 on a CPU, sampling (:func:`resolve_inference_precision`) takes bfloat16 wherever the device
-computes it natively.
+:attr:`Precision.AUTO` is bfloat16 wherever the device computes it natively (CUDA, or a CPU with
+AVX512-BF16 or AMX) and float32 elsewhere, for training (:func:`resolve_precision`) and sampling
+(:func:`resolve_inference_precision`) alike.
 """
 
 from __future__ import annotations
@@ -53,14 +53,18 @@ def supports_bf16(device: torch.device) -> bool:
 def resolve_precision(precision: Precision | str, device: torch.device) -> Precision:
     """:attr:`Precision.FP32` or :attr:`Precision.BF16`, what ``precision`` means for training on ``device``.
 
-    Auto is bfloat16 on CUDA only: on a CPU, training keeps float32.
+    Auto is bfloat16 wherever it is native, a CPU with AVX512-BF16 or AMX included. Measured on
+    this project's CPU (issue 19): a BBDM training step 1.6x faster than float32, and bf16 and
+    fp32 runs from the same seed at the same validation brain PSNR (12.147 against 12.148 dB
+    at iteration 100); the shipped 128 x 128 flair2t1 weights were trained this way. The
+    parameters, loss, EMA and optimiser state stay float32 either way.
 
     Raises:
         ValueError: an unknown precision word.
     """
     precision = Precision.parse(precision)
     if precision is Precision.AUTO:
-        return Precision.BF16 if device.type == "cuda" and supports_bf16(device) else Precision.FP32
+        return Precision.BF16 if supports_bf16(device) else Precision.FP32
     if precision is Precision.BF16 and not supports_bf16(device):
         warnings.warn(f"{device} has no native bfloat16; computing in float32", stacklevel=2)
         return Precision.FP32
@@ -70,17 +74,13 @@ def resolve_precision(precision: Precision | str, device: torch.device) -> Preci
 def resolve_inference_precision(precision: Precision | str, device: torch.device) -> Precision:
     """:attr:`Precision.FP32` or :attr:`Precision.BF16`, what ``precision`` means for sampling on ``device``.
 
-    Unlike training's :func:`resolve_precision`, auto is bfloat16 on a CPU with native bfloat16
-    too: there it makes a sampling step faster and changes a reconstruction by far less than
-    0.1 dB (issue 19's measurements, ``make bench-bbdm``), while a training run's choice waits
-    for its own measurements.
+    The same rule as training's :func:`resolve_precision`: on a CPU with native bfloat16 it
+    makes a sampling step faster and changes a reconstruction by far less than 0.1 dB (issue
+    19's measurements, ``make bench-bbdm``).
 
     Raises:
         ValueError: an unknown precision word.
     """
-    precision = Precision.parse(precision)
-    if precision is Precision.AUTO:
-        return Precision.BF16 if supports_bf16(device) else Precision.FP32
     return resolve_precision(precision, device)
 
 

@@ -27,11 +27,14 @@ def test_device_words():
         assert "--" not in str(error.value)  # the library names no command-line flag
 
 
-def test_auto_keeps_float32_on_the_cpu_for_training():
-    """Issue 18 is a refactor: training's auto is bf16 on CUDA only until the CPU is measured."""
-    assert resolve_precision("auto", CPU) is Precision.FP32
+def test_auto_trains_in_bf16_where_the_cpu_computes_it_natively():
+    """Issue 19 measured bf16 training on the CPU (same validation as fp32, 1.6x faster per step)."""
+    native = supports_bf16(CPU)
+    assert resolve_precision("auto", CPU) is (Precision.BF16 if native else Precision.FP32)
     assert resolve_precision(Precision.FP32, CPU) is Precision.FP32
     with autocast_context(CPU, "auto"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
+    with autocast_context(CPU, "fp32"):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
     with pytest.raises(ValueError, match=r"precision must be one of \['auto', 'fp32', 'bf16'\]"):
         resolve_precision("fp16", CPU)
@@ -48,10 +51,9 @@ def test_bf16_on_the_cpu_computes_in_bfloat16_where_supported():
 
 
 def test_auto_samples_in_bf16_wherever_it_is_native():
-    """Issue 19: sampling's auto takes bf16 on a CPU with AVX512-BF16 or AMX too, training's does not."""
+    """Issue 19: sampling's auto takes bf16 on a CPU with AVX512-BF16 or AMX too."""
     expected = Precision.BF16 if supports_bf16(CPU) else Precision.FP32
     assert resolve_inference_precision("auto", CPU) is expected
-    assert resolve_precision("auto", CPU) is Precision.FP32
     assert resolve_inference_precision("fp32", CPU) is Precision.FP32
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_inference_precision("half", CPU)
