@@ -61,7 +61,7 @@ class LoopConfig:
     checkpoint_every: int = field(default=250, metadata={"help": "iterations between checkpoints", "min": 1})
     precision: Precision = field(
         default=Precision.AUTO,
-        metadata={"help": "forward-pass arithmetic: auto (bf16 where native: CUDA, AMX/AVX512-BF16 CPUs), fp32, or bf16"},
+        metadata={"help": "forward-pass arithmetic: auto (bf16 where native: CUDA, AMX/AVX512-BF16), fp32, or bf16"},
     )
 
     def __post_init__(self) -> None:
