@@ -97,7 +97,9 @@ def match_gap_brightness(slices: np.ndarray, mask: np.ndarray, acquired: np.ndar
     a gap of a few millimetres the brain's mean intensity changes slowly, so each generated
     slice is shifted (inside its brain, by a constant) to the linear interpolation, along the
     slice index, of the brain means of the acquired slices' outputs; its texture and contrast
-    are left as they are, and acquired slices are not changed.
+    are left as they are, and acquired slices are not changed. Off by default: on flair2t1,
+    whose output shows no such step (acquired/generated jumps half the generated/generated
+    ones), it cost 0.18 dB brain PSNR on the gap slices of a test subject (NOTES.md).
 
     Args:
         slices: (Z, S, S) output slices in [-1, 1].
