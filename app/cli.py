@@ -45,10 +45,9 @@ RECONSTRUCT_OPTIONS = (
     "use_controlnet",
     "brain_extraction",
     "alignment",
-    "match_gap_brightness",
     "method",
 )
-BATCH_OPTIONS = ("steps", "seed", "batch_size", "precision", "brain_extraction", "alignment", "match_gap_brightness")
+BATCH_OPTIONS = ("steps", "seed", "batch_size", "precision", "brain_extraction", "alignment")
 # A DICOM folder may hold several series (a 2.5 mm and a 5 mm axial, reformats); `inspect` lists them.
 SERIES_UID_HELP = "DICOM: the SeriesInstanceUID to read (default: the best series of the preset's modality)"
 # Library messages name the library's parameters; the command line names its flags instead.

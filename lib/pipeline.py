@@ -60,14 +60,7 @@ if TYPE_CHECKING:
     from lib.models.denoiser import BBDMSpec
 
 # Reconstruction and SliceRecord live in lib.reconstruction (no torch); imported from here too.
-__all__ = [
-    "ReBrainPipeline",
-    "Reconstruction",
-    "ReconstructionOptions",
-    "SliceRecord",
-    "dense_slices",
-    "match_gap_brightness",
-]
+__all__ = ["ReBrainPipeline", "Reconstruction", "ReconstructionOptions", "SliceRecord", "dense_slices"]
 
 # Outside the extracted brain a real CT is set to air, as the brain-only training CTs are.
 OUTSIDE_BRAIN_HU = -1000.0
@@ -85,42 +78,6 @@ def dense_slices(acquired: np.ndarray, acquired_mask: np.ndarray, grid: DenseGri
     y = slerp(acquired[grid.lower], acquired[grid.upper], grid.alpha)
     mask = np.where((grid.alpha < 0.5)[:, None, None], acquired_mask[grid.lower], acquired_mask[grid.upper])
     return np.where(mask, y, -1.0).astype(np.float32), mask
-
-
-def match_gap_brightness(slices: np.ndarray, mask: np.ndarray, acquired: np.ndarray) -> np.ndarray:
-    """Generated slices shifted so that their brain means lie on the line between the acquired ones'.
-
-    A gap slice is translated from an interpolated input (the SLERP of its neighbours), which is
-    smoother than a measured slice, and the network answers it with a slightly different
-    brightness: in the coronal and sagittal views the output then shows horizontal stripes at
-    the acquired slices (issue 20; :func:`lib.consistency.measure_banding` measures them). Over
-    a gap of a few millimetres the brain's mean intensity changes slowly, so each generated
-    slice is shifted (inside its brain, by a constant) to the linear interpolation, along the
-    slice index, of the brain means of the acquired slices' outputs; its texture and contrast
-    are left as they are, and acquired slices are not changed. Off by default: on flair2t1,
-    whose output shows no such step (acquired/generated jumps half the generated/generated
-    ones), it cost 0.18 dB brain PSNR on the gap slices of a test subject (NOTES.md).
-
-    Args:
-        slices: (Z, S, S) output slices in [-1, 1].
-        mask: (Z, S, S) brain masks.
-        acquired: (Z,) true for acquired slices.
-
-    Returns:
-        The slices, generated ones shifted and clipped to [-1, 1]; unchanged without at least
-        one acquired and one generated slice with brain.
-    """
-    counts = mask.sum(axis=(1, 2))
-    means = np.where(counts > 0, (slices * mask).sum(axis=(1, 2)) / np.maximum(counts, 1), np.nan)
-    anchors = np.nonzero(acquired & (counts > 0))[0]
-    generated = np.nonzero(~acquired & (counts > 0))[0]
-    if len(anchors) == 0 or len(generated) == 0:
-        return slices
-    target = np.interp(generated, anchors, means[anchors])
-    shifted = slices.copy()
-    shift = (target - means[generated]).astype(slices.dtype)[:, None, None]
-    shifted[generated] = np.where(mask[generated], np.clip(slices[generated] + shift, -1.0, 1.0), slices[generated])
-    return shifted
 
 
 @dataclass(eq=False, repr=False)
@@ -294,8 +251,6 @@ class ReBrainPipeline:
 
         started = time.perf_counter()
         mean = np.where(dense_model_mask, mean, -1.0)
-        if options.match_gap_brightness:
-            mean = match_gap_brightness(mean, dense_model_mask, grid.acquired)
         shape_xy = volume.shape[:2]
         mask_dense = np.where((grid.alpha < 0.5)[None, None, :], mask[:, :, grid.lower], mask[:, :, grid.upper])
         # [-1, 1] -> [0, 1]: the output is an MRI without physical units; std scales by half.

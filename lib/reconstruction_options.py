@@ -45,8 +45,6 @@ class ReconstructionOptions:
             position (the retrieval filter) from the template brain; off, or for a stack too
             short to register, positions come from the extracted brain's own extent, which is
             right only when the CT covers the whole brain.
-        match_gap_brightness: shift each generated slice's brain mean onto the line between the
-            means of the acquired slices around it (:func:`lib.pipeline.match_gap_brightness`).
         method: how gap slices are made (see :data:`lib.reconstruction_methods.METHODS`);
             ``"rebrain"`` is the method, the others are the evaluation's baselines and
             ablations (METHOD.md section 6).
@@ -122,15 +120,6 @@ class ReconstructionOptions:
         metadata={
             "help": "register a real head CT to the CT head template for the slice positions (off: positions "
             "come from the brain's own extent, right only when the CT covers the whole brain)"
-        },
-    )
-    match_gap_brightness: bool = field(
-        default=False,
-        metadata={
-            "help": "shift each generated slice's brain mean onto the line between its acquired neighbours' "
-            "(against stripes where acquired and generated slices meet; off by default: it cost flair2t1 "
-            "0.18 dB on the gap slices)",
-            "cli": "--gap-brightness-match",
         },
     )
     method: Method = field(

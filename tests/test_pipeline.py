@@ -15,7 +15,7 @@ from lib.diffusion.slerp import slerp
 from lib.io import read_volume
 from lib.io.volume import dense_grid
 from lib.models.device import resolve_inference_precision, supports_bf16
-from lib.pipeline import ReBrainPipeline, ReconstructionOptions, dense_slices, match_gap_brightness
+from lib.pipeline import ReBrainPipeline, ReconstructionOptions, dense_slices
 from lib.reconstruction import Summary
 from tests.test_reconstruction import (
     INPUT_KEYS,
@@ -255,39 +255,3 @@ def test_acquired_slices_off_the_grid_by_a_fraction_of_a_millimetre_keep_their_o
     y, _ = dense_slices(acquired, np.ones_like(acquired, dtype=bool), grid)
     np.testing.assert_array_equal(y[grid.acquired], acquired)
     np.testing.assert_allclose(grid.snap_mm[grid.acquired], -drift, atol=1e-9)
-
-
-def test_generated_slices_take_the_brightness_between_their_acquired_neighbours():
-    rng = np.random.default_rng(0)
-    texture = rng.normal(0.0, 0.05, (5, 6, 6)).astype(np.float32)
-    brain = np.zeros((5, 6, 6), dtype=bool)
-    brain[:, 1:5, 1:5] = True
-    level = np.array([0.2, 0.6, 0.55, 0.7, 0.4], dtype=np.float32)  # slices 1-3 are too bright
-    # Each slice's brain: its level plus texture of zero brain mean.
-    texture -= ((texture * brain).sum(axis=(1, 2)) / brain.sum(axis=(1, 2)))[:, None, None]
-    slices = np.where(brain, level[:, None, None] + texture, -1.0).astype(np.float32)
-    acquired = np.array([True, False, False, False, True])
-    matched = match_gap_brightness(slices, brain, acquired)
-    means = (matched * brain).sum(axis=(1, 2)) / brain.sum(axis=(1, 2))
-    np.testing.assert_allclose(means, [0.2, 0.25, 0.3, 0.35, 0.4], atol=1e-6)
-    np.testing.assert_array_equal(matched[acquired], slices[acquired])  # acquired slices untouched
-    np.testing.assert_array_equal(matched[~brain], slices[~brain])  # background untouched
-    # The texture of a generated slice is kept: only a constant moved.
-    shift = matched[2][brain[2]] - slices[2][brain[2]]
-    np.testing.assert_allclose(shift, shift[0], atol=1e-6)
-    # Nothing to anchor to: unchanged.
-    assert match_gap_brightness(slices, brain, np.zeros(5, dtype=bool)) is slices
-
-
-def test_matching_gap_brightness_removes_the_brightness_step_at_acquired_slices(pipeline, dense_volume):
-    """Issue 20, item 6: the stripes where acquired and generated slices meet (x4: 3 gap slices in a row)."""
-    sparse = simulate_sparse_volume(dense_volume, factor=4)
-    runs = {
-        match: pipeline.reconstruct(sparse, ReconstructionOptions(steps=2, match_gap_brightness=match))
-        for match in (False, True)
-    }
-    off, on = (runs[match].summary.banding for match in (False, True))
-    assert on["brightness_ratio"] < off["brightness_ratio"]
-    assert on["brightness_ratio"] < 1.5
-    acquired = runs[True].grid.acquired
-    np.testing.assert_array_equal(runs[True].mri[:, :, acquired], runs[False].mri[:, :, acquired])

@@ -20,17 +20,7 @@ OUTPUTS = ("mri", "uncertainty", "similarity", "status")
 
 # The reconstruction options a request may set. Their meaning, defaults and bounds are the fields'
 # metadata (lib/reconstruction_options.py), as for the command line: both accept the same values.
-REQUEST_OPTIONS = (
-    "steps",
-    "samples",
-    "seed",
-    "eta",
-    "target_spacing",
-    "brain_extraction",
-    "alignment",
-    "match_gap_brightness",
-    "method",
-)
+REQUEST_OPTIONS = ("steps", "samples", "seed", "eta", "target_spacing", "brain_extraction", "alignment", "method")
 
 # Request parameters and their meaning, shown by /info/ (the server's defaults are in its 'config').
 PARAM_HELP = {

@@ -188,7 +188,6 @@ def test_server_help_comes_from_the_schema():
         "simulate_sparsity",
         "brain_extraction",
         "alignment",
-        "match_gap_brightness",
         "method",
         "output",
         "result_id",
