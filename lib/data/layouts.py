@@ -5,7 +5,8 @@
 * ``synthrad``: SynthRAD2023 brain, ``<case>/ct.nii.gz``, ``mr.nii.gz``, ``mask.nii.gz``.
 * ``open``: pseudo-subjects whose CT/T1 pairs are synthesised (:mod:`lib.data.synthesis`) from
   real images a fresh machine can install: nilearn's MNI152 T1 and tissue maps, plus the
-  BraTS T1 volumes under ``--src`` when given.
+  BraTS cases under the ``--src`` folders when given (their T1 is the anatomy; their tumour
+  labels ``seg``, or else their FLAIR ``t2f``, give the lesions the CT shows).
 """
 
 from __future__ import annotations
@@ -127,13 +128,26 @@ def synthrad_subjects(src: Path) -> list[SubjectRecord]:
     return records
 
 
+def _lesion_inputs(case: Path) -> tuple[Path | None, Path | None]:
+    """A BraTS case's tumour label map and FLAIR, where present."""
+    return _find_contrast(case, "seg"), _find_contrast(case, "t2f")
+
+
 @lru_cache(maxsize=16)
 def _tissue_model(base: str) -> synthesis.TissueModel:
-    """The tissue model of a base image, computed once per process (it is reused by many subjects)."""
+    """The tissue model of a base image with its lesions, computed once per process (reused by many subjects)."""
     if base == "mni":
         return synthesis.tissue_model_from_mni()
     t1 = read_nifti(base, modality="MR")
-    return synthesis.tissue_model_from_t1(t1.array, t1.array > 0, t1.voxel_affine())
+    model = synthesis.tissue_model_from_t1(t1.array, t1.array > 0, t1.voxel_affine(), atlas=_tissue_model("mni"))
+    labels_path, flair_path = _lesion_inputs(Path(base).parent)
+    lesion_inputs = {}
+    for key, path, modality in (("labels", labels_path, "unknown"), ("flair", flair_path, "MR")):
+        if path is not None:
+            volume = read_nifti(path, modality=modality)
+            _same_grid(t1, volume)
+            lesion_inputs[key] = volume.array
+    return synthesis.with_lesions(model, **lesion_inputs)
 
 
 def _load_pseudo_subject(base: str, seed: int) -> SubjectPair:
@@ -147,14 +161,35 @@ def _load_pseudo_subject(base: str, seed: int) -> SubjectPair:
     return SubjectPair(source=ct, target=t1, mask=mask, source_is_ct=True)
 
 
-def open_subjects(src: Path | None, count: int) -> list[SubjectRecord]:
-    """``count`` pseudo-subjects, cycling over the MNI template and the BraTS T1 volumes in ``src``."""
-    bases: list[tuple[str, list[Path], str]] = [("mni", [], "nilearn MNI152 2009 T1 + GM/WM maps")]
-    if src is not None:
-        for case in sorted(path for path in src.iterdir() if path.is_dir()):
+def open_subjects(src: Path | Sequence[Path] | None, count: int) -> list[SubjectRecord]:
+    """``count`` pseudo-subjects, cycling over the MNI template and the BraTS cases in ``src``.
+
+    ``src`` is one folder or several (their cases in folder order). A case is a base when it
+    has a T1; its tumour labels or else its FLAIR, when present, give the lesions.
+
+    Raises:
+        ValueError: one case name in two folders.
+    """
+    folders = [] if src is None else [Path(src)] if isinstance(src, str | os.PathLike) else [Path(f) for f in src]
+    bases: list[tuple[str, list[Path], str]] = [("mni", [], "nilearn MNI152 2009 T1 + GM/WM maps, no lesion")]
+    seen: dict[str, Path] = {}
+    for folder in folders:
+        for case in sorted(path for path in folder.iterdir() if path.is_dir()):
             t1 = _find_contrast(case, "t1n")
-            if t1 is not None:
-                bases.append((str(t1), [t1], f"real T1 {t1.name} of a BraTS case"))
+            if t1 is None:
+                continue
+            if case.name in seen:
+                raise ValueError(f"case {case.name!r} is in both {seen[case.name]} and {folder}")
+            seen[case.name] = folder
+            labels, flair = _lesion_inputs(case)
+            if labels is not None:
+                lesions = f"lesions from tumour labels {labels.name}"
+            elif flair is not None:
+                lesions = f"lesions from FLAIR hyperintensity of {flair.name}"
+            else:
+                lesions = "no lesion"
+            files = [path for path in (t1, labels, flair) if path is not None]
+            bases.append((str(t1), files, f"real T1 {t1.name} of a BraTS case, {lesions}"))
     records = []
     for index in range(count):
         base, files, description = bases[index % len(bases)]
@@ -164,7 +199,7 @@ def open_subjects(src: Path | None, count: int) -> list[SubjectRecord]:
                 name=f"open-{label}-{index:03d}",
                 files=files,
                 load=lambda b=base, s=index: _load_pseudo_subject(b, s),
-                provenance=f"{description}, deformation/intensity seed {index}",
+                provenance=f"{description}, deformation/appearance/intensity seed {index}",
             )
         )
     return records
@@ -200,9 +235,7 @@ def discover_subjects(
         if not folder.is_dir():
             raise ValueError(f"{folder}: no such folder")
     if layout is Layout.OPEN:
-        if len(folders) > 1:
-            raise ValueError(f"the open layout takes at most one folder of extra bases, got {len(folders)}")
-        records = open_subjects(folders[0] if folders else None, open_count)
+        records = open_subjects(folders, open_count)
     elif not folders:
         raise ValueError(f"the {layout.value} layout needs its dataset folder (src)")
     else:

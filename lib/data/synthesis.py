@@ -3,36 +3,57 @@
 No paired CT and T1 of one head is available to this project, so the ``open`` dataset
 layout makes them: a real T1 (nilearn's MNI152 template with its tissue maps, or a BraTS
 T1 from ``shared/data`` when present) gives soft tissue maps (CSF, grey matter, white
-matter); the CT is painted from those maps with literature Hounsfield values, blurred by
-about 1 mm and given 5-10 HU of noise. Random smooth deformations, shared by the CT and the
-T1 so that they stay paired voxel by voxel, and a bias field plus a global intensity
-scale/gamma on the T1 side make distinct pseudo-subjects. This trains and tests the system;
-it is not CT physics (no beam hardening, no streaks, no correlated noise).
+matter) and, for BraTS anatomies, a lesion label map (:mod:`lib.data.lesions`: from the
+BraTS tumour labels, or from the subject's FLAIR hyperintensity). The CT is painted from
+those maps: each class and lesion gets its Hounsfield value, drawn per subject between the
+values measured on real head CTs (:mod:`lib.data.ct_texture`); the result is blurred by
+about 1 mm in-plane and by the slice profile through the slices (partial volume), and given
+noise with the power spectrum and slice-to-slice correlation of real CT noise. Random smooth
+deformations, shared by the CT, the T1 and the lesion map so that they stay paired voxel by
+voxel, and a bias field plus a global intensity scale/gamma on the T1 side make distinct
+pseudo-subjects. The T1 stays the subject's real T1, so a tumour shows on both sides. This
+trains and tests the system; it is not CT physics (no skull, beam hardening or streaks).
 
-Conventions, for every array here: numpy float32 (masks bool), shape ``(X, Y, Z)`` in
-nibabel's RAS+ closest-canonical orientation, axial slices along the last axis, 1 mm
-isotropic voxels (displacements in voxels are millimetres). The volumes are skull-stripped,
-so only CSF, grey and white matter occur inside the brain mask. Outside the mask the CT is
-air, exactly ``HU.air`` (-1000 HU), which any later CT window (e.g. [-100, 200] HU -> [-1, 1])
-clips to its lower end; the T1 is 0 there.
+Conventions, for every array here: numpy float32 (masks bool, label maps uint8), shape
+``(X, Y, Z)`` in nibabel's RAS+ closest-canonical orientation, axial slices along the last
+axis, 1 mm isotropic voxels (displacements in voxels are millimetres). The volumes are
+skull-stripped, so only CSF, grey and white matter (and lesions) occur inside the brain
+mask. Outside the mask the CT is air, exactly ``HU.air`` (-1000 HU), which any later CT
+window (e.g. [-100, 200] HU -> [-1, 1]) clips to its lower end; the T1 is 0 there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from lib.data.ct_texture import FWHM_PER_SIGMA, NoiseModel, RimModel, ScanTexture, load_scan_textures
+from lib.data.lesions import (
+    LESION_HU,
+    LesionHounsfield,
+    LesionLabel,
+    LesionSource,
+    add_calcifications,
+    lesions_from_brats_labels,
+    lesions_from_flair,
+)
+
 __all__ = [
     "HU",
     "TISSUE_CLASSES",
+    "CtAppearance",
     "HounsfieldUnits",
     "PseudoSubject",
     "TissueModel",
     "bias_field",
+    "draw_appearance",
     "make_pseudo_subject",
+    "to_canonical",
+    "with_lesions",
     "random_smooth_deformation",
     "synthesise_ct",
     "tissue_model_from_mni",
@@ -46,9 +67,11 @@ TISSUE_CLASSES: tuple[str, str, str] = ("csf", "grey", "white")
 
 @dataclass(frozen=True)
 class HounsfieldUnits:
-    """Literature CT numbers (HU) of head tissues, used to paint the synthetic CT.
+    """Literature CT numbers (HU) of head tissues (approximate; README, synthesis section).
 
-    Only ``csf``, ``grey`` and ``white`` occur inside a skull-stripped brain; ``air`` fills
+    The synthetic CT paints the brain with values measured on real CTs
+    (:func:`draw_appearance`); these literature values are the reference they are compared
+    with, and paint the noise-free atlas CT that texture fitting registers. ``air`` fills
     everything outside the brain mask. The others are kept for a later whole-head model.
 
     Attributes:
@@ -93,12 +116,18 @@ class TissueModel:
         probabilities: float32 ``(3, X, Y, Z)``: CSF, grey matter, white matter
             (:data:`TISSUE_CLASSES` order); they sum to 1 inside the mask and are 0 outside.
         affine: float64 4x4 voxel-to-RAS-millimetre matrix of the arrays.
+        lesions: uint8 ``(X, Y, Z)`` :class:`~lib.data.lesions.LesionLabel` map (0: no
+            lesion; all 0 when not given). A lesion voxel is painted with its lesion's HU
+            instead of the tissue classes'.
+        lesion_source: where the lesion map came from.
     """
 
     t1: np.ndarray
     mask: np.ndarray
     probabilities: np.ndarray
     affine: np.ndarray
+    lesions: np.ndarray | None = None
+    lesion_source: LesionSource = LesionSource.NONE
 
     def __post_init__(self) -> None:
         # object.__setattr__ because the dataclass is frozen; coercion here keeps every
@@ -107,6 +136,8 @@ class TissueModel:
         object.__setattr__(self, "mask", np.asarray(self.mask, dtype=bool))
         object.__setattr__(self, "probabilities", np.asarray(self.probabilities, dtype=np.float32))
         object.__setattr__(self, "affine", np.asarray(self.affine, dtype=np.float64))
+        lesions = np.zeros(self.t1.shape, dtype=np.uint8) if self.lesions is None else self.lesions
+        object.__setattr__(self, "lesions", np.asarray(lesions, dtype=np.uint8))
         if self.t1.ndim != 3:
             raise ValueError(f"t1 must be 3-D, got shape {self.t1.shape}")
         if self.mask.shape != self.t1.shape:
@@ -117,6 +148,10 @@ class TissueModel:
             )
         if self.affine.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got shape {self.affine.shape}")
+        if self.lesions.shape != self.t1.shape:
+            raise ValueError(f"lesions shape {self.lesions.shape} differs from t1 shape {self.t1.shape}")
+        if self.lesions.max(initial=0) >= len(LesionLabel):
+            raise ValueError(f"lesion labels must be LesionLabel values (0..{len(LesionLabel) - 1})")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -139,6 +174,9 @@ class PseudoSubject:
         mask: bool ``(X, Y, Z)`` brain mask shared by both.
         seed: the seed that reproduces it with :func:`make_pseudo_subject`.
         affine: float64 4x4 voxel-to-RAS-millimetre matrix (that of the source model).
+        lesions: uint8 ``(X, Y, Z)`` lesion label map, deformed with the pair (calcified foci
+            added).
+        appearance: the CT appearance it was painted with.
     """
 
     ct: np.ndarray
@@ -146,13 +184,19 @@ class PseudoSubject:
     mask: np.ndarray
     seed: int
     affine: np.ndarray
+    lesions: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), dtype=np.uint8))
+    appearance: CtAppearance | None = None
 
 
 # --------------------------------------------------------------------------- tissue models
 
 
-def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient ``array`` to RAS+ closest canonical, as ``nib.as_closest_canonical`` would."""
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient ``array`` to RAS+ closest canonical, as ``nib.as_closest_canonical`` would.
+
+    Returns:
+        The reoriented array (a view when possible) and its affine.
+    """
     ornt = nib.orientations.io_orientation(affine)
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
         return array, np.asarray(affine, dtype=np.float64)
@@ -201,27 +245,71 @@ def tissue_model_from_mni() -> TissueModel:
     return TissueModel(t1=t1, mask=mask, probabilities=probabilities, affine=affine)
 
 
+# Atlas priors are smoothed by this Gaussian (SD, mm) and mixed with a uniform prior of this
+# weight: an affine registration misplaces thin cortex by a millimetre or two, and the T1 must
+# be able to overrule the atlas where they disagree (ventricles of another size, a tumour).
+ATLAS_PRIOR_SMOOTHING_MM = 1.0
+ATLAS_PRIOR_FLOOR = 0.1
+ATLAS_EM_ITERATIONS = 30
+
+
+def _atlas_posteriors(x: np.ndarray, priors: np.ndarray) -> np.ndarray:
+    """Class posteriors of intensities ``x`` (N,) under per-voxel priors ``(3, N)``.
+
+    The expectation-maximisation of a Gaussian mixture whose mixing weights are the voxel's
+    atlas priors (the E and M steps of unified segmentation, Ashburner & Friston, NeuroImage
+    26:839-851, 2005, without its bias field and warp updates): the priors are normalised and
+    mixed with :data:`ATLAS_PRIOR_FLOOR` of a uniform prior; class means and SDs start at the
+    prior-weighted ones and are refitted :data:`ATLAS_EM_ITERATIONS` times.
+
+    Returns:
+        float64 ``(3, N)`` posteriors summing to 1.
+    """
+    priors = priors / np.maximum(priors.sum(axis=0), 1e-6)
+    priors = (1.0 - ATLAS_PRIOR_FLOOR) * priors + ATLAS_PRIOR_FLOOR / len(priors)
+    posteriors = priors
+    for _ in range(ATLAS_EM_ITERATIONS):
+        weight = posteriors.sum(axis=1)
+        means = posteriors @ x / weight
+        sds = np.sqrt(np.maximum(np.einsum("cn,cn->c", posteriors, (x[None] - means[:, None]) ** 2) / weight, 1e-12))
+        likelihood = priors * np.exp(-0.5 * ((x[None] - means[:, None]) / sds[:, None]) ** 2) / sds[:, None]
+        posteriors = likelihood / np.maximum(likelihood.sum(axis=0), 1e-300)
+    return posteriors
+
+
 def tissue_model_from_t1(
     t1: np.ndarray,
     mask: np.ndarray,
     affine: np.ndarray,
     seed: int = 0,
     max_fit_voxels: int = 100_000,
+    atlas: TissueModel | None = None,
 ) -> TissueModel:
     """Soft 3-class segmentation of a skull-stripped T1 into a tissue model.
 
-    A 1-D Gaussian mixture (scikit-learn) is fitted to the T1 intensities of a random
-    subsample of the brain voxels (the histogram needs far fewer than millions of samples),
-    then gives every brain voxel its posterior class probabilities. Components are ordered
-    by mean intensity: on T1, CSF is darkest, then grey matter, then white matter.
-    Pathology (e.g. a glioma in BraTS) is absorbed by whichever class it resembles.
+    Without an atlas, a 1-D Gaussian mixture (scikit-learn) is fitted to the T1 intensities
+    of a random subsample of the brain voxels (the histogram needs far fewer than millions
+    of samples), then gives every brain voxel its posterior class probabilities. Components
+    are ordered by mean intensity: on T1, CSF is darkest, then grey matter, then white
+    matter.
+
+    With an atlas (nilearn's MNI152 model), its tissue maps are registered affinely to the T1
+    (:func:`lib.data.atlas.atlas_priors`) and serve as per-voxel class priors of the mixture
+    (:func:`_atlas_posteriors`). The BraTS T1 images have weak grey/white contrast: a plain
+    mixture leaves 7 % (BraTS-GLI-00001-000) to 14 % (Brats18_CBICA_AOO_1) of the brain with
+    any class posterior above 0.9 and paints a nearly uniform CT; with the priors 28 % and
+    41 %, and the cortex and deep grey matter come out as grey matter.
+
+    Pathology (e.g. a glioma in BraTS) is absorbed by whichever class it resembles; the lesion
+    map (:func:`with_lesions`) then paints it on the CT.
 
     Args:
         t1: ``(X, Y, Z)`` T1 intensities, any orientation, 1 mm voxels expected.
         mask: ``(X, Y, Z)`` brain mask (non-zero = brain), e.g. ``t1 > 0`` for BraTS.
         affine: 4x4 voxel-to-world matrix of both arrays.
         seed: seeds the voxel subsample and the mixture fit.
-        max_fit_voxels: at most this many brain voxels are used for the fit.
+        max_fit_voxels: at most this many brain voxels are used for the fit (without atlas).
+        atlas: a tissue model whose maps become spatial priors (e.g. :func:`tissue_model_from_mni`).
 
     Returns:
         The model reoriented to RAS+ canonical; ``t1`` is zeroed outside the mask.
@@ -235,8 +323,8 @@ def tissue_model_from_t1(
     mask = np.asarray(mask) != 0
     if t1.ndim != 3 or mask.shape != t1.shape:
         raise ValueError(f"t1 {t1.shape} and mask {mask.shape} must be the same 3-D shape")
-    t1, canonical_affine = _canonical(t1, np.asarray(affine, dtype=np.float64))
-    mask, _ = _canonical(mask, np.asarray(affine, dtype=np.float64))
+    t1, canonical_affine = to_canonical(t1, np.asarray(affine, dtype=np.float64))
+    mask, _ = to_canonical(mask, np.asarray(affine, dtype=np.float64))
     values = t1[mask]
     if values.size < 30:
         raise ValueError(f"the brain mask holds {values.size} voxels, too few to segment")
@@ -245,15 +333,23 @@ def tissue_model_from_t1(
     # negligible whatever the scanner's intensity scale.
     scale = float(np.median(values)) or 1.0
     x = (values / scale).astype(np.float64)[:, None]
-    rng = np.random.default_rng(seed)
-    sample = x[rng.choice(x.shape[0], size=min(max_fit_voxels, x.shape[0]), replace=False)]
-    # Starting from low/middle/high quantiles makes the fit deterministic and avoids a
-    # k-means start splitting the large white-matter peak in two.
-    means_init = np.quantile(sample, [0.1, 0.5, 0.9])[:, None]
-    gmm = GaussianMixture(n_components=3, means_init=means_init, random_state=seed, max_iter=200)
-    gmm.fit(sample)
-    order = np.argsort(gmm.means_[:, 0])
-    posteriors = gmm.predict_proba(x)[:, order].astype(np.float32)
+    if atlas is not None:
+        from lib.data.atlas import atlas_priors
+
+        priors = atlas_priors(t1, mask, canonical_affine, atlas.t1, atlas.mask, atlas.affine, atlas.probabilities)
+        sigma = ATLAS_PRIOR_SMOOTHING_MM / np.linalg.norm(canonical_affine[:3, :3], axis=0)
+        priors = np.stack([ndimage.gaussian_filter(prior, sigma)[mask] for prior in priors])
+        posteriors = _atlas_posteriors(x[:, 0], priors).T.astype(np.float32)
+    else:
+        rng = np.random.default_rng(seed)
+        sample = x[rng.choice(x.shape[0], size=min(max_fit_voxels, x.shape[0]), replace=False)]
+        # Starting from low/middle/high quantiles makes the fit deterministic and avoids a
+        # k-means start splitting the large white-matter peak in two.
+        means_init = np.quantile(sample, [0.1, 0.5, 0.9])[:, None]
+        gmm = GaussianMixture(n_components=3, means_init=means_init, random_state=seed, max_iter=200)
+        gmm.fit(sample)
+        order = np.argsort(gmm.means_[:, 0])
+        posteriors = gmm.predict_proba(x)[:, order].astype(np.float32)
 
     probabilities = np.zeros((3, *t1.shape), dtype=np.float32)
     probabilities[:, mask] = posteriors.T
@@ -262,7 +358,165 @@ def tissue_model_from_t1(
     return TissueModel(t1=t1, mask=mask, probabilities=probabilities, affine=canonical_affine)
 
 
+def with_lesions(
+    model: TissueModel,
+    labels: np.ndarray | None = None,
+    flair: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+) -> TissueModel:
+    """The model with its lesion label map, from BraTS tumour labels or else from the FLAIR.
+
+    Tumour labels win when given (:func:`~lib.data.lesions.lesions_from_brats_labels`; the
+    FLAIR then only separates cysts from necrosis); with the FLAIR alone the FLAIR rule finds
+    the lesion (:func:`~lib.data.lesions.lesions_from_flair`); with neither the model has no
+    lesion.
+
+    Args:
+        model: the tissue model (its T1 gives the fluid/solid split of the tumour core).
+        labels: BraTS label map on the model's grid (or on ``affine``'s).
+        flair: FLAIR on the model's grid (or on ``affine``'s).
+        affine: the voxel-to-world matrix of ``labels`` and ``flair`` when they are not yet in
+            the model's canonical orientation; they are reoriented and must then match it.
+
+    Raises:
+        ValueError: the inputs do not lie on the model's grid.
+    """
+
+    def on_grid(array: np.ndarray | None) -> np.ndarray | None:
+        if array is None:
+            return None
+        array = np.asarray(array)
+        if affine is not None:
+            array, canonical_affine = to_canonical(array, np.asarray(affine, dtype=np.float64))
+            if not np.allclose(canonical_affine, model.affine, atol=1e-3):
+                raise ValueError("labels/flair are not on the tissue model's grid")
+        if array.shape != model.shape:
+            raise ValueError(f"labels/flair shape {array.shape} differs from the model's {model.shape}")
+        return array
+
+    labels, flair = on_grid(labels), on_grid(flair)
+    if labels is not None:
+        lesions = lesions_from_brats_labels(labels, model.mask, model.probabilities, flair)
+        source = LesionSource.LABELS
+    elif flair is not None:
+        lesions = lesions_from_flair(flair, model.mask, model.probabilities, model.voxel_size)
+        source = LesionSource.FLAIR
+    else:
+        lesions, source = None, LesionSource.NONE
+    return replace(model, lesions=lesions, lesion_source=source)
+
+
 # --------------------------------------------------------------------------- CT synthesis
+
+# Spatial scale (SD, mm) of the tissue heterogeneity that noise does not explain
+# (ScanTexture.tissue_sd_hu): a few millimetres, the size of small vessels and perivascular
+# spaces; the real scans do not constrain it better.
+TISSUE_TEXTURE_MM = 2.0
+
+
+@dataclass(frozen=True, eq=False)
+class CtAppearance:
+    """How one pseudo-subject's CT looks: tissue and lesion HU, noise, tissue texture.
+
+    Attributes:
+        class_hu: float32 ``(3,)`` HU of (CSF, grey, white matter).
+        lesion_hu: float32 ``(len(LesionLabel),)`` HU per lesion label (entry 0 unused).
+        noise: the CT noise (level, in-plane kernel, slice profile; the slice profile also
+            blurs the anatomy through the slices).
+        tissue_sd_hu: SD of a smooth heterogeneity field (scale :data:`TISSUE_TEXTURE_MM`).
+        rim: the HU rise towards the edge of the brain (towards the skull).
+        description: which real scans it was drawn from.
+    """
+
+    class_hu: np.ndarray
+    lesion_hu: np.ndarray
+    noise: NoiseModel
+    tissue_sd_hu: float = 0.0
+    rim: RimModel = RimModel()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_hu", np.asarray(self.class_hu, dtype=np.float32))
+        object.__setattr__(self, "lesion_hu", np.asarray(self.lesion_hu, dtype=np.float32))
+        if self.class_hu.shape != (len(TISSUE_CLASSES),) or self.lesion_hu.shape != (len(LesionLabel),):
+            raise ValueError(
+                f"class_hu must have {len(TISSUE_CLASSES)} values and lesion_hu {len(LesionLabel)}, "
+                f"got {self.class_hu.shape} and {self.lesion_hu.shape}"
+            )
+        if self.tissue_sd_hu < 0:
+            raise ValueError(f"tissue_sd_hu must be non-negative, got {self.tissue_sd_hu}")
+
+    @classmethod
+    def of_texture(
+        cls, texture: ScanTexture, rng: np.random.Generator, lesion_hu: LesionHounsfield = LESION_HU
+    ) -> CtAppearance:
+        """Exactly one real scan's appearance (lesion HU drawn relative to its tissue HU)."""
+        class_hu = np.asarray(texture.class_hu, dtype=np.float32)
+        return cls(
+            class_hu, lesion_hu.draw(rng, class_hu), texture.noise, texture.tissue_sd_hu, texture.rim, texture.name
+        )
+
+    def without_noise(self) -> CtAppearance:
+        """The same appearance with no noise and no heterogeneity (the slice profile and rim stay)."""
+        return replace(self, noise=replace(self.noise, sd_hu=0.0), tissue_sd_hu=0.0)
+
+
+def draw_appearance(
+    rng: np.random.Generator,
+    textures: tuple[ScanTexture, ...] | None = None,
+    class_jitter_hu: float = 2.0,
+    noise_scale_range: tuple[float, float] = (0.8, 1.25),
+    lesion_hu: LesionHounsfield = LESION_HU,
+) -> CtAppearance:
+    """A pseudo-subject's CT appearance, drawn between two real scans.
+
+    Two of the real scans' textures ``a`` and ``b`` (possibly the same) and a weight ``u``
+    in [0, 1] are drawn; every number (class HU, noise level, kernel, slice profile, tissue
+    heterogeneity, rim) is ``(1 - u) a + u b``, so subjects span the scanners, calibrations and
+    slice thicknesses measured, and the numbers of one subject stay consistent (a thick
+    slice comes with its lower noise). Then each class HU moves by up to
+    ``class_jitter_hu`` (tissue differs between people by a few HU) and the noise level is
+    scaled within ``noise_scale_range`` (dose varies more than two scanners show). Lesion HU
+    are drawn relative to the class HU (:class:`~lib.data.lesions.LesionHounsfield`).
+
+    Random draws, in order: 2 scan indices, ``u``, 3 class jitters, the noise scale, then the
+    6 lesion HU.
+
+    Args:
+        rng: source of randomness.
+        textures: the real scans (default: the fitted ``ct_texture.json``).
+        class_jitter_hu: bound of the per-class HU change.
+        noise_scale_range: (low, high) of the noise-level factor.
+        lesion_hu: lesion HU ranges.
+    """
+    textures = load_scan_textures() if textures is None else textures
+    low, high = noise_scale_range
+    if not 0.0 <= low <= high or class_jitter_hu < 0:
+        raise ValueError(
+            "need 0 <= noise_scale_range[0] <= noise_scale_range[1] and class_jitter_hu >= 0, "
+            f"got {noise_scale_range} and {class_jitter_hu}"
+        )
+    first, second = (textures[int(k)] for k in rng.integers(len(textures), size=2))
+    u = float(rng.uniform())
+
+    def mix(a: float, b: float) -> float:
+        return (1.0 - u) * a + u * b
+
+    class_hu = np.array([mix(a, b) for a, b in zip(first.class_hu, second.class_hu)], dtype=np.float32)
+    class_hu += rng.uniform(-class_jitter_hu, class_jitter_hu, size=3).astype(np.float32)
+    noise = NoiseModel(
+        sd_hu=mix(first.noise.sd_hu, second.noise.sd_hu) * float(rng.uniform(low, high)),
+        kernel_mm=mix(first.noise.kernel_mm, second.noise.kernel_mm),
+        thickness_mm=mix(first.noise.thickness_mm, second.noise.thickness_mm),
+    )
+    return CtAppearance(
+        class_hu=class_hu,
+        lesion_hu=lesion_hu.draw(rng, class_hu),
+        noise=noise,
+        tissue_sd_hu=mix(first.tissue_sd_hu, second.tissue_sd_hu),
+        rim=RimModel(hu=mix(first.rim.hu, second.rim.hu), length_mm=mix(first.rim.length_mm, second.rim.length_mm)),
+        description=f"{first.name} x {1.0 - u:.2f} + {second.name} x {u:.2f}",
+    )
 
 
 def _masked_blur(values: np.ndarray, mask: np.ndarray, sigma_vox: np.ndarray) -> np.ndarray:
@@ -283,45 +537,52 @@ def _masked_blur(values: np.ndarray, mask: np.ndarray, sigma_vox: np.ndarray) ->
 def synthesise_ct(
     model: TissueModel,
     rng: np.random.Generator,
-    noise_hu: tuple[float, float] = (5.0, 10.0),
+    appearance: CtAppearance | None = None,
     blur_mm: float = 1.0,
-    class_offset_hu: float = 3.0,
 ) -> np.ndarray:
-    """Paint a brain-only CT (HU) from a tissue model.
+    """Paint a brain-only CT (HU) from a tissue model and its lesion map.
 
-    Each brain voxel gets the probability-weighted sum of the class HU values (partial
-    volume), the class values shifted per subject by a uniform offset in
-    ``[-class_offset_hu, class_offset_hu]`` (scanners and subjects differ by a few HU);
-    the result is blurred inside the brain with a Gaussian of standard deviation ``blur_mm``
-    (scanner resolution), white Gaussian noise of standard deviation drawn uniformly from
-    ``noise_hu`` is added, and everything outside the mask is set to ``HU.air``.
+    Each brain voxel gets the probability-weighted sum of the class HU (partial volume), or
+    its lesion's HU where the lesion map has a label. The result is blurred inside the brain
+    by a Gaussian of SD ``blur_mm`` in-plane (scanner resolution) and, through the slices, of
+    SD ``sqrt(blur_mm^2 + (thickness / FWHM_PER_SIGMA)^2)`` (the slice profile of
+    ``appearance.noise``); the rise towards the brain's edge
+    (:meth:`~lib.data.ct_texture.RimModel.offset`, measured to the brain mask: the skull of a
+    real CT lies a few millimetres of CSF further out), a smooth heterogeneity field of SD
+    ``appearance.tissue_sd_hu`` and the CT noise
+    (:meth:`~lib.data.ct_texture.NoiseModel.sample`) are added, and everything outside the
+    mask is set to ``HU.air``.
 
-    Random draws, in order: the 3 class offsets, the noise level, the noise field (so a
-    call with ``noise_hu=(0, 0)`` and an identically seeded ``rng`` gives the noise-free CT).
+    Random draws, in order: the appearance (when not given, :func:`draw_appearance`), the
+    heterogeneity field, the noise field.
 
     Args:
-        model: tissue maps and mask.
+        model: tissue maps, lesion map and mask.
         rng: source of randomness.
-        noise_hu: (low, high) range of the noise standard deviation in HU.
-        blur_mm: standard deviation of the Gaussian blur in mm (0 disables it).
-        class_offset_hu: bound of the per-subject offset of each class value, in HU.
+        appearance: tissue/lesion HU and noise (default: drawn from the real scans).
+        blur_mm: in-plane standard deviation of the Gaussian blur in mm (0 disables it).
 
     Returns:
         float32 ``(X, Y, Z)`` CT in HU.
     """
-    low, high = noise_hu
-    if not 0.0 <= low <= high:
-        raise ValueError(f"noise_hu must be (low, high) with 0 <= low <= high, got {noise_hu}")
-    if blur_mm < 0 or class_offset_hu < 0:
-        raise ValueError("blur_mm and class_offset_hu must be non-negative")
-
-    values = HU.brain + rng.uniform(-class_offset_hu, class_offset_hu, size=3).astype(np.float32)
+    if blur_mm < 0:
+        raise ValueError(f"blur_mm must be non-negative, got {blur_mm}")
+    appearance = draw_appearance(rng) if appearance is None else appearance
+    values = appearance.class_hu
     p = model.probabilities
     ct = values[0] * p[0] + values[1] * p[1] + values[2] * p[2]
-    if blur_mm > 0:
-        ct = _masked_blur(ct, model.mask, blur_mm / model.voxel_size)
-    sigma = np.float32(rng.uniform(low, high))
-    ct += sigma * rng.standard_normal(ct.shape, dtype=np.float32)
+    lesion = model.lesions != LesionLabel.NONE
+    ct[lesion] = appearance.lesion_hu[model.lesions[lesion]]
+    profile_mm = appearance.noise.thickness_mm / FWHM_PER_SIGMA
+    sigma_mm = np.array([blur_mm, blur_mm, math.hypot(blur_mm, profile_mm)])
+    if np.any(sigma_mm > 0):
+        ct = _masked_blur(ct, model.mask, sigma_mm / model.voxel_size)
+    ct += appearance.rim.offset(model.mask, model.voxel_size)
+    heterogeneity = NoiseModel(
+        sd_hu=appearance.tissue_sd_hu, kernel_mm=TISSUE_TEXTURE_MM, thickness_mm=TISSUE_TEXTURE_MM * FWHM_PER_SIGMA
+    )
+    ct += heterogeneity.sample(model.shape, rng, model.voxel_size)
+    ct += appearance.noise.sample(model.shape, rng, model.voxel_size)
     ct[~model.mask] = HU.air
     return ct
 
@@ -526,25 +787,36 @@ def make_pseudo_subject(
     smoothness_mm: float = 20.0,
     max_rotation_deg: float = 5.0,
     scale_range: tuple[float, float] = (0.95, 1.05),
-    noise_hu: tuple[float, float] = (5.0, 10.0),
+    appearance: CtAppearance | None = None,
+    textures: tuple[ScanTexture, ...] | None = None,
     blur_mm: float = 1.0,
+    calcification_probability: float = 0.2,
     bias_strength: float = 0.2,
     gamma_range: tuple[float, float] = (0.9, 1.1),
     intensity_scale_range: tuple[float, float] = (0.9, 1.1),
 ) -> PseudoSubject:
     """One paired CT/T1 pseudo-subject, reproducible from ``seed``.
 
-    The tissue maps, T1 and mask are deformed by ONE shared random smooth deformation, so
-    the pair stays aligned voxel by voxel; the CT is then painted from the deformed maps
-    (:func:`synthesise_ct`). The T1 gets a random gamma (contrast) and global scale about
+    The tissue maps, T1, lesion map and mask are deformed by ONE shared random smooth
+    deformation, so the pair stays aligned voxel by voxel; a tumour may then get calcified
+    foci (:func:`~lib.data.lesions.add_calcifications`, CT only: calcification shows poorly
+    and variably on T1) and the CT is painted from the deformed maps
+    (:func:`synthesise_ct`) with an appearance drawn from the real scans
+    (:func:`draw_appearance`). The T1 gets a random gamma (contrast) and global scale about
     its 99th brain percentile, then a multiplicative bias field.
+
+    Random draws, in order: deformation, the seed of the calcification's own generator,
+    appearance (unless given), CT heterogeneity and noise, T1 bias field, gamma, scale.
 
     Args:
         model: the source tissue model (1 mm voxels).
         seed: seeds ``np.random.default_rng``; the same seed gives the same subject.
         max_displacement_mm, smoothness_mm, max_rotation_deg, scale_range: see
             :func:`random_smooth_deformation`.
-        noise_hu, blur_mm: see :func:`synthesise_ct`.
+        appearance: a fixed CT appearance instead of a drawn one (tests, comparisons).
+        textures: the real scans to draw the appearance from (default: ``ct_texture.json``).
+        blur_mm: see :func:`synthesise_ct`.
+        calcification_probability: chance that a subject with lesions gets calcified foci.
         bias_strength: see :func:`bias_field`.
         gamma_range: (low, high) of the T1 gamma exponent.
         intensity_scale_range: (low, high) of the T1 global intensity factor.
@@ -562,8 +834,16 @@ def make_pseudo_subject(
     warped = warp(np.concatenate([model.probabilities, model.t1[None]]), displacement, order=1, where=mask)
     probabilities = _normalise_probabilities(warped[:3], mask)
     t1 = warped[3]
-    deformed = TissueModel(t1=t1, mask=mask, probabilities=probabilities, affine=model.affine)
-    ct = synthesise_ct(deformed, rng, noise_hu=noise_hu, blur_mm=blur_mm)
+    lesions = model.lesions
+    if lesions.any():
+        lesions = np.rint(warp(lesions, displacement, order=0, where=mask)).astype(np.uint8)
+    # The calcification draws vary with the lesion; a generator of their own (one draw here)
+    # keeps every later draw, and so the CT noise and the T1, independent of them.
+    calcification_rng = np.random.default_rng(rng.integers(2**63))
+    lesions = add_calcifications(lesions, calcification_rng, calcification_probability, voxel_size=model.voxel_size)
+    deformed = replace(model, t1=t1, mask=mask, probabilities=probabilities, lesions=lesions)
+    appearance = draw_appearance(rng, textures) if appearance is None else appearance
+    ct = synthesise_ct(deformed, rng, appearance, blur_mm=blur_mm)
 
     bias = bias_field(model.shape, rng, strength=bias_strength)
     gamma = rng.uniform(*gamma_range)
@@ -576,4 +856,12 @@ def make_pseudo_subject(
     t1_out[mask] = (scale * reference * np.power(np.maximum(brain, 0.0) / reference, gamma) * bias[mask]).astype(
         np.float32
     )
-    return PseudoSubject(ct=ct, t1=t1_out, mask=mask, seed=int(seed), affine=model.affine.copy())
+    return PseudoSubject(
+        ct=ct,
+        t1=t1_out,
+        mask=mask,
+        seed=int(seed),
+        affine=model.affine.copy(),
+        lesions=lesions,
+        appearance=appearance,
+    )

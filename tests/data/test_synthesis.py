@@ -1,7 +1,8 @@
-"""Tests of lib.data.synthesis: tissue models, CT painting, deformations, pseudo-subjects."""
+"""Tests of lib.data.synthesis: tissue models, lesions, CT painting, deformations, pseudo-subjects."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -10,17 +11,23 @@ import pytest
 from scipy import ndimage
 from scipy.stats import norm
 
+from lib.data.ct_texture import NoiseModel, RimModel, load_scan_textures
+from lib.data.ct_texture_fit import measure_noise
+from lib.data.lesions import LESION_HU, LesionLabel, LesionSource
 from lib.data.synthesis import (
     HU,
     TISSUE_CLASSES,
+    CtAppearance,
     TissueModel,
     bias_field,
+    draw_appearance,
     make_pseudo_subject,
     random_smooth_deformation,
     synthesise_ct,
     tissue_model_from_mni,
     tissue_model_from_t1,
     warp,
+    with_lesions,
 )
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -29,6 +36,19 @@ BRATS_T1 = SHARED_DATA / "brats_dev" / "BraTS-GLI-00001-000" / "t1n.nii.gz"
 CSF, GREY, WHITE = 0, 1, 2
 # Deformation settings that switch the global affine off, leaving only the smooth part.
 NO_AFFINE = {"max_rotation_deg": 0.0, "scale_range": (1.0, 1.0)}
+STILL = {"max_displacement_mm": 0.0, **NO_AFFINE}
+
+
+NO_NOISE = NoiseModel(0.0, 0.0, 0.0)
+
+
+def appearance(noise: NoiseModel = NO_NOISE, class_hu=(8.0, 40.0, 28.0)) -> CtAppearance:
+    """A fixed appearance: literature class HU, lesion HU drawn from seed 0, the given noise."""
+    class_hu = np.asarray(class_hu, dtype=np.float32)
+    return CtAppearance(class_hu, LESION_HU.draw(np.random.default_rng(0), class_hu), noise)
+
+
+LITERATURE = appearance()
 
 
 @pytest.fixture(scope="module")
@@ -152,18 +172,29 @@ def test_brats_t1_segmentation_orders_classes_by_t1_intensity() -> None:
 # --------------------------------------------------------------------------- CT synthesis
 
 
-def test_ct_class_means_match_literature_hu(mni: TissueModel, class_interiors) -> None:
-    ct = synthesise_ct(mni, np.random.default_rng(0), class_offset_hu=0.0)
+def test_ct_class_means_are_the_appearance_class_hu(mni: TissueModel, class_interiors) -> None:
+    ct = synthesise_ct(mni, np.random.default_rng(0), LITERATURE)
     for c, expected in ((CSF, 8.0), (GREY, 40.0), (WHITE, 28.0)):
         assert class_interiors[c].sum() > 1000
         assert ct[class_interiors[c]].mean() == pytest.approx(expected, abs=1.5)
 
 
-def test_ct_class_offsets_vary_per_subject_within_a_few_hu(mni: TissueModel, class_interiors) -> None:
-    white = class_interiors[WHITE]
-    means = [synthesise_ct(mni, np.random.default_rng(seed))[white].mean() for seed in (1, 2, 3)]
-    assert all(abs(m - 28.0) < 3.0 + 1.5 for m in means), means
-    assert max(means) - min(means) > 0.3, means  # the offsets are really drawn per subject
+def test_drawn_appearances_span_the_real_scans() -> None:
+    textures = load_scan_textures()
+    low = np.min([t.class_hu for t in textures], axis=0) - 2.0
+    high = np.max([t.class_hu for t in textures], axis=0) + 2.0
+    sds = [t.noise.sd_hu for t in textures]
+    drawn = [draw_appearance(np.random.default_rng(seed), textures) for seed in range(40)]
+    for item in drawn:
+        assert np.all(item.class_hu >= low - 1e-4) and np.all(item.class_hu <= high + 1e-4)
+        assert min(sds) * 0.8 - 1e-6 <= item.noise.sd_hu <= max(sds) * 1.25 + 1e-6
+        assert item.lesion_hu[LesionLabel.OEDEMA] < item.class_hu[WHITE]  # oedema darker than white matter
+        assert " x " in item.description
+    # Subjects differ: calibrations (white matter) over most of the measured range.
+    whites = [item.class_hu[WHITE] for item in drawn]
+    assert max(whites) - min(whites) > 0.6 * (high[WHITE] - low[WHITE] - 4.0)
+    same = draw_appearance(np.random.default_rng(5), textures)
+    np.testing.assert_array_equal(same.class_hu, drawn[5].class_hu)
 
 
 def test_ct_is_air_outside_the_mask_and_never_air_like_inside(mni: TissueModel) -> None:
@@ -174,34 +205,117 @@ def test_ct_is_air_outside_the_mask_and_never_air_like_inside(mni: TissueModel) 
     assert ct[mni.mask].min() > -100.0
 
 
-def test_ct_noise_matches_requested_level_against_noise_free_ct(mni_small: TissueModel) -> None:
+def test_ct_noise_matches_the_appearance_against_noise_free_ct(mni_small: TissueModel) -> None:
     mask = mni_small.mask
-    sigmas = []
-    for seed in range(6):
-        noisy = synthesise_ct(mni_small, np.random.default_rng(seed), noise_hu=(5.0, 10.0))
-        clean = synthesise_ct(mni_small, np.random.default_rng(seed), noise_hu=(0.0, 0.0))
-        sigmas.append(float(np.std(noisy[mask] - clean[mask])))
-    assert all(5.0 * 0.98 <= s <= 10.0 * 1.02 for s in sigmas), sigmas
-    assert max(sigmas) - min(sigmas) > 1.0, sigmas  # the level is drawn, not fixed
+    for sd in (3.5, 6.0):
+        noisy = appearance(NoiseModel(sd, 0.55, 2.5))
+        difference = synthesise_ct(mni_small, np.random.default_rng(1), noisy) - synthesise_ct(
+            mni_small, np.random.default_rng(1), noisy.without_noise()
+        )
+        assert np.std(difference[mask]) == pytest.approx(sd, rel=0.03)
 
 
-def test_ct_noise_std_in_a_uniform_region() -> None:
-    model = cube_model()
-    interior = ndimage.binary_erosion(model.mask, iterations=3)
-    ct = synthesise_ct(model, np.random.default_rng(0), noise_hu=(7.0, 7.0), class_offset_hu=0.0)
-    assert np.std(ct[interior]) == pytest.approx(7.0, rel=0.03)
-    assert np.mean(ct[interior]) == pytest.approx(28.0, abs=0.2)
+def test_ct_noise_in_a_uniform_region_has_the_fitted_spectrum() -> None:
+    # The synthetic CT's noise, measured like a real CT's (bench.ct_texture), gives back the
+    # real scan's noise model: level, in-plane kernel and slice profile.
+    texture = load_scan_textures()[0]
+    model = cube_model(size=72)
+    flat = replace(CtAppearance.of_texture(texture, np.random.default_rng(0)), rim=RimModel())  # noise only
+    ct = synthesise_ct(model, np.random.default_rng(2), flat)
+    brain = ndimage.binary_erosion(model.mask, iterations=3)
+    measured = measure_noise(ct, brain, spacing_mm=1.0)
+    assert measured.model.sd_hu == pytest.approx(texture.noise.sd_hu, rel=0.05)
+    assert measured.model.kernel_mm == pytest.approx(texture.noise.kernel_mm, abs=0.05)
+    assert measured.model.thickness_mm == pytest.approx(texture.noise.thickness_mm, rel=0.1)
+    assert np.mean(ct[brain]) == pytest.approx(texture.class_hu[WHITE], abs=0.5)
 
 
 def test_ct_blur_has_the_requested_width() -> None:
     model = cube_model(half=24)  # white matter for x < 24, grey matter from x = 24
     row = (slice(None), 24, 24)
-    sharp = synthesise_ct(model, np.random.default_rng(0), noise_hu=(0, 0), blur_mm=0.0, class_offset_hu=0)
+    sharp = synthesise_ct(model, np.random.default_rng(0), LITERATURE, blur_mm=0.0)
     np.testing.assert_allclose(sharp[row][20:28], [28.0] * 4 + [40.0] * 4)
-    blurred = synthesise_ct(model, np.random.default_rng(0), noise_hu=(0, 0), blur_mm=1.0, class_offset_hu=0)
+    blurred = synthesise_ct(model, np.random.default_rng(0), LITERATURE, blur_mm=1.0)
     # The edge sits at x = 23.5; a 1 mm Gaussian gives 28 + 12 * Phi(distance / 1 mm).
     expected = 28.0 + 12.0 * norm.cdf(np.arange(20, 28) - 23.5)
     np.testing.assert_allclose(blurred[row][20:28], expected, atol=0.1)
+
+
+def test_slice_profile_blurs_only_through_the_slices() -> None:
+    model = cube_model(size=48)
+    probabilities = model.probabilities.copy()
+    probabilities[:, :, :, 24:] = 0.0
+    probabilities[GREY, :, :, 24:] = model.mask[:, :, 24:]  # grey matter above z = 23.5
+    layered = TissueModel(model.t1, model.mask, probabilities, model.affine)
+    thick = appearance(NoiseModel(0.0, 0.0, 5.0))
+    ct = synthesise_ct(layered, np.random.default_rng(0), thick, blur_mm=0.0)
+    sigma = 5.0 / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    expected = 28.0 + 12.0 * norm.cdf((np.arange(20, 28) - 23.5) / sigma)
+    np.testing.assert_allclose(ct[24, 24, 20:28], expected, atol=0.1)
+    assert np.ptp(ct[10:38, 24, 22]) < 1e-3  # in-plane: untouched
+
+
+def test_ct_rises_towards_the_brain_edge_by_the_rim() -> None:
+    model = cube_model(size=48)
+    rim = RimModel(hu=12.0, length_mm=5.0)
+    ct = synthesise_ct(model, np.random.default_rng(0), replace(LITERATURE, rim=rim))
+    np.testing.assert_allclose(ct[model.mask] - 28.0, rim.offset(model.mask, (1, 1, 1))[model.mask], atol=1e-4)
+    assert ct[4, 24, 24] == pytest.approx(28.0 + 12.0 * np.exp(-1.0 / 5.0), abs=1e-4)
+
+
+# --------------------------------------------------------------------------- lesions
+
+
+def lesion_cube(size: int = 48) -> tuple[TissueModel, np.ndarray]:
+    """White-matter cube with an oedema ball around an enhancing ball (a BraTS-like label map)."""
+    model = cube_model(size=size)
+    labels = np.zeros(model.shape, dtype=np.int16)
+    grids = np.indices(model.shape)
+    radius = np.sqrt(sum((g - size / 2) ** 2 for g in grids))
+    labels[(radius < 12) & model.mask] = 2
+    labels[(radius < 6) & model.mask] = 4
+    return model, labels
+
+
+def test_lesion_voxels_get_their_lesion_hu_and_oedema_is_darker_than_white_matter() -> None:
+    model, labels = lesion_cube()
+    with_labels = with_lesions(model, labels=labels)
+    assert with_labels.lesion_source is LesionSource.LABELS
+    assert set(np.unique(with_labels.lesions)) == {LesionLabel.NONE, LesionLabel.OEDEMA, LesionLabel.ENHANCING}
+    ct = synthesise_ct(with_labels, np.random.default_rng(0), LITERATURE)
+    for label, core in ((LesionLabel.OEDEMA, labels == 2), (LesionLabel.ENHANCING, labels == 4)):
+        interior = ndimage.binary_erosion(core, iterations=3)
+        assert ct[interior].mean() == pytest.approx(LITERATURE.lesion_hu[label], abs=0.1)
+    oedema = ndimage.binary_erosion(labels == 2, iterations=3)
+    around = ndimage.binary_dilation(labels > 0, iterations=6) & ~ndimage.binary_dilation(labels > 0, iterations=3)
+    around &= ndimage.binary_erosion(model.mask, iterations=3)
+    assert 15.0 <= ct[oedema].mean() <= 25.0
+    assert ct[oedema].mean() < ct[around].mean() - 4.0  # hypodense against the white matter around it
+    # Without lesions the same anatomy is plain white matter.
+    assert np.ptp(synthesise_ct(model, np.random.default_rng(0), LITERATURE)[model.mask]) < 1e-3
+
+
+def test_with_lesions_prefers_labels_uses_the_flair_otherwise_and_checks_the_grid() -> None:
+    model, labels = lesion_cube()
+    flair = np.where(model.mask, 100.0, 0.0) + np.random.default_rng(0).normal(0, 4, model.shape)
+    flair[labels > 0] += 80.0
+    flair = np.where(model.mask, flair, 0.0)
+    from_flair = with_lesions(model, flair=flair)
+    assert from_flair.lesion_source is LesionSource.FLAIR
+    found = from_flair.lesions > 0
+    assert 2 * (found & (labels > 0)).sum() / (found.sum() + (labels > 0).sum()) > 0.85
+    assert with_lesions(model, labels=labels, flair=flair).lesion_source is LesionSource.LABELS
+    assert with_lesions(model).lesion_source is LesionSource.NONE and not with_lesions(model).lesions.any()
+    # Inputs in another orientation are reoriented onto the model's grid; another grid is refused.
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flipped[0, 3] = model.shape[0] - 1
+    np.testing.assert_array_equal(
+        with_lesions(model, labels=labels[::-1], affine=flipped).lesions, with_lesions(model, labels=labels).lesions
+    )
+    with pytest.raises(ValueError, match="grid"):
+        with_lesions(model, labels=labels, affine=np.diag([2.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="shape"):
+        with_lesions(model, labels=labels[1:])
 
 
 # --------------------------------------------------------------------------- deformations
@@ -298,8 +412,10 @@ def test_pseudo_subject_is_deterministic_per_seed(mni_small: TissueModel) -> Non
     first = make_pseudo_subject(mni_small, 7)
     again = make_pseudo_subject(mni_small, 7)
     other = make_pseudo_subject(mni_small, 8)
-    for name in ("ct", "t1", "mask"):
+    for name in ("ct", "t1", "mask", "lesions"):
         np.testing.assert_array_equal(getattr(first, name), getattr(again, name))
+    np.testing.assert_array_equal(first.appearance.class_hu, again.appearance.class_hu)
+    assert first.appearance.noise == again.appearance.noise
     assert first.seed == 7
     assert dice(first.mask, other.mask) < 0.99
     both = first.mask & other.mask
@@ -324,14 +440,34 @@ def test_pseudo_subject_ct_and_t1_are_paired(mni: TissueModel) -> None:
 
 def test_deformed_uniform_tissue_stays_uniform_up_to_the_mask_edge() -> None:
     # A pure white-matter model: after deformation every brain voxel, edge voxels included,
-    # must still be pure white matter in the CT (28 HU +- the 3 HU class offset), which
-    # holds only if the warped maps are renormalised and the blur stays inside the brain.
+    # must still be pure white matter in the CT (28 HU), which holds only if the warped maps
+    # are renormalised and the blur (in-plane and the slice profile) stays inside the brain.
     model = cube_model(size=40)
-    subject = make_pseudo_subject(model, 5, noise_hu=(0.0, 0.0))
+    subject = make_pseudo_subject(model, 5, appearance=appearance(NoiseModel(0.0, 0.0, 5.0)))
     assert dice(subject.mask, model.mask) < 0.99  # the cube did deform
     brain = subject.ct[subject.mask]
-    assert brain.min() >= 25.0 - 1e-3 and brain.max() <= 31.0 + 1e-3
-    assert np.ptp(brain) < 1e-3
+    np.testing.assert_allclose(brain, 28.0, atol=1e-3)
+
+
+def test_lesions_move_with_the_pair_and_show_on_the_ct_only() -> None:
+    model, labels = lesion_cube(size=56)
+    model = with_lesions(model, labels=labels)
+    subject = make_pseudo_subject(model, 3, appearance=LITERATURE, calcification_probability=1.0)
+    still = make_pseudo_subject(model, 3, appearance=LITERATURE, calcification_probability=1.0, **STILL)
+    assert subject.lesions.dtype == np.uint8 and subject.lesions.shape == model.shape
+    assert not np.any(subject.lesions[~subject.mask])
+    moved = subject.lesions == LesionLabel.OEDEMA
+    assert dice(moved, still.lesions == LesionLabel.OEDEMA) < 0.98  # deformed with the pair ...
+    assert 0.8 < moved.sum() / (still.lesions == LesionLabel.OEDEMA).sum() < 1.2  # ... keeping its size
+    # Calcified foci (probability 1 here) in the tumour, dense on the CT; the T1 is untouched.
+    calcified = subject.lesions == LesionLabel.CALCIFICATION
+    assert calcified.any() and np.all(model.lesions[np.nonzero(still.lesions == LesionLabel.CALCIFICATION)] > 0)
+    assert subject.ct[calcified].max() > 100.0
+    # Beyond the 1 mm blur's reach of other labels (calcium is hundreds of HU), oedema is exact.
+    oedema = ndimage.distance_transform_edt(moved) > 4
+    np.testing.assert_allclose(subject.ct[oedema], LITERATURE.lesion_hu[LesionLabel.OEDEMA], atol=0.2)
+    plain = make_pseudo_subject(with_lesions(model), 3, appearance=LITERATURE, calcification_probability=1.0)
+    np.testing.assert_array_equal(plain.t1, subject.t1)  # the T1 is the real one, lesion or not
 
 
 def test_pseudo_subject_without_variation_reproduces_the_model(mni_small: TissueModel) -> None:
