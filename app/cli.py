@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--src",
         nargs="+",
         help="dataset folder(s) (brats, synthrad; several folders of one layout are one dataset); for open: "
-        "optional folder of BraTS cases whose T1 volumes are used as extra bases",
+        "optional folder(s) of BraTS cases whose anatomies (T1, tumour labels or FLAIR) make pseudo-subjects",
     )
     prepare.add_argument("--out", required=True, help="output folder (written atomically)")
     prepare.add_argument("--source", default="t2f", help="brats: source contrast (default t2f)")
