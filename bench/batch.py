@@ -15,7 +15,7 @@ tests run Orthanc and Ray); otherwise it says so and runs as it is.
 
 Prints a Markdown table: wall time, series per hour, the median time a worker spent on one
 series, start-up (preset load, or Ray start + workers' preset load) and Ray's added time per
-series against the local engine.
+series against the local engine; medians of ``--repeats`` interleaved runs.
 """
 
 from __future__ import annotations
@@ -89,16 +89,28 @@ def run_engine(tree: Path, out: Path, engine: str, workers: int, steps: int) -> 
 
 def measure(args: argparse.Namespace) -> None:
     configs = [("local", 1), ("ray", 1), ("ray", 2)]
+    runs: dict[tuple[str, int], list[dict]] = {config: [] for config in configs}
     with tempfile.TemporaryDirectory(prefix="rebrain-bench-batch-") as work:
         tree = Path(work) / "in"
         write_tree(tree, args.series, args.slices)
-        results = {}
-        for engine, workers in configs:
-            out = Path(work) / f"out-{engine}-{workers}"
-            results[(engine, workers)] = run_engine(tree, out, engine, workers, args.steps)
-    local = results[("local", 1)]
-    local_per_series = local["wall"] / args.series
-    print(f"\n{args.series} CT series of {args.slices} slices, ct2mri, {args.steps} steps, {os.cpu_count()} cores\n")
+        # Interleaved repeats: a load that comes and goes on a shared machine hits every engine alike.
+        for repeat in range(args.repeats):
+            for engine, workers in configs:
+                out = Path(work) / f"out-{engine}-{workers}-{repeat}"
+                runs[(engine, workers)].append(run_engine(tree, out, engine, workers, args.steps))
+    results = {
+        config: {
+            "wall": statistics.median(run["wall"] for run in config_runs),
+            "startup": statistics.median(run["startup"] for run in config_runs),
+            "series": statistics.median(statistics.median(run["series"]) for run in config_runs),
+        }
+        for config, config_runs in runs.items()
+    }
+    local_per_series = results[("local", 1)]["wall"] / args.series
+    print(
+        f"\n{args.series} CT series of {args.slices} slices, ct2mri, {args.steps} steps, {os.cpu_count()} cores, "
+        f"median of {args.repeats} interleaved runs\n"
+    )
     print("| engine | workers | wall s | series / hour | median series s | start-up s | added s per series vs local |")
     print("|---|---|---|---|---|---|---|")
     for (engine, workers), result in results.items():
@@ -106,11 +118,12 @@ def measure(args: argparse.Namespace) -> None:
         added = per_series * workers - local_per_series if engine == "ray" else 0.0
         print(
             f"| {engine} | {workers} | {result['wall']:.1f} | {3600 / per_series:.0f} | "
-            f"{statistics.median(result['series']):.1f} | {result['startup']:.1f} | {added:+.1f} |"
+            f"{result['series']:.1f} | {result['startup']:.1f} | {added:+.1f} |"
         )
     print(
-        "\nAdded time per series: a Ray run's wall time per series times its workers, minus the local "
-        "engine's wall time per series (the start-up included in both)."
+        "\nStart-up: the local engine's preset load; Ray's start plus its workers' preset load (once per worker). "
+        "Added time per series: a Ray run's wall time per series times its workers, minus the local engine's "
+        "wall time per series (the start-up included in both)."
     )
 
 
@@ -132,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--series", type=int, default=6, help="series in the tree (default 6)")
     parser.add_argument("--slices", type=int, default=16, help="slices per series (default 16)")
     parser.add_argument("--steps", type=int, default=2, help="sampling steps (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per engine; medians (default 3)")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.inside:
