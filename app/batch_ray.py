@@ -54,12 +54,16 @@ class RayOptions:
         cpus_per_worker: CPU cores Ray reserves for each worker (its torch threads).
         gpus_per_worker: GPUs Ray gives each worker (0: CPU workers); a worker with one
             reconstructs on it.
+        start_timeout_s: how long the workers may take to start and load the preset. Ray
+            keeps an actor pending for ever when the cluster lacks the CPUs or GPUs it asks
+            for; this turns that into an error.
     """
 
     address: str | None = None
     workers: int = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    start_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -162,7 +166,16 @@ class RayRunner:
         )
         try:
             self.workers = [self._start_worker() for _ in range(ray_options.workers)]
-            self.descriptions = ray.get([worker.describe.remote() for worker in self.workers])
+            self.descriptions = ray.get(
+                [worker.describe.remote() for worker in self.workers], timeout=ray_options.start_timeout_s
+            )
+        except ray.exceptions.GetTimeoutError:
+            self.__exit__(None, None, None)
+            raise ValueError(
+                f"{ray_options.workers} Ray workers did not start within {ray_options.start_timeout_s:g} s: does the "
+                f"cluster have {ray_options.cpus_per_worker:g} CPUs and {ray_options.gpus_per_worker:g} GPUs free "
+                "for each?"
+            ) from None
         except Exception as error:
             self.__exit__(None, None, None)
             raise ValueError(f"a Ray worker could not load preset {self.preset.name!r}: {_reason(error)}") from None

@@ -211,6 +211,29 @@ def test_an_unreachable_cluster_is_a_clear_error(tree, preset, tmp_path, namespa
     assert not (tmp_path / "out").exists()
 
 
+def test_workers_the_cluster_cannot_place_are_an_error_not_a_hang(ray_cluster, preset, tmp_path):
+    """The test cluster has no GPU: a worker asking for one would stay pending for ever."""
+    script = (
+        "import sys; from pathlib import Path; from app.batch_ray import RayOptions, RayRunner; "
+        "from lib.pipeline import ReconstructionOptions; from lib.presets import load_preset\n"
+        "options = RayOptions(address=sys.argv[1], workers=1, gpus_per_worker=1, start_timeout_s=5)\n"
+        "try:\n"
+        "    RayRunner(load_preset(sys.argv[2]), ReconstructionOptions(), None, Path('.'), options).__enter__()\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [*ray_cluster.prefix, sys.executable, "-c", script, ray_cluster.address, str(preset.root)],
+        cwd=REPO,
+        env=ray_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert "1 Ray workers did not start within 5 s" in done.stdout, done.stdout + done.stderr
+    assert "1 CPUs and 1 GPUs free" in done.stdout
+
+
 def test_a_malformed_address_is_refused(tree, preset, tmp_path, capsys):
     root, _ = tree
     code = main(batch_command(root, tmp_path / "out", preset, 2, "--engine", "ray", "--address", "head-node")[2:])
