@@ -310,10 +310,9 @@ def dense_grid(volume: Volume, spacing: float = 1.0, tolerance: float | None = N
     nearest = np.where(take_below, below, above)
     acquired = np.abs(acquired_positions[nearest] - positions) <= tolerance + epsilon
     # Interpolation neighbours of the other grid slices: the acquired slices just below and above.
-    upper = np.clip(np.searchsorted(acquired_positions, positions, side="left"), 0, len(acquired_positions) - 1)
     lower = np.clip(np.searchsorted(acquired_positions, positions, side="right") - 1, 0, None)
     lower = np.where(acquired, nearest, lower)
-    upper = np.where(acquired, nearest, upper)
+    upper = np.where(acquired, nearest, above)
     span = acquired_positions[upper] - acquired_positions[lower]
     alpha = np.where(span > 0, (positions - acquired_positions[lower]) / np.where(span > 0, span, 1), 0.0)
     alpha = np.clip(alpha, 0.0, 1.0)
