@@ -456,7 +456,8 @@ def _evaluate(args: argparse.Namespace) -> None:
             args.layout,
             args.src,
             args.max_subjects,
-            args.open_count,
+            open_count=args.open_count if args.open_count is not None else args.subjects + 4,
+            prepared_count=args.subjects,
             val_fraction=args.val_fraction,
             test_fraction=args.test_fraction,
             split_seed=args.split_seed,
@@ -755,10 +756,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--split-seed", type=int, default=0, help="prepare's --seed (default 0)")
     evaluate.add_argument(
+        "--subjects",
+        type=at_least(int, 1),
+        default=DEFAULT_OPEN_COUNT,
+        help=f"open: as given to prepare: its pseudo-subjects are split (default {DEFAULT_OPEN_COUNT})",
+    )
+    evaluate.add_argument(
         "--open-count",
         type=at_least(int, 1),
-        default=16,
-        help=f"open: pseudo-subjects to generate; those beyond the {DEFAULT_OPEN_COUNT} of prepare are unseen",
+        default=None,
+        help="open: pseudo-subjects to generate (default --subjects + 4); those beyond --subjects are unseen",
     )
     add_arguments(evaluate, ReconstructionOptions, ["steps"])
     evaluate.add_argument(

@@ -200,6 +200,7 @@ def held_out_subjects(
     src: Folders,
     max_subjects: int | None = None,
     open_count: int = 16,
+    prepared_count: int = DEFAULT_OPEN_COUNT,
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     split_seed: int = 0,
@@ -214,6 +215,8 @@ def held_out_subjects(
     the brain) is labelled ``train``: pass ``splits`` to score only ``test`` subjects.
 
     Args:
+        open_count: ``open``: pseudo-subjects to generate (those beyond ``prepared_count`` are unseen).
+        prepared_count: ``open``: the pseudo-subjects ``prepare`` made and split (its ``--subjects``).
         splits: keep only subjects of these splits (e.g. ``("test",)``); None keeps all held out.
 
     Raises:
@@ -221,12 +224,10 @@ def held_out_subjects(
     """
     records = discover_subjects(layout, src, open_count=open_count)
     keys = [anonymised_key(layout, record.name) for record in records]
-    prepared_count = DEFAULT_OPEN_COUNT if layout == "open" else len(records)  # what `prepare` split
-    splits_of = split_subjects(keys[:prepared_count], val_fraction, test_fraction, split_seed)
+    split_of = recomputed_splits(layout, keys, prepared_count, val_fraction, test_fraction, split_seed)
     in_kb = set(pipeline.kb.entries["subject"])
     subjects = []
-    for record, key in zip(records, keys):
-        split = splits_of.get(key, "unseen")
+    for record, key, split in zip(records, keys, split_of):
         if key in in_kb or (splits is not None and split not in splits):
             continue
         pair = record.load()
@@ -242,6 +243,24 @@ def held_out_subjects(
             f"outside the splits asked for ({', '.join(splits) if splits else 'all'}); nothing held out to evaluate"
         )
     return subjects
+
+
+def recomputed_splits(
+    layout: str,
+    keys: Sequence[str],
+    prepared_count: int,
+    val_fraction: float,
+    test_fraction: float,
+    split_seed: int,
+) -> list[str]:
+    """The split ``prepare`` gave each subject key, in order; ``unseen`` for those it never saw.
+
+    ``prepare`` splits every subject of a folder layout, but only the first ``prepared_count``
+    pseudo-subjects of ``open`` (its ``--subjects``): later ones are new draws.
+    """
+    split_count = prepared_count if layout == "open" else len(keys)
+    splits_of = split_subjects(list(keys[:split_count]), val_fraction, test_fraction, split_seed)
+    return [splits_of.get(key, "unseen") for key in keys]
 
 
 def per_slice_psnr(prediction: np.ndarray, truth_unit: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -315,3 +315,22 @@ def test_input_coverage_is_the_share_of_the_truths_brain_where_the_input_has_sig
     assert input_coverage(volume, mask) == pytest.approx(0.5)
     ct = Volume(array=np.where(mask > 0, 30.0, -1000.0).astype(np.float32), affine=np.eye(4), positions=np.arange(4.0))
     assert input_coverage(ct, mask) == 1.0
+
+
+def test_open_splits_are_recomputed_as_prepare_made_them(server_weights):
+    """An ``open`` dataset prepared with N pseudo-subjects: evaluate's recomputed splits agree
+    with the split prepare wrote in its manifest, and later pseudo-subjects are unseen."""
+    import json
+
+    from lib.data.layouts import discover_subjects
+    from lib.evaluation.harness import recomputed_splits
+
+    manifest = json.loads((server_weights / "ct_build" / "prepared" / "manifest.json").read_text())
+    written = [(s["key"], s["split"]) for s in manifest["subjects"]]
+    records = discover_subjects("open", str(require(BRATS)), open_count=len(written) + 2)
+    keys = [anonymised_key("open", record.name) for record in records]
+    splits = recomputed_splits("open", keys, len(written), 0.2, 0.2, 0)
+    assert list(zip(keys, splits))[: len(written)] == written
+    assert splits[len(written) :] == ["unseen", "unseen"]
+    # Told a different prepared count, the split differs: the count matters (the bug it fixes).
+    assert recomputed_splits("open", keys, len(keys), 0.2, 0.2, 0)[: len(written)] != [s for _, s in written]
