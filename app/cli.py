@@ -16,6 +16,7 @@ import numpy as np
 
 from app.engines import BatchEngine
 from lib.data.layouts import DEFAULT_OPEN_COUNT
+from lib.data.normalise import CT_WINDOW_HU
 from lib.io.errors import VolumeReadError
 from lib.options_schema import (
     Bounds,
@@ -135,7 +136,11 @@ def _prepare(args: argparse.Namespace) -> None:
     from lib.data.prepare import PrepareConfig, prepare_dataset
 
     config = PrepareConfig(
-        size=args.size, val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.seed
+        size=args.size,
+        ct_window_hu=tuple(args.ct_window),
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        split_seed=args.seed,
     )
     with ProgressBar("prepare", "subject", disable=args.quiet) as bar:
         manifest = prepare_dataset(
@@ -500,6 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--source", default="t2f", help="brats: source contrast (default t2f)")
     prepare.add_argument("--target", default="t1n", help="brats: target contrast (default t1n)")
     prepare.add_argument("--size", type=int, default=128, help="in-plane size in pixels (default 128)")
+    prepare.add_argument(
+        "--ct-window",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=CT_WINDOW_HU,
+        help=f"CT input: the HU window mapped to [-1, 1] (default {CT_WINDOW_HU[0]:g} {CT_WINDOW_HU[1]:g})",
+    )
     prepare.add_argument(
         "--subjects",
         type=at_least(int, 1),

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES
+from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, ORIGINAL_CT_WINDOW_HU
 from lib.io.atomic import atomic_directory, atomic_path
 
 DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "model_weights"
@@ -130,7 +130,7 @@ def load_preset(name_or_path: str | os.PathLike[str], weights_dir: str | os.Path
             root=root,
             **{
                 **values,
-                "ct_window_hu": tuple(values.get("ct_window_hu", CT_WINDOW_HU)),
+                "ct_window_hu": tuple(values.get("ct_window_hu", ORIGINAL_CT_WINDOW_HU)),
                 "mri_percentiles": tuple(values.get("mri_percentiles", MRI_PERCENTILES)),
             },
         )

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-# Brain window for CT in HU. Brain tissue lies in 0..80 HU (CSF ~8, WM ~28, GM ~40); a
-# window from -100 (below fat) to 200 HU keeps grey/white contrast visible to the models
-# (12 HU = 0.08 in [-1, 1]) while bone and air saturate at +1 and -1. A full-range window
-# ([-1000, 2000]) would squeeze grey/white contrast to 0.008.
-CT_WINDOW_HU = (-100.0, 200.0)
+# Brain window for CT in HU. The models see a brain-extracted CT (-1 outside the brain), whose
+# tissue lies in about -30..65 HU (1st-99th percentiles of the synthetic training brains; CSF
+# ~8, white ~28, grey ~37). -30..90 HU spreads that over most of [-1, 1]: grey/white (8-12 HU
+# apart) differ by 0.13-0.2, 2.5x more than in the first window below, so the one contrast the
+# CT -> T1 mapping must invert is not a small ripple on the input. Calcification and bone
+# residue at the brain edge saturate at +1.
+CT_WINDOW_HU = (-30.0, 90.0)
+# The window of the first ct2mri presets (the 64 x 64 weights): brain tissue used only a quarter
+# of [-1, 1]. A preset stores its window (preset.json); this is only the fallback for a
+# hand-written preset.json without one.
+ORIGINAL_CT_WINDOW_HU = (-100.0, 200.0)
 # Robust MRI range: percentiles of the brain voxels (raw scanner units have no fixed scale).
 MRI_PERCENTILES = (0.5, 99.5)
 

@@ -67,6 +67,12 @@ class PrepareConfig:
     test_fraction: float = 0.2
     split_seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked here, before any subject is read or synthesised.
+        low, high = self.ct_window_hu
+        if not high > low:
+            raise ValueError(f"the CT window must be LOW HIGH with HIGH > LOW, got {low:g} {high:g}")
+
 
 def anonymised_key(layout: str, name: str) -> str:
     """A stable key for a subject that does not contain its name."""

@@ -223,6 +223,11 @@ def test_library_errors_are_reported_with_the_commands_flags(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     assert main(["prepare", "--layout", "open", "--subjects", "1", "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'out'}: already exists (pass --overwrite to replace it)\n"
+    # A reversed CT window is refused before any subject is synthesised, nothing written.
+    args = ["prepare", "--layout", "open", "--subjects", "1", "--ct-window", "90", "-30", "--out", str(tmp_path / "w")]
+    assert main(args) == 2
+    assert capsys.readouterr().err == "error: the CT window must be LOW HIGH with HIGH > LOW, got 90 -30\n"
+    assert not (tmp_path / "w").exists()
 
 
 CONTROLNET_INPUTS = ["--bbdm", "model.pt", "--kb", "kb", "--encoder", "encoder.pt"]
