@@ -29,10 +29,20 @@ whether the synthetic T1 keeps that order and how well its darkest voxels fall o
    adult brain CT): CSF [0, 15) HU, white matter [20, 30) HU, grey matter [35, 45) HU.
    Everything else stays unclassified: the ambiguous 15-20 HU (CSF/white partial volume,
    oedema) and 30-35 HU (white/grey partial volume), below 0 (fat, air, partial volume with
-   them) and 45 HU and above (blood, calcification, vessels, bone edges). The thresholds are
-   fixed: a scanner whose brain is calibrated a few HU off (the two real CTs here differ by
-   about 14 HU in their brain median, 36-38 vs 23 HU) moves voxels between classes, which
-   the record makes visible with :attr:`TissueCheck.brain_median_hu` and the class counts.
+   them) and 45 HU and above (blood, calcification, vessels, bone edges).
+5. Calibration (:attr:`TissueCheckConfig.calibrate`, on by default). Real scanners do not all
+   put brain where the literature does: the two real CTs here differ by 14 HU (the head CT
+   study's parenchyma peaks at 32-38 HU, Debian's Cranium at 22-24 HU with its CSF tail down
+   to -6 HU), so fixed ranges would call most of the study "grey" and most of Cranium
+   "white" or "unclassified". The scan's own white/grey boundary is found as the isodata
+   threshold (Ridler-Calvard: the midpoint of the means of the two sides it separates) of
+   its smoothed brain HU within :data:`PARENCHYMA_HU`, and every range is shifted by its
+   difference to the literature boundary (32.5 HU, midway between the white and grey ranges'
+   centres), at most :data:`MAX_CALIBRATION_HU`. Isodata and not the median: the median moves
+   with the grey/white proportions (atrophy, erosion), the boundary between the two modes
+   does not. One shift for all classes: a calibration offset moves water (CSF) as it moves
+   tissue. The record keeps the shift (:attr:`TissueCheck.calibration_hu`) and the ranges
+   as applied.
 
 Measures on the classified voxels: the synthetic T1's mean in each class; whether
 white > grey > CSF holds; Cohen's d (difference of the means over the pooled standard
@@ -57,16 +67,19 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from skimage.filters import threshold_isodata
 
 from lib.data.ct_brain import ellipsoid
 
 __all__ = [
     "CHECK_COLUMNS",
+    "MAX_CALIBRATION_HU",
+    "PARENCHYMA_HU",
     "TISSUE_LABELS",
     "UNCLASSIFIED",
     "Banding",
@@ -74,6 +87,7 @@ __all__ = [
     "TissueCheck",
     "TissueCheckConfig",
     "TissueClass",
+    "calibration_hu",
     "check_columns",
     "classify_tissue",
     "inner_brain",
@@ -106,6 +120,7 @@ class TissueCheckConfig:
         grey_hu: grey matter, ``[low, high)`` HU.
         smoothing_mm: in-plane Gaussian sigma of the CT before classifying (0: none).
         erosion_mm: in-plane erosion radius of the brain mask (0: none).
+        calibrate: shift the ranges to the scan's own white/grey boundary (:func:`calibration_hu`).
 
     Raises:
         ValueError: an empty or inverted range, ranges that overlap or are not in the order
@@ -117,6 +132,7 @@ class TissueCheckConfig:
     grey_hu: tuple[float, float] = (35.0, 45.0)
     smoothing_mm: float = 1.0
     erosion_mm: float = 3.0
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         ranges = self.ranges()
@@ -132,6 +148,43 @@ class TissueCheckConfig:
     def ranges(self) -> dict[TissueClass, tuple[float, float]]:
         """Each class's HU range, in increasing HU."""
         return {TissueClass.CSF: self.csf_hu, TissueClass.WHITE: self.white_hu, TissueClass.GREY: self.grey_hu}
+
+    def white_grey_boundary(self) -> float:
+        """Midway between the white and grey ranges' centres (32.5 HU for the literature ranges)."""
+        return (sum(self.white_hu) + sum(self.grey_hu)) / 4.0
+
+    def shifted(self, offset_hu: float) -> TissueCheckConfig:
+        """The same check with every range moved by ``offset_hu`` and calibration done."""
+
+        def move(limits: tuple[float, float]) -> tuple[float, float]:
+            return limits[0] + offset_hu, limits[1] + offset_hu
+
+        return replace(
+            self, csf_hu=move(self.csf_hu), white_hu=move(self.white_hu), grey_hu=move(self.grey_hu), calibrate=False
+        )
+
+
+# Brain HU that can be white or grey matter on any scanner within MAX_CALIBRATION_HU of the
+# literature (CSF below, blood and calcification above): where the white/grey boundary is sought.
+PARENCHYMA_HU = (10.0, 60.0)
+# The largest calibration shift believed: beyond it, the scan or its brain mask is wrong, not
+# the scanner (the two real CTs here need -9.6 and +4.6 HU).
+MAX_CALIBRATION_HU = 15.0
+
+
+def calibration_hu(hu: np.ndarray, config: TissueCheckConfig) -> float:
+    """The shift that moves the literature white/grey boundary onto this scan's.
+
+    ``hu``: the smoothed brain HU (any shape). 0 when fewer than 100 values lie in
+    :data:`PARENCHYMA_HU` or they have no spread; clipped to +-:data:`MAX_CALIBRATION_HU`.
+    """
+    values = np.asarray(hu, dtype=np.float64).ravel()
+    values = values[(values >= PARENCHYMA_HU[0]) & (values < PARENCHYMA_HU[1])]
+    if values.size < 100 or np.ptp(values) == 0:
+        return 0.0
+    boundary = float(threshold_isodata(values))
+    # To a tenth of a HU: the record's thresholds stay readable, and finer is below the noise.
+    return round(float(np.clip(boundary - config.white_grey_boundary(), -MAX_CALIBRATION_HU, MAX_CALIBRATION_HU)), 1)
 
 
 def smoothed_hu(ct_hu: np.ndarray, brain: np.ndarray, pixel_spacing: Sequence[float], sigma_mm: float) -> np.ndarray:
@@ -179,14 +232,19 @@ def classify_tissue(
         ct_hu: (X, Y, Z) CT in HU.
         brain: (X, Y, Z) bool brain mask.
         pixel_spacing: in-plane voxel size (mm) along X and Y.
-        config: thresholds, smoothing and erosion.
+        config: thresholds, smoothing, erosion and calibration.
 
     Returns:
         (X, Y, Z) int8 labels.
     """
     brain = np.asarray(brain, dtype=bool)
     hu = smoothed_hu(ct_hu, brain, pixel_spacing, config.smoothing_mm)
-    return _labels(hu, inner_brain(brain, pixel_spacing, config.erosion_mm), config)
+    inner = inner_brain(brain, pixel_spacing, config.erosion_mm)
+    return _labels(hu, inner, _calibrated(hu[inner], config))
+
+
+def _calibrated(hu: np.ndarray, config: TissueCheckConfig) -> TissueCheckConfig:
+    return config.shifted(calibration_hu(hu, config)) if config.calibrate else config
 
 
 def _cohen_d(higher: np.ndarray, lower: np.ndarray) -> float | None:
@@ -239,7 +297,8 @@ class TissueCheck:
             CSF voxels; None: no CSF voxel).
         csf_dice_chance: the Dice a random dark set of the same size scores on average (the
             CSF share of the classified voxels; None: nothing classified).
-        config: the thresholds, smoothing and erosion used.
+        calibration_hu: the shift applied to every range (0: calibration off or impossible).
+        config: the thresholds (as applied, after calibration), smoothing and erosion.
     """
 
     slices: int
@@ -250,6 +309,7 @@ class TissueCheck:
     cohen_d: dict[str, float | None]
     csf_dice: float | None
     csf_dice_chance: float | None
+    calibration_hu: float = 0.0
     config: TissueCheckConfig = field(default_factory=TissueCheckConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -279,7 +339,7 @@ def tissue_check(
         brain: (X, Y, Z) bool brain mask.
         acquired: (Z,) bool, the slices an acquired CT slice lies on (the others are left out).
         pixel_spacing: in-plane voxel size (mm) along X and Y.
-        config: thresholds, smoothing and erosion.
+        config: thresholds, smoothing, erosion and calibration.
 
     Raises:
         ValueError: arrays of different shapes, or ``acquired`` of another length than Z.
@@ -292,7 +352,8 @@ def tissue_check(
     brain = np.asarray(brain, dtype=bool)[:, :, keep]
     hu = smoothed_hu(ct_hu[:, :, keep], brain, pixel_spacing, config.smoothing_mm)
     inner = inner_brain(brain, pixel_spacing, config.erosion_mm)
-    labels = _labels(hu, inner, config)
+    applied = _calibrated(hu[inner], config)
+    labels = _labels(hu, inner, applied)
     values = np.asarray(t1, dtype=np.float64)[:, :, keep]
     by_class = {tissue: values[labels == TISSUE_LABELS[tissue]] for tissue in TissueClass}
     means = {tissue: float(v.mean()) if v.size else None for tissue, v in by_class.items()}
@@ -317,7 +378,8 @@ def tissue_check(
         },
         csf_dice=_dark_set_dice(values[classified], labels[classified] == TISSUE_LABELS[TissueClass.CSF]),
         csf_dice_chance=float(by_class[TissueClass.CSF].size / classified.sum()) if classified.any() else None,
-        config=config,
+        calibration_hu=applied.csf_hu[0] - config.csf_hu[0],
+        config=applied,
     )
 
 

@@ -83,6 +83,33 @@ def test_an_inverted_t1_breaks_the_order_and_misses_the_csf():
     assert check.csf_dice == pytest.approx(0.0) and check.csf_dice < check.csf_dice_chance
 
 
+def test_a_scanner_calibrated_off_the_literature_is_calibrated_back():
+    """A scan whose every HU is 10 lower (water at -10, as Debian's Cranium nearly is): with
+    fixed ranges its white matter falls to 15 HU (unclassified) and its grey to 30 HU
+    (unclassified); calibrated, the check finds the same classes and verdict as unshifted."""
+    ct, t1, brain = phantom()
+    sharp = TissueCheckConfig(smoothing_mm=0.0)  # no blended edges: every voxel is its class's HU
+    expected = tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM, sharp)
+    assert expected.calibration_hu == pytest.approx(0.0, abs=0.5)
+    shifted = np.where(brain, ct - 10.0, ct)
+    fixed = tissue_check(shifted, t1, brain, EVERY_FOURTH, PIXEL_MM, TissueCheckConfig(smoothing_mm=0.0, calibrate=False))
+    assert fixed.voxels["white"] == 0 and fixed.voxels["grey"] == 0 and fixed.order_holds is None
+    calibrated = tissue_check(shifted, t1, brain, EVERY_FOURTH, PIXEL_MM, sharp)
+    assert calibrated.calibration_hu == pytest.approx(-10.0, abs=0.5)
+    assert calibrated.voxels == expected.voxels and calibrated.order_holds is True
+    assert calibrated.to_dict()["thresholds_hu"]["white"] == pytest.approx([10.0, 20.0], abs=0.5)
+
+
+def test_calibration_follows_the_white_grey_boundary_not_the_proportions():
+    """Twice as much white matter moves a brain's median HU towards white, not its boundary."""
+    ct, t1, brain = phantom()
+    ct[14:58, 14:58] = np.where(ct[14:58, 14:58] == HU[TissueClass.GREY], HU[TissueClass.WHITE], ct[14:58, 14:58])
+    noisy = np.where(brain, ct + np.random.default_rng(2).normal(0.0, 2.0, ct.shape), ct)
+    check = tissue_check(noisy, t1, brain, EVERY_FOURTH, PIXEL_MM, TissueCheckConfig(smoothing_mm=0.0))
+    assert check.brain_median_hu == pytest.approx(HU[TissueClass.WHITE], abs=2.0)
+    assert abs(check.calibration_hu) < 1.5
+
+
 def test_gap_slices_are_left_out():
     ct, t1, brain = phantom()
     expected = tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM).to_dict()
@@ -96,7 +123,7 @@ def test_gap_slices_are_left_out():
     assert counted.voxels["csf"] > expected["voxels"]["csf"] and counted.csf_dice < expected["csf_dice"]
 
 
-NO_SMOOTHING = TissueCheckConfig(smoothing_mm=0.0, erosion_mm=0.0)
+NO_SMOOTHING = TissueCheckConfig(smoothing_mm=0.0, erosion_mm=0.0, calibrate=False)
 
 
 @pytest.mark.parametrize(
@@ -166,8 +193,14 @@ def test_thresholds_out_of_order_are_refused(ranges):
 def test_the_record_names_the_thresholds_used():
     ct, t1, brain = phantom()
     record = tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM).to_dict()
-    assert record["thresholds_hu"] == {"csf": [0.0, 15.0], "white": [20.0, 30.0], "grey": [35.0, 45.0]}
     assert record["smoothing_mm"] == 1.0 and record["erosion_mm"] == 3.0
+    # The literature ranges, moved by the calibration the record states (a tenth of a HU here).
+    shift = record["calibration_hu"]
+    assert shift != 0.0 and abs(shift) < 1.0
+    literature = {"csf": [0.0, 15.0], "white": [20.0, 30.0], "grey": [35.0, 45.0]}
+    assert record["thresholds_hu"] == {name: [low + shift, high + shift] for name, (low, high) in literature.items()}
+    fixed = tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM, TissueCheckConfig(calibrate=False)).to_dict()
+    assert fixed["thresholds_hu"] == literature and fixed["calibration_hu"] == 0.0
 
 
 def smooth_output(slices: int = 21) -> tuple[np.ndarray, np.ndarray]:

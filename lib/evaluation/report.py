@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib.consistency import TissueCheckConfig
+from lib.consistency import MAX_CALIBRATION_HU, PARENCHYMA_HU, TissueCheckConfig
 from lib.evaluation.figures import plot_montage, plot_similarity_histogram, plot_slice_psnr, plot_uncertainty_and_error
 from lib.evaluation.harness import LOW_INPUT_COVERAGE, METRIC_COLUMNS, EvaluationResult
 from lib.io.atomic import atomic_directory, check_replaceable_folder
@@ -42,15 +42,21 @@ BANDING_METRICS = (
     ("banding_voxel_ratio", "voxel jump ratio", 2),
 )
 _CHECK = TissueCheckConfig()  # what the pipeline records with
+_RANGES = (
+    f"CSF [{_CHECK.csf_hu[0]:g}, {_CHECK.csf_hu[1]:g}), white matter [{_CHECK.white_hu[0]:g}, {_CHECK.white_hu[1]:g}) "
+    f"and grey matter [{_CHECK.grey_hu[0]:g}, {_CHECK.grey_hu[1]:g})"
+)
 TISSUE_DEFINITIONS = f"""Tissue consistency (lib/consistency.py; no ground truth): on the acquired slices only, the
 input CT's brain, eroded by {_CHECK.erosion_mm:g} mm and smoothed by a {_CHECK.smoothing_mm:g} mm Gaussian in-plane, is
-classified by HU as CSF [{_CHECK.csf_hu[0]:g}, {_CHECK.csf_hu[1]:g}), white matter [{_CHECK.white_hu[0]:g}, \
-{_CHECK.white_hu[1]:g}) and grey matter [{_CHECK.grey_hu[0]:g}, {_CHECK.grey_hu[1]:g}) (the rest unclassified); a real
-T1 orders them white > grey > CSF. Share: runs where the synthetic T1's class means keep that
-order; T1 columns: those means; d: Cohen's d (mean difference over the pooled standard
-deviation), positive in the T1 order; CSF Dice: the T1's n darkest classified voxels (n = CSF
-voxels) against the CT's CSF; by chance: the Dice of a random dark set of that size (the CSF
-share)."""
+classified by HU as {_RANGES} (the rest unclassified),
+every range shifted by the scan's calibration: its own white/grey boundary (the isodata
+threshold of its brain HU in {PARENCHYMA_HU[0]:g}-{PARENCHYMA_HU[1]:g} HU) minus the literature's \
+{_CHECK.white_grey_boundary():g} HU, at most +-{MAX_CALIBRATION_HU:g} HU
+(the shift is in provenance.json). A real T1 orders the classes white > grey > CSF. Share: runs
+where the synthetic T1's class means keep that order; T1 columns: those means; d: Cohen's d
+(mean difference over the pooled standard deviation), positive in the T1 order; CSF Dice: the
+T1's n darkest classified voxels (n = CSF voxels) against the CT's CSF; by chance: the Dice of
+a random dark set of that size (the CSF share)."""
 BANDING_DEFINITIONS = """Banding (no ground truth): for adjacent output slices, inside the brain of both, the
 |difference of their brain means| (brightness) and the mean absolute voxel difference (voxel),
 averaged over acquired/generated pairs and divided by the same over generated/generated pairs:
