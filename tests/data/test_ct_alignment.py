@@ -127,6 +127,7 @@ def test_real_ct_aligns_and_positions_span_the_brain(alignment, real_ct_volume):
     assert alignment.converged
     assert alignment.metric <= MAX_METRIC
     assert alignment.metric < -0.38  # measured -0.43; non-heads give -0.2 or worse
+    assert alignment.cranial_correlation > 0.55  # measured 0.64; non-heads 0.20 or less
     assert alignment.meta["rotation_total_deg"] < 20  # a head on a scanner table, not upside down
     assert all(abs(a) < 20 for a in alignment.rotation_deg)
     assert alignment.seconds < 30
