@@ -44,6 +44,7 @@ RECONSTRUCT_OPTIONS = (
     "precision",
     "use_retrieval",
     "use_controlnet",
+    "destripe",
     "brain_extraction",
     "alignment",
     "method",

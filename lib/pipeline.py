@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ import torch
 from lib.consistency import measure_banding, tissue_check
 from lib.data.ct_alignment import align_to_template, too_short_to_register
 from lib.data.ct_brain import BrainExtraction, extract_brain
+from lib.data.destripe import DESTRIPE_SCALE_MM, smooth_along_z, stripe_sigma_slices
 from lib.data.model_frame import ModelFrame, foreground_mask, normalise_source
 from lib.diffusion.sampler import translate_slices
 from lib.diffusion.slerp import slerp
@@ -251,6 +252,9 @@ class ReBrainPipeline:
 
         started = time.perf_counter()
         mean = np.where(dense_model_mask, mean, -1.0)
+        destriping = self._destripe_settings(frame, volume, grid, options)
+        if destriping["applied"]:
+            mean = smooth_along_z(mean, dense_model_mask, destriping["sigma_xy_pixels"], destriping["sigma_z_slices"])
         shape_xy = volume.shape[:2]
         mask_dense = np.where((grid.alpha < 0.5)[None, None, :], mask[:, :, grid.lower], mask[:, :, grid.upper])
         # [-1, 1] -> [0, 1]: the output is an MRI without physical units; std scales by half.
@@ -269,7 +273,7 @@ class ReBrainPipeline:
             if modality == "ct"
             else {}
         )
-        banding = measure_banding(mri, mask_dense, grid.acquired).to_dict()
+        banding = {**measure_banding(mri, mask_dense, grid.acquired).to_dict(), "destriping": destriping}
         output_s = time.perf_counter() - started
 
         summary = self._summary(
@@ -287,6 +291,20 @@ class ReBrainPipeline:
         return Reconstruction(
             mri=mri, uncertainty=uncertainty, ct=ct, mask=mask_dense, grid=grid, slices=records, summary=summary
         )
+
+    @staticmethod
+    def _destripe_settings(
+        frame: ModelFrame, volume: Volume, grid: DenseGrid, options: ReconstructionOptions
+    ) -> dict[str, Any]:
+        """How :func:`lib.data.destripe.smooth_along_z` is applied to this reconstruction (its record)."""
+        sigma_z = stripe_sigma_slices(grid.acquired) if options.destripe else 0.0
+        pixel_mm = (frame.rows[1] - frame.rows[0]) * float(volume.pixel_spacing[0]) / frame.size
+        return {
+            "applied": sigma_z > 0,
+            "scale_mm": DESTRIPE_SCALE_MM,
+            "sigma_xy_pixels": round(DESTRIPE_SCALE_MM / pixel_mm, 3),
+            "sigma_z_slices": sigma_z,
+        }
 
     def _positions(
         self,

@@ -108,6 +108,14 @@ class ReconstructionOptions:
             "cli": "--no-controlnet",
         },
     )
+    destripe: bool = field(
+        default=True,
+        metadata={
+            "help": "average each output slice's brightness and regional contrast (scales above 5 mm) over its "
+            "neighbours along z, so no stripes cross the coronal and sagittal views (off: every slice as sampled)",
+            "cli": "--no-destripe",
+        },
+    )
     brain_extraction: bool = field(
         default=True,
         metadata={

@@ -92,7 +92,8 @@ def test_a_scanner_calibrated_off_the_literature_is_calibrated_back():
     expected = tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM, sharp)
     assert expected.calibration_hu == pytest.approx(0.0, abs=0.5)
     shifted = np.where(brain, ct - 10.0, ct)
-    fixed = tissue_check(shifted, t1, brain, EVERY_FOURTH, PIXEL_MM, TissueCheckConfig(smoothing_mm=0.0, calibrate=False))
+    uncalibrated = TissueCheckConfig(smoothing_mm=0.0, calibrate=False)
+    fixed = tissue_check(shifted, t1, brain, EVERY_FOURTH, PIXEL_MM, uncalibrated)
     assert fixed.voxels["white"] == 0 and fixed.voxels["grey"] == 0 and fixed.order_holds is None
     calibrated = tissue_check(shifted, t1, brain, EVERY_FOURTH, PIXEL_MM, sharp)
     assert calibrated.calibration_hu == pytest.approx(-10.0, abs=0.5)
