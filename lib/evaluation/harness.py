@@ -393,7 +393,11 @@ def _evaluate_all(
                         eta=config.eta,
                         batch_size=config.batch_size,
                         method=method,
-                        target_spacing=spacing,
+                        # Scored against a truth: on the truth's slices. A scan without one: on
+                        # the preset's grid, as `reconstruct` makes it (a 2.5-D model's
+                        # neighbour slices are 1 mm away there, as in training, and the
+                        # banding exists only where slices are generated).
+                        target_spacing=spacing if subject.target is not None else None,
                     )
                     started = time.perf_counter()
                     reconstruction = pipeline.reconstruct(sparse, options)

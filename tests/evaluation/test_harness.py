@@ -172,6 +172,12 @@ def test_a_scan_without_ground_truth_reports_continuity_and_retrieval(pipeline, 
     assert row["tissue_order"] is None and row["banding_brightness_ratio"] is None
     report = (out / "report.md").read_text()
     assert "Tissue consistency" not in report and "Banding at" not in report
+    # A 2 mm scan as acquired (sparsity 1) is reconstructed on the preset's 1 mm grid, as
+    # `reconstruct` makes it: one generated slice between each two acquired ones.
+    thick = replace(scan, source=subject.source.take_slices(np.arange(0, subject.source.shape[2], 2)))
+    config = EvaluationConfig(methods=("bbdm",), sparsities=(1,), seeds=(0,), steps=2)
+    row = evaluate_subjects(pipeline, [thick], config).rows[0]
+    assert row["slices"] == 2 * thick.source.shape[2] - 1 and row["generated_slices"] == thick.source.shape[2] - 1
 
 
 class WithTissueCheck:
