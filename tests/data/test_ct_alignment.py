@@ -20,6 +20,7 @@ from lib.data.ct_alignment import (
     volume_to_sitk,
 )
 from lib.data.ct_brain import extract_brain
+from lib.data.sparse import simulate_sparse_volume
 from lib.io.errors import VolumeReadError
 from lib.io.volume import Volume, slice_normal
 from tests.conftest import SHARED_DATA, require
@@ -257,6 +258,24 @@ def test_a_head_upside_down_is_refused(real_ct_volume, template):
     )
     with pytest.raises(VolumeReadError, match="upside_down.nii: registration"):
         align_to_template(flipped)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 20 item 5, session 5): since acceptance moved from mutual information to the "
+    "cranial correlation, every 2nd slice of the upside-down head registers at 3 degrees with correlation 0.37 "
+    "(MI -0.23, which the old threshold refused); the whole upside-down head is still refused by the rotation limit",
+)
+def test_a_head_upside_down_every_second_slice_is_refused(real_ct_volume, template):
+    flipped = Volume(
+        array=real_ct_volume.array[:, :, ::-1].copy(),
+        affine=real_ct_volume.affine,
+        positions=real_ct_volume.positions,
+        modality="CT",
+        source="upside_down.nii",
+    )
+    with pytest.raises(VolumeReadError, match="upside_down.nii: registration"):
+        align_to_template(simulate_sparse_volume(flipped, factor=2))
 
 
 def test_partial_coverage_gets_the_positions_of_the_whole_head(alignment, real_ct_volume, template):
