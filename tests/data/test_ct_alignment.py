@@ -247,15 +247,20 @@ def test_noise_is_not_a_head(real_ct_volume, template):
         align_to_template(noise)
 
 
-def test_a_head_upside_down_is_refused(real_ct_volume, template):
-    """Same voxels, skull base on top: the optimiser ends in a wrong optimum the metric rejects."""
-    flipped = Volume(
-        array=real_ct_volume.array[:, :, ::-1].copy(),
-        affine=real_ct_volume.affine,
-        positions=real_ct_volume.positions,
+def upside_down(volume: Volume) -> Volume:
+    """The same voxels with the skull base on top (same geometry), named upside_down.nii."""
+    return Volume(
+        array=volume.array[:, :, ::-1].copy(),
+        affine=volume.affine,
+        positions=volume.positions,
         modality="CT",
         source="upside_down.nii",
     )
+
+
+def test_a_head_upside_down_is_refused(real_ct_volume, template):
+    """Same voxels, skull base on top: the optimiser ends in a wrong optimum the metric rejects."""
+    flipped = upside_down(real_ct_volume)
     with pytest.raises(VolumeReadError, match="upside_down.nii: registration"):
         align_to_template(flipped)
 
@@ -267,13 +272,7 @@ def test_a_head_upside_down_is_refused(real_ct_volume, template):
     "(MI -0.23, which the old threshold refused); the whole upside-down head is still refused by the rotation limit",
 )
 def test_a_head_upside_down_every_second_slice_is_refused(real_ct_volume, template):
-    flipped = Volume(
-        array=real_ct_volume.array[:, :, ::-1].copy(),
-        affine=real_ct_volume.affine,
-        positions=real_ct_volume.positions,
-        modality="CT",
-        source="upside_down.nii",
-    )
+    flipped = upside_down(real_ct_volume)
     with pytest.raises(VolumeReadError, match="upside_down.nii: registration"):
         align_to_template(simulate_sparse_volume(flipped, factor=2))
 
