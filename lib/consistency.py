@@ -240,11 +240,15 @@ def classify_tissue(
     brain = np.asarray(brain, dtype=bool)
     hu = smoothed_hu(ct_hu, brain, pixel_spacing, config.smoothing_mm)
     inner = inner_brain(brain, pixel_spacing, config.erosion_mm)
-    return _labels(hu, inner, _calibrated(hu[inner], config))
+    return _labels(hu, inner, _calibrated(hu[inner], config)[0])
 
 
-def _calibrated(hu: np.ndarray, config: TissueCheckConfig) -> TissueCheckConfig:
-    return config.shifted(calibration_hu(hu, config)) if config.calibrate else config
+def _calibrated(hu: np.ndarray, config: TissueCheckConfig) -> tuple[TissueCheckConfig, float]:
+    """The config as applied to brain HU ``hu``, and the shift it moved the ranges by."""
+    if not config.calibrate:
+        return config, 0.0
+    shift = calibration_hu(hu, config)
+    return config.shifted(shift), shift
 
 
 def _cohen_d(higher: np.ndarray, lower: np.ndarray) -> float | None:
@@ -352,7 +356,7 @@ def tissue_check(
     brain = np.asarray(brain, dtype=bool)[:, :, keep]
     hu = smoothed_hu(ct_hu[:, :, keep], brain, pixel_spacing, config.smoothing_mm)
     inner = inner_brain(brain, pixel_spacing, config.erosion_mm)
-    applied = _calibrated(hu[inner], config)
+    applied, shift = _calibrated(hu[inner], config)
     labels = _labels(hu, inner, applied)
     values = np.asarray(t1, dtype=np.float64)[:, :, keep]
     by_class = {tissue: values[labels == TISSUE_LABELS[tissue]] for tissue in TissueClass}
@@ -378,7 +382,7 @@ def tissue_check(
         },
         csf_dice=_dark_set_dice(values[classified], labels[classified] == TISSUE_LABELS[TissueClass.CSF]),
         csf_dice_chance=float(by_class[TissueClass.CSF].size / classified.sum()) if classified.any() else None,
-        calibration_hu=applied.csf_hu[0] - config.csf_hu[0],
+        calibration_hu=shift,
         config=applied,
     )
 

@@ -19,11 +19,21 @@ ORIGINAL_CT_WINDOW_HU = (-100.0, 200.0)
 MRI_PERCENTILES = (0.5, 99.5)
 
 
-def ct_to_unit(hu: np.ndarray, window: tuple[float, float] = CT_WINDOW_HU) -> np.ndarray:
-    """Map CT values in HU to [-1, 1] through a fixed window (clipped)."""
+def check_ct_window(window: tuple[float, float]) -> None:
+    """Raise ValueError unless ``window`` is (LOW, HIGH) with HIGH > LOW."""
     low, high = window
-    if high <= low:
-        raise ValueError(f"CT window must have high > low, got {window}")
+    if not high > low:
+        raise ValueError(f"the CT window must be LOW HIGH with HIGH > LOW, got {low:g} {high:g}")
+
+
+def ct_to_unit(hu: np.ndarray, window: tuple[float, float] = CT_WINDOW_HU) -> np.ndarray:
+    """Map CT values in HU to [-1, 1] through a fixed window (clipped).
+
+    Raises:
+        ValueError: a window whose HIGH is not above its LOW.
+    """
+    check_ct_window(window)
+    low, high = window
     scaled = (np.asarray(hu, dtype=np.float32) - low) / (high - low) * 2.0 - 1.0
     return np.clip(scaled, -1.0, 1.0)
 

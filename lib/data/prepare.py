@@ -46,7 +46,7 @@ from lib.data.layouts import (
     file_sha256,
 )
 from lib.data.model_frame import resize_slices
-from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, ct_to_unit, mri_to_unit
+from lib.data.normalise import CT_WINDOW_HU, MRI_PERCENTILES, check_ct_window, ct_to_unit, mri_to_unit
 from lib.io.atomic import atomic_directory
 from lib.progress import ProgressFn, report
 
@@ -68,10 +68,8 @@ class PrepareConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        # Checked here, before any subject is read or synthesised.
-        low, high = self.ct_window_hu
-        if not high > low:
-            raise ValueError(f"the CT window must be LOW HIGH with HIGH > LOW, got {low:g} {high:g}")
+        # Checked here, before any subject is read or synthesised (ct_to_unit checks it again).
+        check_ct_window(self.ct_window_hu)
 
 
 def anonymised_key(layout: str, name: str) -> str:
