@@ -526,10 +526,12 @@ def _cranial_correlation(
     than two such voxels or no contrast (nothing to correlate is no evidence of a head).
     """
     cranium = _dilate_mm(template.brain_mask, CRANIAL_MARGIN_MM)
-    inside = sitk.GetArrayViewFromImage(sitk.Resample(cranium, fixed, transform, sitk.sitkNearestNeighbor, 0))
+    # Copies, not views: a view does not keep its (temporary) image alive, and reading one after
+    # the image is freed gave garbage (a correlation of -0.001 for a good registration in CI).
+    inside = sitk.GetArrayFromImage(sitk.Resample(cranium, fixed, transform, sitk.sitkNearestNeighbor, 0))
     voxels = inside.astype(bool) & sitk.GetArrayViewFromImage(fixed_mask).astype(bool)
     ct = sitk.GetArrayViewFromImage(fixed)[voxels].astype(np.float64)
-    moved = sitk.GetArrayViewFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, CLAMP_HU[0]))
+    moved = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, CLAMP_HU[0]))
     moved = moved[voxels].astype(np.float64)
     if ct.size < 2 or ct.std() == 0 or moved.std() == 0:
         return 0.0
