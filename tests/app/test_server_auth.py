@@ -160,9 +160,7 @@ def test_batch_infer_by_an_admin_records_provenance_per_image_and_survives_a_bad
     result = response.json()
     assert set(result) == {"head_ct", "head_ct_upper", "head_ct_upside_down", "brain_t1"}
     assert "do not look like a CT" in result["brain_t1"]["error"]
-    # The upside-down head at x2 is no longer refused since issue 20's alignment change: a known
-    # gap, kept as a strict xfail in tests/data/test_ct_alignment.py. The batch went on past the
-    # bad T1 either way (every image has a result above).
+    assert "registration to the head CT template failed" in result["head_ct_upside_down"]["error"]
     assert str(auth_studies) not in response.text
     for image in ("head_ct", "head_ct_upper"):
         assert result[image]["params"]["summary"]["preset"] == "tinyct"
