@@ -21,6 +21,20 @@ from lib.data.prepare import PREPARED_FORMAT_VERSION
 MIN_INPUT_COVERAGE = 0.8
 
 
+def select_slices(
+    table: pd.DataFrame, split: str | None, min_brain_fraction: float = 0.0, min_input_coverage: float = 0.0
+) -> pd.DataFrame:
+    """The rows of a slice table (``PreparedDataset.slices``) in ``split`` (None: all) with at
+    least ``min_brain_fraction`` brain and ``min_input_coverage`` input coverage (0: no limit)."""
+    if split is not None:
+        table = table[table["split"] == split]
+    if min_brain_fraction > 0:
+        table = table[table["brain_fraction"] >= min_brain_fraction]
+    if min_input_coverage > 0:
+        table = table[table["input_coverage"] >= min_input_coverage]
+    return table
+
+
 class PreparedDataset:
     """A prepared dataset folder (see :mod:`lib.data.prepare`).
 
@@ -86,11 +100,7 @@ class PreparedSlices(Dataset):
         min_input_coverage: float = 0.0,
     ) -> None:
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
-        table = self.dataset.slices
-        if split is not None:
-            table = table[table["split"] == split]
-        table = table[table["brain_fraction"] >= min_brain_fraction] if min_brain_fraction > 0 else table
-        table = table[table["input_coverage"] >= min_input_coverage] if min_input_coverage > 0 else table
+        table = select_slices(self.dataset.slices, split, min_brain_fraction, min_input_coverage)
         if table.empty:
             raise ValueError(
                 f"{self.dataset.root}: no slices in split {split!r} with brain fraction >= {min_brain_fraction}"

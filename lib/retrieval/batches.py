@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lib.data.dataset import PreparedDataset
+from lib.data.dataset import PreparedDataset, select_slices
 
 
 class AdjacentRunSampler:
@@ -52,8 +52,7 @@ class AdjacentRunSampler:
             raise ValueError(f"run_length must be >= 2 (a run of 1 slice has no positive), got {run_length}")
         self.subjects_per_batch = subjects_per_batch
         self.run_length = run_length
-        rows = table if split is None else table[table["split"] == split]
-        rows = rows[rows["brain_fraction"] >= min_brain_fraction]
+        rows = select_slices(table, split, min_brain_fraction)
         # Per subject: the row labels of every run, (runs, run_length), in slice order.
         self._runs: list[np.ndarray] = []
         self.subjects: list[str] = []

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lib.data.dataset import PreparedDataset
+from lib.data.dataset import PreparedDataset, select_slices
 from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices
 
 
@@ -29,9 +29,7 @@ def held_out_slices(
     Raises:
         ValueError: when the split has fewer than two subjects (no wrong subject to confuse).
     """
-    table = dataset.slices[
-        (dataset.slices["split"] == split) & (dataset.slices["brain_fraction"] >= min_brain_fraction)
-    ]
+    table = select_slices(dataset.slices, split, min_brain_fraction)
     if table["subject"].nunique() < 2:
         raise ValueError(
             f"{dataset.root}: retrieval accuracy needs at least 2 subjects in split {split!r}, found "

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lib.data.dataset import PreparedDataset, PreparedSlices
+from lib.data.dataset import PreparedDataset, PreparedSlices, select_slices
 from lib.data.layouts import discover_subjects
 from lib.data.normalise import ct_to_unit, mri_to_unit
 from lib.data.prepare import PrepareConfig, anonymised_key, prepare_dataset, split_subjects
@@ -235,3 +235,20 @@ def test_a_dataset_prepared_before_input_coverage_reads_as_fully_covered(prepare
     table.to_csv(old / "slices.csv", index=False)
     assert (PreparedDataset(old).slices.input_coverage == 1.0).all()
     assert len(PreparedSlices(old, None, 0.0, 0, 0.8)) == len(table)
+
+
+def test_select_slices_keeps_the_split_and_the_slices_with_enough_brain_and_input():
+    table = pd.DataFrame(
+        {
+            "subject": ["a", "a", "a", "b", "b"],
+            "split": ["train", "train", "train", "val", "val"],
+            "slice": [0, 1, 2, 0, 1],
+            "brain_fraction": [0.0, 0.1, 0.3, 0.2, 0.02],
+            "input_coverage": [0.0, 0.9, 0.5, 1.0, 1.0],
+        }
+    )
+    assert len(select_slices(table, None)) == 5  # no limits: every row
+    assert list(select_slices(table, "train", 0.05)["slice"]) == [1, 2]
+    assert list(select_slices(table, "train", 0.05, 0.8)["slice"]) == [1]
+    assert list(select_slices(table, "val", 0.05)["subject"]) == ["b"]
+    assert select_slices(table, "test").empty
