@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from app.engines import BatchEngine
-from lib.data.layouts import DEFAULT_OPEN_COUNT
+from lib.data.layouts import DEFAULT_OPEN_COUNT, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION
 from lib.data.normalise import CT_WINDOW_HU
 from lib.io.errors import VolumeReadError
 from lib.options_schema import (
@@ -521,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"open: number of pseudo-subjects (default {DEFAULT_OPEN_COUNT})",
     )
     prepare.add_argument("--max-subjects", type=int, help="use at most this many subjects")
-    prepare.add_argument("--val-fraction", type=float, default=0.2)
-    prepare.add_argument("--test-fraction", type=float, default=0.2)
+    prepare.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION)
+    prepare.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION)
     prepare.add_argument("--seed", type=int, default=0, help="seed of the subject split")
     prepare.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     prepare.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -763,12 +763,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate only held-out subjects of these splits (default: all held out)",
     )
     evaluate.add_argument(
-        "--val-fraction", type=float, default=0.2, help="as given to prepare: recomputes the split (default 0.2)"
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help="as given to prepare: recomputes the split (default %(default)s)",
     )
     evaluate.add_argument(
-        "--test-fraction", type=float, default=0.2, help="as given to prepare: recomputes the split (default 0.2)"
+        "--test-fraction",
+        type=float,
+        default=DEFAULT_TEST_FRACTION,
+        help="as given to prepare: recomputes the split (default %(default)s)",
     )
-    evaluate.add_argument("--split-seed", type=int, default=0, help="prepare's --seed (default 0)")
+    evaluate.add_argument("--split-seed", type=int, default=0, help="prepare's --seed (default %(default)s)")
     evaluate.add_argument(
         "--subjects",
         type=at_least(int, 1),

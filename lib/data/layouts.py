@@ -207,6 +207,10 @@ def open_subjects(src: Path | Sequence[Path] | None, count: int) -> list[Subject
 
 # How many pseudo-subjects the `open` layout makes unless told otherwise.
 DEFAULT_OPEN_COUNT = 12
+# Shares of a dataset's subjects that `prepare` puts in the validation and test splits unless
+# told otherwise (`evaluate` recomputes the same split from them).
+DEFAULT_VAL_FRACTION = 0.2
+DEFAULT_TEST_FRACTION = 0.2
 
 
 Folders = str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None

@@ -38,6 +38,8 @@ from scipy import ndimage
 
 from lib.data.layouts import (
     DEFAULT_OPEN_COUNT,
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
     Folders,
     Layout,
     SubjectPair,
@@ -63,8 +65,8 @@ class PrepareConfig:
     margin_voxels: int = 4
     ct_window_hu: tuple[float, float] = CT_WINDOW_HU
     mri_percentiles: tuple[float, float] = MRI_PERCENTILES
-    val_fraction: float = 0.2
-    test_fraction: float = 0.2
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    test_fraction: float = DEFAULT_TEST_FRACTION
     split_seed: int = 0
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lib.consistency import CHECK_COLUMNS, check_columns
-from lib.data.layouts import DEFAULT_OPEN_COUNT, Folders, discover_subjects
+from lib.data.layouts import DEFAULT_OPEN_COUNT, DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, Folders, discover_subjects
 from lib.data.prepare import anonymised_key, split_subjects
 from lib.data.sparse import simulate_sparse_volume
 from lib.evaluation.score import reference_to_unit, score_arrays
@@ -201,8 +201,8 @@ def held_out_subjects(
     max_subjects: int | None = None,
     open_count: int = 16,
     prepared_count: int = DEFAULT_OPEN_COUNT,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.2,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
     split_seed: int = 0,
     splits: Sequence[str] | None = None,
 ) -> list[EvaluationSubject]:
