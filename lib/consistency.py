@@ -52,6 +52,20 @@ the number of CSF voxels (a T1 that ranks CSF below everything else scores 1). A
 drawn at random among the classified voxels scores the CSF share ``n / N`` on average
 (:attr:`TissueCheck.csf_dice_chance`), the level to read the Dice against.
 
+**Atlas regions** (CT-input presets; :func:`atlas_tissue_check`). The HU classes need a CT in
+which grey and white matter differ by more than the noise; brain CT histograms are unimodal
+(grey and white 8-12 HU apart in the literature, 3 HU on Debian's Cranium, under 4-6 HU of
+noise), so on a low-contrast scan the white and grey classes are the two tails of one peak and
+their T1 order says little. The second half of the check asks where the tissues *are* instead:
+nilearn's MNI152 tissue maps, painted as a noise-free CT, are registered affinely to the CT's
+brain (:func:`lib.data.atlas.atlas_priors`), and a class's core is where its probability
+exceeds :data:`ATLAS_CORE_PROBABILITY` over a 3 x 3 in-plane neighbourhood (a margin against
+registration error), inside the same eroded brain, on the acquired slices. The synthetic T1
+should order the cores white > grey > CSF as a real T1 does; the CT's own median HU and
+grey-white effect size in the cores say how much contrast the input carried. Limits: an affine
+fit places deep white matter and the ventricles well and the cortex to a millimetre or two;
+lesions and large ventricles are not in the atlas.
+
 **Banding** (every preset; :func:`measure_banding`). Stripes across the coronal and sagittal
 views appear when the slices made from an acquired CT slice differ in brightness or texture
 from the generated ones between them. For every pair of adjacent output slices, inside the
@@ -77,16 +91,21 @@ from skimage.filters import threshold_isodata
 from lib.data.ct_brain import ellipsoid
 
 __all__ = [
+    "ATLAS_CLASSES",
+    "ATLAS_CORE_PROBABILITY",
     "CHECK_COLUMNS",
     "MAX_CALIBRATION_HU",
     "PARENCHYMA_HU",
     "TISSUE_LABELS",
     "UNCLASSIFIED",
+    "AtlasCheck",
     "Banding",
     "SlicePair",
     "TissueCheck",
     "TissueCheckConfig",
     "TissueClass",
+    "atlas_cores",
+    "atlas_tissue_check",
     "calibration_hu",
     "check_columns",
     "classify_tissue",
@@ -387,6 +406,102 @@ def tissue_check(
     )
 
 
+# A voxel is in a class's atlas core when the registered map gives the class more than this
+# probability there and at its 8 in-plane neighbours.
+ATLAS_CORE_PROBABILITY = 0.9
+# The order of the atlas maps :func:`atlas_tissue_check` takes (lib.data.synthesis's tissue models).
+ATLAS_CLASSES = (TissueClass.CSF, TissueClass.GREY, TissueClass.WHITE)
+
+
+@dataclass
+class AtlasCheck:
+    """The synthetic T1 in the registered atlas's tissue cores (see the module docstring).
+
+    Attributes:
+        voxels: core voxels per class.
+        t1_mean: the synthetic T1's mean per core (None: an empty core).
+        order_holds: white > grey > CSF in ``t1_mean`` (None: a core is empty).
+        cohen_d: ``white_grey`` and ``grey_csf`` of the T1 in the cores, positive in the T1 order.
+        ct_median_hu: the input CT's median HU per core (smoothed as the HU classes are).
+        ct_d_grey_white: Cohen's d of the CT's HU, grey core over white core: the grey/white
+            contrast the input carried (positive in the CT's order, grey denser).
+    """
+
+    voxels: dict[str, int]
+    t1_mean: dict[str, float | None]
+    order_holds: bool | None
+    cohen_d: dict[str, float | None]
+    ct_median_hu: dict[str, float | None]
+    ct_d_grey_white: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready record (provenance.json's ``summary.tissue_check.atlas``), floats rounded."""
+        return _rounded(asdict(self))
+
+
+def atlas_cores(
+    priors: np.ndarray, inner: np.ndarray, probability: float = ATLAS_CORE_PROBABILITY
+) -> dict[TissueClass, np.ndarray]:
+    """Per class (:data:`ATLAS_CLASSES` order of ``priors``, (3, X, Y, Z)), the voxels of ``inner``
+    where the class's probability exceeds ``probability`` at the voxel and its in-plane neighbours."""
+    return {
+        tissue: inner & (ndimage.minimum_filter(priors[index], size=(3, 3, 1)) > probability)
+        for index, tissue in enumerate(ATLAS_CLASSES)
+    }
+
+
+def atlas_tissue_check(
+    ct_hu: np.ndarray,
+    t1: np.ndarray,
+    brain: np.ndarray,
+    acquired: np.ndarray,
+    pixel_spacing: Sequence[float],
+    priors: np.ndarray,
+    config: TissueCheckConfig = TissueCheckConfig(),
+) -> AtlasCheck:
+    """Does the synthetic T1 order the atlas's white, grey and CSF cores as a real T1 does?
+
+    Args:
+        ct_hu, t1, brain, acquired, pixel_spacing: as for :func:`tissue_check`.
+        priors: (3, X, Y, Z) the atlas's CSF, grey and white maps registered onto the grid.
+        config: its smoothing and erosion are used (the HU ranges are not).
+
+    Raises:
+        ValueError: arrays of different shapes, or ``acquired`` of another length than Z.
+    """
+    if not ct_hu.shape == t1.shape == brain.shape == priors.shape[1:] or priors.shape[0] != len(ATLAS_CLASSES):
+        raise ValueError(
+            f"CT {ct_hu.shape}, T1 {t1.shape}, brain {brain.shape} and atlas maps {priors.shape} do not match"
+        )
+    keep = np.asarray(acquired, dtype=bool)
+    if keep.shape != (ct_hu.shape[2],):
+        raise ValueError(f"acquired has {keep.shape[0] if keep.ndim else 0} entries for {ct_hu.shape[2]} slices")
+    brain = np.asarray(brain, dtype=bool)[:, :, keep]
+    hu = smoothed_hu(ct_hu[:, :, keep], brain, pixel_spacing, config.smoothing_mm)
+    cores = atlas_cores(priors[:, :, :, keep], inner_brain(brain, pixel_spacing, config.erosion_mm))
+    values = np.asarray(t1, dtype=np.float64)[:, :, keep]
+    by_class = {tissue: values[core] for tissue, core in cores.items()}
+    means = {tissue: float(v.mean()) if v.size else None for tissue, v in by_class.items()}
+    order = (
+        bool(means[TissueClass.WHITE] > means[TissueClass.GREY] > means[TissueClass.CSF])
+        if all(mean is not None for mean in means.values())
+        else None
+    )
+    return AtlasCheck(
+        voxels={tissue.value: int(core.sum()) for tissue, core in cores.items()},
+        t1_mean={tissue.value: mean for tissue, mean in means.items()},
+        order_holds=order,
+        cohen_d={
+            "white_grey": _cohen_d(by_class[TissueClass.WHITE], by_class[TissueClass.GREY]),
+            "grey_csf": _cohen_d(by_class[TissueClass.GREY], by_class[TissueClass.CSF]),
+        },
+        ct_median_hu={
+            tissue.value: float(np.median(hu[core])) if core.any() else None for tissue, core in cores.items()
+        },
+        ct_d_grey_white=_cohen_d(hu[cores[TissueClass.GREY]], hu[cores[TissueClass.WHITE]]),
+    )
+
+
 class SlicePair(enum.StrEnum):
     """Kinds of adjacent output slices the banding measure compares."""
 
@@ -477,6 +592,9 @@ CHECK_COLUMNS = (
     "d_grey_csf",
     "csf_dice",
     "csf_dice_chance",
+    "atlas_order",
+    "atlas_d_white_grey",
+    "atlas_ct_d_grey_white",
     "banding_brightness_ratio",
     "banding_voxel_ratio",
 )
@@ -488,6 +606,7 @@ def check_columns(tissue: dict[str, Any], banding: dict[str, Any]) -> dict[str, 
     record lacks (an MRI-input preset has no tissue check, an older result neither)."""
     means = tissue.get("t1_mean") or {}
     effect = tissue.get("cohen_d") or {}
+    atlas = tissue.get("atlas") or {}
     return {
         "tissue_order": tissue.get("order_holds"),
         "t1_white": means.get(TissueClass.WHITE),
@@ -497,6 +616,9 @@ def check_columns(tissue: dict[str, Any], banding: dict[str, Any]) -> dict[str, 
         "d_grey_csf": effect.get("grey_csf"),
         "csf_dice": tissue.get("csf_dice"),
         "csf_dice_chance": tissue.get("csf_dice_chance"),
+        "atlas_order": atlas.get("order_holds"),
+        "atlas_d_white_grey": (atlas.get("cohen_d") or {}).get("white_grey"),
+        "atlas_ct_d_grey_white": atlas.get("ct_d_grey_white"),
         "banding_brightness_ratio": banding.get("brightness_ratio"),
         "banding_voxel_ratio": banding.get("voxel_ratio"),
     }

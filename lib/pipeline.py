@@ -38,11 +38,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lib.consistency import measure_banding, tissue_check
+from lib.consistency import atlas_tissue_check, measure_banding, tissue_check
+from lib.data.atlas import atlas_priors
 from lib.data.ct_alignment import align_to_template, too_short_to_register
 from lib.data.ct_brain import BrainExtraction, extract_brain
 from lib.data.destripe import DESTRIPE_SCALE_MM, smooth_along_z, stripe_sigma_slices
 from lib.data.model_frame import ModelFrame, foreground_mask, normalise_source
+from lib.data.synthesis import mni_ct_atlas
 from lib.diffusion.sampler import translate_slices
 from lib.diffusion.slerp import slerp
 from lib.io.volume import DenseGrid, Volume, dense_grid
@@ -67,6 +69,9 @@ __all__ = ["ReBrainPipeline", "Reconstruction", "ReconstructionOptions", "SliceR
 OUTSIDE_BRAIN_HU = -1000.0
 # A CT input must have a voxel below this (air is about -1000 HU; fat, the lowest tissue, -100).
 AIR_CHECK_HU = -200.0
+# The atlas half of the tissue check needs a brain of about this size (ml) on the output grid:
+# its affine fit to a cut of a few slices is not pinned down (a whole brain is ~1200 ml).
+MIN_ATLAS_BRAIN_ML = 200.0
 
 
 def dense_slices(acquired: np.ndarray, acquired_mask: np.ndarray, grid: DenseGrid) -> tuple[np.ndarray, np.ndarray]:
@@ -269,7 +274,10 @@ class ReBrainPipeline:
         # Checks without ground truth (lib/consistency.py): the CT's HU classes against the T1
         # (CT input only: other inputs have no HU), and the stripes at acquired slices.
         tissue = (
-            tissue_check(ct, mri, mask_dense, grid.acquired, grid.voxel_spacing[:2]).to_dict()
+            {
+                **tissue_check(ct, mri, mask_dense, grid.acquired, grid.voxel_spacing[:2]).to_dict(),
+                "atlas": self._atlas_check(ct, mri, mask_dense, grid),
+            }
             if modality == "ct"
             else {}
         )
@@ -291,6 +299,21 @@ class ReBrainPipeline:
         return Reconstruction(
             mri=mri, uncertainty=uncertainty, ct=ct, mask=mask_dense, grid=grid, slices=records, summary=summary
         )
+
+    @staticmethod
+    def _atlas_check(ct: np.ndarray, mri: np.ndarray, mask: np.ndarray, grid: DenseGrid) -> dict[str, Any]:
+        """The atlas half of the tissue check (:func:`lib.consistency.atlas_tissue_check`), or
+        ``{"error": why}`` when the atlas cannot be registered (a brain too small to fit): the
+        reconstruction itself is not affected."""
+        brain_ml = float(mask.sum()) * float(np.prod(grid.voxel_spacing)) / 1000.0
+        if brain_ml < MIN_ATLAS_BRAIN_ML:
+            return {"error": f"{brain_ml:.0f} ml of brain is too little to register the atlas to"}
+        painted, atlas = mni_ct_atlas()
+        try:
+            priors = atlas_priors(ct, mask, grid.affine, painted, atlas.mask, atlas.affine, atlas.probabilities)
+        except RuntimeError as error:  # ITK: e.g. too few samples in the overlap
+            return {"error": f"atlas registration failed: {str(error).strip().splitlines()[-1]}"}
+        return atlas_tissue_check(ct, mri, mask, grid.acquired, grid.voxel_spacing[:2], priors).to_dict()
 
     @staticmethod
     def _destripe_settings(

@@ -4,15 +4,20 @@ and without stripes at their acquired slices."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from lib.consistency import (
+    ATLAS_CLASSES,
     CHECK_COLUMNS,
     TISSUE_LABELS,
     UNCLASSIFIED,
     TissueCheckConfig,
     TissueClass,
+    atlas_cores,
+    atlas_tissue_check,
     check_columns,
     classify_tissue,
     inner_brain,
@@ -266,3 +271,48 @@ def test_columns_flatten_the_records_and_are_empty_without_them():
     assert columns["banding_brightness_ratio"] == banding["brightness_ratio"]
     # An MRI-input preset (no tissue check) or a result older than the checks.
     assert check_columns({}, {}) == dict.fromkeys(CHECK_COLUMNS)
+
+
+def phantom_priors(ct: np.ndarray) -> np.ndarray:
+    """The phantom's own tissue layout as atlas maps (CSF, grey, white order), probability 1 in
+    each class's region: a perfectly registered atlas."""
+    return np.stack([(ct == HU[tissue]).astype(np.float32) for tissue in ATLAS_CLASSES])
+
+
+def test_the_atlas_cores_order_a_real_t1_and_report_the_ct_contrast_there():
+    ct, t1, brain = phantom()
+    check = atlas_tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM, phantom_priors(ct))
+    assert check.order_holds is True
+    assert check.cohen_d["white_grey"] > 3 and check.cohen_d["grey_csf"] > 3  # 0.25 apart, noise 0.03
+    assert check.t1_mean["white"] == pytest.approx(T1[TissueClass.WHITE], abs=0.01)
+    # The CT's HU in the cores: the classes' own (smoothing reaches 2 mm, the cores start inside).
+    assert check.ct_median_hu == pytest.approx({tissue.value: HU[tissue] for tissue in ATLAS_CLASSES}, abs=0.5)
+    assert check.ct_d_grey_white > 3
+    # A T1 with white and grey swapped fails the order in the cores.
+    swapped = np.where(ct == HU[TissueClass.WHITE], t1 - 0.25, np.where(ct == HU[TissueClass.GREY], t1 + 0.25, t1))
+    failed = atlas_tissue_check(ct, swapped, brain, EVERY_FOURTH, PIXEL_MM, phantom_priors(ct))
+    assert failed.order_holds is False and failed.cohen_d["white_grey"] < 0
+    json.dumps(failed.to_dict())
+
+
+def test_the_atlas_cores_leave_a_voxel_margin_and_the_eroded_edge_out():
+    ct, _, brain = phantom()
+    priors = phantom_priors(ct)
+    cores = atlas_cores(priors, inner_brain(brain, PIXEL_MM, 3.0))
+    # The CSF block is 12 x 12 voxels: its core is the 10 x 10 inside a one-voxel margin.
+    assert cores[TissueClass.CSF][:, :, 0].sum() == 100
+    white = cores[TissueClass.WHITE][:, :, 0]
+    assert white.sum() == 30 * 30 - 14 * 14 and not white[20, 20] and white[21, 21]
+    # Grey surrounds white up to the brain's edge, which the 3 mm erosion removes.
+    grey = cores[TissueClass.GREY][:, :, 0]
+    assert not grey[8:11].any() and grey[12, 30] and not grey[19, 30]
+    # Below the core probability nothing is a core.
+    assert not any(core.any() for core in atlas_cores(priors * 0.85, brain).values())
+
+
+def test_the_atlas_check_refuses_maps_of_another_grid():
+    ct, t1, brain = phantom()
+    with pytest.raises(ValueError, match="atlas maps"):
+        atlas_tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM, phantom_priors(ct)[:, :-1])
+    with pytest.raises(ValueError, match="acquired has 3"):
+        atlas_tissue_check(ct, t1, brain, np.ones(3, dtype=bool), PIXEL_MM, phantom_priors(ct))

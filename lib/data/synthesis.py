@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 import nibabel as nib
 import numpy as np
@@ -52,6 +53,7 @@ __all__ = [
     "bias_field",
     "draw_appearance",
     "make_pseudo_subject",
+    "mni_ct_atlas",
     "to_canonical",
     "with_lesions",
     "random_smooth_deformation",
@@ -243,6 +245,15 @@ def tissue_model_from_mni() -> TissueModel:
     probabilities = _normalise_probabilities(np.stack([csf, grey, white]), mask)
     t1 = np.where(mask, t1, np.float32(0.0))
     return TissueModel(t1=t1, mask=mask, probabilities=probabilities, affine=affine)
+
+
+@lru_cache(maxsize=1)
+def mni_ct_atlas() -> tuple[np.ndarray, TissueModel]:
+    """nilearn's MNI152 painted as a noise-free brain CT (the :data:`HU` literature values of its
+    tissue maps), and its tissue model: what :func:`lib.data.atlas.atlas_priors` registers to a
+    real CT's brain. Loaded once per process (~5 s); the arrays are shared, do not modify them."""
+    model = tissue_model_from_mni()
+    return np.tensordot(HU.brain, model.probabilities, axes=1).astype(np.float32), model
 
 
 # Atlas priors are smoothed by this Gaussian (SD, mm) and mixed with a uniform prior of this

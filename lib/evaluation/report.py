@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lib.consistency import MAX_CALIBRATION_HU, PARENCHYMA_HU, TissueCheckConfig
+from lib.consistency import ATLAS_CORE_PROBABILITY, MAX_CALIBRATION_HU, PARENCHYMA_HU, TissueCheckConfig
 from lib.evaluation.figures import plot_montage, plot_similarity_histogram, plot_slice_psnr, plot_uncertainty_and_error
 from lib.evaluation.harness import LOW_INPUT_COVERAGE, METRIC_COLUMNS, EvaluationResult
 from lib.io.atomic import atomic_directory, check_replaceable_folder
@@ -36,6 +36,9 @@ TISSUE_METRICS = (
     ("d_grey_csf", "d grey-CSF", 2),
     ("csf_dice", "CSF Dice", 3),
     ("csf_dice_chance", "CSF Dice by chance", 3),
+    ("atlas_order", "atlas W > G > CSF (share)", 2),
+    ("atlas_d_white_grey", "atlas d white-grey", 2),
+    ("atlas_ct_d_grey_white", "CT d grey-white in atlas", 2),
 )
 BANDING_METRICS = (
     ("banding_brightness_ratio", "brightness jump ratio", 2),
@@ -56,7 +59,10 @@ threshold of its brain HU in {PARENCHYMA_HU[0]:g}-{PARENCHYMA_HU[1]:g} HU) minus
 where the synthetic T1's class means keep that order; T1 columns: those means; d: Cohen's d
 (mean difference over the pooled standard deviation), positive in the T1 order; CSF Dice: the
 T1's n darkest classified voxels (n = CSF voxels) against the CT's CSF; by chance: the Dice of
-a random dark set of that size (the CSF share)."""
+a random dark set of that size (the CSF share). Atlas columns: the same order and d in the cores
+(probability > {ATLAS_CORE_PROBABILITY:g} over 3 x 3 voxels) of the MNI152 tissue maps registered affinely to the
+CT, which do not depend on the CT separating grey from white by HU; CT d grey-white in atlas: the
+contrast the input itself carried there (about 1 on the head CT study, 0.3 on Cranium)."""
 BANDING_DEFINITIONS = """Banding (no ground truth): for adjacent output slices, inside the brain of both, the
 |difference of their brain means| (brightness) and the mean absolute voxel difference (voxel),
 averaged over acquired/generated pairs and divided by the same over generated/generated pairs:
@@ -209,7 +215,13 @@ def write_report(out_dir: str | os.PathLike[str], result: EvaluationResult, head
 def _check_sections(metrics: pd.DataFrame) -> list[str]:
     """The report's lines on the checks without ground truth; none when no run has them."""
     # order_holds is True/False/None per run; as 1/0/NaN its mean is the share of runs.
-    numeric = metrics.assign(tissue_order=metrics["tissue_order"].map({True: 1.0, False: 0.0}).astype(float))
+    numeric = metrics.assign(
+        **{
+            name: metrics[name].map({True: 1.0, False: 0.0}).astype(float)
+            for name in ("tissue_order", "atlas_order")
+            if name in metrics
+        }
+    )
     lines: list[str] = []
     for title, columns, definitions in (
         ("Tissue consistency with the input CT", TISSUE_METRICS, TISSUE_DEFINITIONS),

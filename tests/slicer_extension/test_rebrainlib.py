@@ -109,6 +109,24 @@ def test_the_status_line_says_when_the_order_fails_with_the_means():
     )
 
 
+def test_the_status_line_shows_the_atlas_half_of_the_tissue_check():
+    """Cranium-like: the HU classes fail the order, the atlas regions keep it."""
+    atlas = {"order_holds": True, "cohen_d": {"white_grey": 0.649, "grey_csf": 2.3}, "ct_d_grey_white": 0.342}
+    failed = {**TISSUE_RECORD, "order_holds": False, "t1_mean": {"csf": 0.28, "white": 0.7, "grey": 0.78}}
+    text = status_text({**STATUS_SUMMARY, "tissue_check": {**failed, "atlas": atlas}}, 5)
+    assert "does NOT hold (T1 means" in text
+    assert "Atlas regions: white > grey > CSF holds (d white-grey 0.65; the CT's own grey/white contrast d 0.34)." in (
+        text
+    )
+    wrong = {**atlas, "order_holds": False}
+    assert "Atlas regions: white > grey > CSF does NOT hold (d" in status_text(
+        {**STATUS_SUMMARY, "tissue_check": {**TISSUE_RECORD, "atlas": wrong}}, 5
+    )
+    small = {**TISSUE_RECORD, "atlas": {"error": "12 ml of brain is too little to register the atlas to"}}
+    assert "Atlas regions: not measured (12 ml of brain" in status_text({**STATUS_SUMMARY, "tissue_check": small}, 5)
+    assert "Atlas" not in status_text({**STATUS_SUMMARY, "tissue_check": TISSUE_RECORD}, 5)  # an older server
+
+
 def test_the_status_line_of_a_result_without_the_checks_leaves_them_out():
     """An MRI preset (no tissue check), banding undefined (x2 sparsity), or an older server."""
     for summary in (

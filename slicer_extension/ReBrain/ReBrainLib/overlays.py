@@ -80,15 +80,32 @@ def _tissue_text(check: dict) -> str:
     overlap = f", CSF Dice {dice:.2f} (chance {chance:.2f})" if dice is not None and chance is not None else ""
     order = check.get("order_holds")
     if order is None:
-        return f"Tissue check: a tissue class is empty in the CT, order not measured{overlap}."
-    if order:
+        text = f"Tissue check: a tissue class is empty in the CT, order not measured{overlap}."
+    elif order:
         d = [effect.get(name) for name in ("white_grey", "grey_csf")]
         sizes = f" (d {d[0]:.2f} / {d[1]:.2f})" if None not in d else ""
-        return f"Tissue check: white > grey > CSF holds{sizes}{overlap}."
-    return (
-        "Tissue check: white > grey > CSF does NOT hold (T1 means white "
-        f"{means['white']:.2f}, grey {means['grey']:.2f}, CSF {means['csf']:.2f}){overlap}."
-    )
+        text = f"Tissue check: white > grey > CSF holds{sizes}{overlap}."
+    else:
+        text = (
+            "Tissue check: white > grey > CSF does NOT hold (T1 means white "
+            f"{means['white']:.2f}, grey {means['grey']:.2f}, CSF {means['csf']:.2f}){overlap}."
+        )
+    return text + _atlas_text(check.get("atlas") or {})
+
+
+def _atlas_text(atlas: dict) -> str:
+    """The atlas half of the tissue check in one clause ("" when the result has none)."""
+    if "error" in atlas:
+        return f" Atlas regions: not measured ({atlas['error']})."
+    order = atlas.get("order_holds")
+    if order is None:
+        return ""
+    d, ct_d = (atlas.get("cohen_d") or {}).get("white_grey"), atlas.get("ct_d_grey_white")
+    sizes = ""
+    if d is not None:
+        contrast = f"; the CT's own grey/white contrast d {ct_d:.2f}" if ct_d is not None else ""
+        sizes = f" (d white-grey {d:.2f}{contrast})"
+    return f" Atlas regions: white > grey > CSF {'holds' if order else 'does NOT hold'}{sizes}."
 
 
 def status_text(summary: dict, elapsed_s: float) -> str:
