@@ -62,7 +62,7 @@ T1's n darkest classified voxels (n = CSF voxels) against the CT's CSF; by chanc
 a random dark set of that size (the CSF share). Atlas columns: the same order and d in the cores
 (probability > {ATLAS_CORE_PROBABILITY:g} over 3 x 3 voxels) of the MNI152 tissue maps registered affinely to the
 CT, which do not depend on the CT separating grey from white by HU; CT d grey-white in atlas: the
-contrast the input itself carried there (about 1 on the head CT study, 0.3 on Cranium)."""
+contrast the input itself carried there (1.7-1.9 on the head CT study, 0.5 on Cranium)."""
 BANDING_DEFINITIONS = """Banding (no ground truth): for adjacent output slices, inside the brain of both, the
 |difference of their brain means| (brightness) and the mean absolute voxel difference (voxel),
 averaged over acquired/generated pairs and divided by the same over generated/generated pairs:
