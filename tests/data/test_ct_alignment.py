@@ -12,6 +12,8 @@ from scipy import ndimage
 from lib.data.ct_alignment import (
     MAX_METRIC,
     TEMPLATE_DIR,
+    UPSIDE_DOWN_MARGIN,
+    UPSIDE_DOWN_MI_MARGIN,
     align_to_template,
     cormack_to_hu,
     load_ct_template,
@@ -273,11 +275,13 @@ def test_a_head_upside_down_every_second_slice_is_refused(real_ct_volume, templa
         align_to_template(simulate_sparse_volume(flipped, factor=2))
 
 
-def test_a_head_the_right_way_up_fits_worse_turned_over(alignment):
-    """The upside-down check does not fire on the real head: turned over, it fits far worse."""
+def test_a_head_the_right_way_up_is_not_taken_for_upside_down(alignment):
+    """Turned over, the real head can fit the smooth template about as well by correlation
+    (best of the starts measured 0.634 against 0.640), but not better in mutual information by
+    anything like the margin (measured 0.014 better at most; the upside-down x2 study: 0.2)."""
     turned = alignment.meta["turned_fit"]
-    assert turned["cranial_correlation"] < alignment.cranial_correlation - 0.15  # measured 0.38 against 0.64
-    assert turned["metric"] > alignment.metric  # less negative: worse
+    assert turned["cranial_correlation"] <= alignment.cranial_correlation + UPSIDE_DOWN_MARGIN
+    assert turned["metric"] > alignment.metric - UPSIDE_DOWN_MI_MARGIN / 2
 
 
 def test_partial_coverage_gets_the_positions_of_the_whole_head(alignment, real_ct_volume, template):

@@ -20,7 +20,10 @@ from lib.io import read_volume
 from lib.io.dicom_writer import RAS_TO_LPS
 from lib.io.errors import VolumeReadError
 from lib.io.volume import Volume, slice_normal
-from tests.data.test_ct_alignment import one_thread  # noqa: F401  (autouse: one ITK thread on the shared machine)
+from tests.data.test_ct_alignment import (
+    one_thread,  # noqa: F401  (autouse: one ITK thread on the shared machine)
+    upside_down,
+)
 from tests.tilted import make_tilted
 
 UNMEASURED_HU = -3024.0
@@ -143,6 +146,15 @@ def test_tight_field_of_view_lands_where_the_whole_scan_puts_it(clinical, real_c
     # The skull base in view (the study's lowest brain slice is at ~0.09), the vertex not.
     assert positions[0] < 0.15 and 0.5 < positions[-1] < 1.0
     assert np.abs(positions - expected_positions(series, alignment, real_ct_alignment, pitch)).max() < 0.05
+
+
+def test_the_tight_series_upside_down_is_refused(clinical):
+    """The tight 5 mm slab with its slices reversed (positions kept) fits the right way up at
+    correlation 0.47, above the acceptance threshold; turned over it fits better (0.60)."""
+    series, _, _ = clinical(0.0, 15.0)
+    flipped = upside_down(series)
+    with pytest.raises(VolumeReadError, match="upside_down.nii: registration.*better turned upside down"):
+        align_to_template(flipped)
 
 
 def test_a_couch_in_view_is_accepted_at_the_same_positions(full_ct, real_ct_alignment):
