@@ -135,6 +135,12 @@ UPSIDE_DOWN_MARGIN = 0.05
 UPSIDE_DOWN_MI_MARGIN = 0.1
 # Starts of the turned fit: small rotations (degrees, rotation vector in LPS) of the turned pose.
 TURNED_STARTS = ((0.0, 0.0, 0.0), (3.0, 0.0, 0.0), (0.0, 0.0, 3.0))
+# After the first start, the others are tried only when it ended within this much (correlation)
+# of the found fit. Measured first starts: upright study 0.38 / 0.64, upper 40 % 0.01 / 0.90,
+# Cranium's upper half 0.04 / 0.78, pitched slab 0.10 / 0.48 (stop); Cranium 0.49 / 0.52, tight
+# slab 0.58 / 0.60, tight slab upside down 0.43 / 0.47 (go on); upside down x2 0.64 / 0.37
+# (refused at once).
+TURNED_SKIP_MARGIN = 0.2
 # Plausible head rotations relative to MNI (pitch of orbito-meatal scanning, patient roll/yaw):
 # a larger fitted angle means the optimiser went astray.
 MAX_ROTATION_DEG = 45.0
@@ -558,10 +564,22 @@ def _cranial_correlation(
     return float(np.corrcoef(ct, moved)[0, 1])
 
 
-def _turned_fits(fixed, moving, fixed_mask, transform, template: CtTemplate) -> list[tuple[float, float]]:
+def _fits_better_turned(found: tuple[float, float], turned: tuple[float, float]) -> bool:
+    """Whether a turned fit (MI, correlation) beats the found one by both margins."""
+    return turned[1] > found[1] + UPSIDE_DOWN_MARGIN and turned[0] < found[0] - UPSIDE_DOWN_MI_MARGIN
+
+
+def _turned_fits(
+    fixed, moving, fixed_mask, transform, template: CtTemplate, found: tuple[float, float]
+) -> list[tuple[float, float]]:
     """Mutual information and cranial correlation of the fits refined from ``transform`` with the
     head turned 180 degrees about its anterior-posterior axis (through the transform's centre),
-    from each of :data:`TURNED_STARTS`.
+    from :data:`TURNED_STARTS` in turn; ``found`` is the found fit's (MI, correlation).
+
+    The search stops at the first fit that beats ``found`` (:func:`_fits_better_turned`), and
+    after the first start when that one ends over :data:`TURNED_SKIP_MARGIN` below ``found`` in
+    correlation (an upright whole head: 0.38 against 0.64), which spares most scans two of the
+    three refinements.
 
     Turning about A-P swaps superior/inferior and left/right; a head is nearly left-right
     symmetric, so this is the pose a head stored upside down (slices reversed, positions kept)
@@ -582,12 +600,13 @@ def _turned_fits(fixed, moving, fixed_mask, transform, template: CtTemplate) -> 
             turned.SetMatrix((matrix @ nudge @ np.diag([-1.0, 1.0, -1.0])).ravel().tolist(), 1e-6)
             turned.SetTranslation(translation.tolist())
             refined, _ = _refine(fixed, moving, fixed_mask, turned)
-            fits.append(
-                (
-                    _final_metric(fixed, moving, fixed_mask, refined),
-                    _cranial_correlation(fixed, moving, fixed_mask, refined, template),
-                )
+            fit = (
+                _final_metric(fixed, moving, fixed_mask, refined),
+                _cranial_correlation(fixed, moving, fixed_mask, refined, template),
             )
+            fits.append(fit)
+            if _fits_better_turned(found, fit) or fit[1] < found[1] - TURNED_SKIP_MARGIN:
+                break
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     return fits
@@ -898,12 +917,16 @@ def align_to_template(
     if rotation > MAX_ROTATION_DEG:
         raise _fail(volume, f"implausible rotation of {rotation:.1f} degrees to the template")
     try:
-        fits = _turned_fits(fixed, moving, fixed_mask, transform, template)
+        fits = _turned_fits(fixed, moving, fixed_mask, transform, template, (metric, correlation))
     except RuntimeError as error:
         raise _fail(volume, f"ITK stopped: {str(error).strip().splitlines()[-1]}") from error
     turned_metric, turned_correlation = max(fits, key=lambda fit: fit[1])
-    alignment.meta["turned_fit"] = {"metric": turned_metric, "cranial_correlation": turned_correlation}
-    if turned_correlation > correlation + UPSIDE_DOWN_MARGIN and turned_metric < metric - UPSIDE_DOWN_MI_MARGIN:
+    alignment.meta["turned_fit"] = {
+        "metric": turned_metric,
+        "cranial_correlation": turned_correlation,
+        "starts": len(fits),
+    }
+    if any(_fits_better_turned((metric, correlation), fit) for fit in fits):
         raise _fail(
             volume,
             f"the head fits the template better turned upside down (correlation {turned_correlation:.2f} against "
