@@ -346,6 +346,41 @@ class TissueCheck:
         }
 
 
+def _acquired_brain(
+    ct_hu: np.ndarray, t1: np.ndarray, brain: np.ndarray, acquired: np.ndarray, pixel_spacing, config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The acquired slices (``keep``), their smoothed brain HU, eroded brain and T1 (float64).
+
+    Raises:
+        ValueError: ``acquired`` of another length than Z.
+    """
+    keep = np.asarray(acquired, dtype=bool)
+    if keep.shape != (ct_hu.shape[2],):
+        raise ValueError(f"acquired has {keep.shape[0] if keep.ndim else 0} entries for {ct_hu.shape[2]} slices")
+    brain = np.asarray(brain, dtype=bool)[:, :, keep]
+    hu = smoothed_hu(ct_hu[:, :, keep], brain, pixel_spacing, config.smoothing_mm)
+    inner = inner_brain(brain, pixel_spacing, config.erosion_mm)
+    return keep, hu, inner, np.asarray(t1, dtype=np.float64)[:, :, keep]
+
+
+def _t1_order(
+    by_class: dict[TissueClass, np.ndarray],
+) -> tuple[dict[str, float | None], bool | None, dict[str, float | None]]:
+    """The T1's mean per class, whether white > grey > CSF (None: a class is empty), and Cohen's
+    d of white vs grey and grey vs CSF (positive in that order)."""
+    means = {tissue: float(v.mean()) if v.size else None for tissue, v in by_class.items()}
+    order = (
+        bool(means[TissueClass.WHITE] > means[TissueClass.GREY] > means[TissueClass.CSF])
+        if all(mean is not None for mean in means.values())
+        else None
+    )
+    effect = {
+        "white_grey": _cohen_d(by_class[TissueClass.WHITE], by_class[TissueClass.GREY]),
+        "grey_csf": _cohen_d(by_class[TissueClass.GREY], by_class[TissueClass.CSF]),
+    }
+    return {tissue.value: mean for tissue, mean in means.items()}, order, effect
+
+
 def tissue_check(
     ct_hu: np.ndarray,
     t1: np.ndarray,
@@ -369,23 +404,12 @@ def tissue_check(
     """
     if not ct_hu.shape == t1.shape == brain.shape:
         raise ValueError(f"CT {ct_hu.shape}, T1 {t1.shape} and brain {brain.shape} must have one shape")
-    keep = np.asarray(acquired, dtype=bool)
-    if keep.shape != (ct_hu.shape[2],):
-        raise ValueError(f"acquired has {keep.shape[0] if keep.ndim else 0} entries for {ct_hu.shape[2]} slices")
-    brain = np.asarray(brain, dtype=bool)[:, :, keep]
-    hu = smoothed_hu(ct_hu[:, :, keep], brain, pixel_spacing, config.smoothing_mm)
-    inner = inner_brain(brain, pixel_spacing, config.erosion_mm)
+    keep, hu, inner, values = _acquired_brain(ct_hu, t1, brain, acquired, pixel_spacing, config)
     applied, shift = _calibrated(hu[inner], config)
     labels = _labels(hu, inner, applied)
-    values = np.asarray(t1, dtype=np.float64)[:, :, keep]
     by_class = {tissue: values[labels == TISSUE_LABELS[tissue]] for tissue in TissueClass}
-    means = {tissue: float(v.mean()) if v.size else None for tissue, v in by_class.items()}
+    means, order, effect = _t1_order(by_class)
     classified = labels != UNCLASSIFIED
-    order = (
-        bool(means[TissueClass.WHITE] > means[TissueClass.GREY] > means[TissueClass.CSF])
-        if all(mean is not None for mean in means.values())
-        else None
-    )
     return TissueCheck(
         slices=int(keep.sum()),
         brain_median_hu=float(np.median(hu[inner])) if inner.any() else None,
@@ -393,12 +417,9 @@ def tissue_check(
             **{tissue.value: int(v.size) for tissue, v in by_class.items()},
             "unclassified": int(inner.sum() - classified.sum()),
         },
-        t1_mean={tissue.value: mean for tissue, mean in means.items()},
+        t1_mean=means,
         order_holds=order,
-        cohen_d={
-            "white_grey": _cohen_d(by_class[TissueClass.WHITE], by_class[TissueClass.GREY]),
-            "grey_csf": _cohen_d(by_class[TissueClass.GREY], by_class[TissueClass.CSF]),
-        },
+        cohen_d=effect,
         csf_dice=_dark_set_dice(values[classified], labels[classified] == TISSUE_LABELS[TissueClass.CSF]),
         csf_dice_chance=float(by_class[TissueClass.CSF].size / classified.sum()) if classified.any() else None,
         calibration_hu=shift,
@@ -473,28 +494,14 @@ def atlas_tissue_check(
         raise ValueError(
             f"CT {ct_hu.shape}, T1 {t1.shape}, brain {brain.shape} and atlas maps {priors.shape} do not match"
         )
-    keep = np.asarray(acquired, dtype=bool)
-    if keep.shape != (ct_hu.shape[2],):
-        raise ValueError(f"acquired has {keep.shape[0] if keep.ndim else 0} entries for {ct_hu.shape[2]} slices")
-    brain = np.asarray(brain, dtype=bool)[:, :, keep]
-    hu = smoothed_hu(ct_hu[:, :, keep], brain, pixel_spacing, config.smoothing_mm)
-    cores = atlas_cores(priors[:, :, :, keep], inner_brain(brain, pixel_spacing, config.erosion_mm))
-    values = np.asarray(t1, dtype=np.float64)[:, :, keep]
-    by_class = {tissue: values[core] for tissue, core in cores.items()}
-    means = {tissue: float(v.mean()) if v.size else None for tissue, v in by_class.items()}
-    order = (
-        bool(means[TissueClass.WHITE] > means[TissueClass.GREY] > means[TissueClass.CSF])
-        if all(mean is not None for mean in means.values())
-        else None
-    )
+    keep, hu, inner, values = _acquired_brain(ct_hu, t1, brain, acquired, pixel_spacing, config)
+    cores = atlas_cores(priors[:, :, :, keep], inner)
+    means, order, effect = _t1_order({tissue: values[core] for tissue, core in cores.items()})
     return AtlasCheck(
         voxels={tissue.value: int(core.sum()) for tissue, core in cores.items()},
-        t1_mean={tissue.value: mean for tissue, mean in means.items()},
+        t1_mean=means,
         order_holds=order,
-        cohen_d={
-            "white_grey": _cohen_d(by_class[TissueClass.WHITE], by_class[TissueClass.GREY]),
-            "grey_csf": _cohen_d(by_class[TissueClass.GREY], by_class[TissueClass.CSF]),
-        },
+        cohen_d=effect,
         ct_median_hu={
             tissue.value: float(np.median(hu[core])) if core.any() else None for tissue, core in cores.items()
         },
