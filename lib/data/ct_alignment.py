@@ -158,6 +158,9 @@ class CtTemplate:
         brain_inferior_mm, brain_superior_mm: template z (mm; LPS and RAS agree on z) of the
             lowest and highest template slices with brain.
         path: the template file.
+        cranium_mask: uint8 ``brain_mask`` dilated by :data:`CRANIAL_MARGIN_MM`, where the
+            cranial correlation is taken (made once here: every registration evaluates it
+            for the found fit and each turned fit).
     """
 
     image: sitk.Image
@@ -166,6 +169,7 @@ class CtTemplate:
     brain_inferior_mm: float
     brain_superior_mm: float
     path: str
+    cranium_mask: sitk.Image
 
 
 def cormack_to_hu(values: np.ndarray) -> np.ndarray:
@@ -211,7 +215,15 @@ def load_ct_template(folder: str | Path | None = None) -> CtTemplate:
     head_mask = _head_mask(image)
     slices = np.nonzero(brain.any(axis=(1, 2)))[0]
     z = [image.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, float(k)))[2] for k in (slices.min(), slices.max())]
-    return CtTemplate(image, head_mask, brain_mask, float(min(z)), float(max(z)), str(paths[0]))
+    return CtTemplate(
+        image,
+        head_mask,
+        brain_mask,
+        float(min(z)),
+        float(max(z)),
+        str(paths[0]),
+        _dilate_mm(brain_mask, CRANIAL_MARGIN_MM),
+    )
 
 
 # --------------------------------------------------------------------------- geometry
@@ -551,7 +563,7 @@ def _cranial_correlation(
     dilated by :data:`CRANIAL_MARGIN_MM` (see :data:`MIN_CRANIAL_CORRELATION`); 0 when fewer
     than two such voxels or no contrast (nothing to correlate is no evidence of a head).
     """
-    cranium = _dilate_mm(template.brain_mask, CRANIAL_MARGIN_MM)
+    cranium = template.cranium_mask
     # Copies, not views: a view does not keep its (temporary) image alive, and reading one after
     # the image is freed gave garbage (a correlation of -0.001 for a good registration in CI).
     inside = sitk.GetArrayFromImage(sitk.Resample(cranium, fixed, transform, sitk.sitkNearestNeighbor, 0))
@@ -920,16 +932,18 @@ def align_to_template(
         fits = _turned_fits(fixed, moving, fixed_mask, transform, template, (metric, correlation))
     except RuntimeError as error:
         raise _fail(volume, f"ITK stopped: {str(error).strip().splitlines()[-1]}") from error
+    # The search stops at a refusing fit, so only the last can refuse; the record keeps the
+    # best-correlated one (the refusing one when there is one: it beats the found correlation).
     turned_metric, turned_correlation = max(fits, key=lambda fit: fit[1])
     alignment.meta["turned_fit"] = {
         "metric": turned_metric,
         "cranial_correlation": turned_correlation,
         "starts": len(fits),
     }
-    if any(_fits_better_turned((metric, correlation), fit) for fit in fits):
+    if _fits_better_turned((metric, correlation), fits[-1]):
         raise _fail(
             volume,
-            f"the head fits the template better turned upside down (correlation {turned_correlation:.2f} against "
+            f"the head fits the template better turned upside down (correlation {fits[-1][1]:.2f} against "
             f"{correlation:.2f}): superior and inferior look swapped in the series' geometry; check its slice "
             "positions and orientation",
         )
