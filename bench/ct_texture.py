@@ -43,11 +43,10 @@ from lib.data.ct_texture_fit import (
 from lib.data.invesalius import CRANIUM_PATH, read_inv3
 from lib.data.lesions import FLAIR_RULE, LesionLabel, flair_hyperintensity
 from lib.data.synthesis import (
-    HU,
     CtAppearance,
     TissueModel,
     make_pseudo_subject,
-    tissue_model_from_mni,
+    mni_ct_atlas,
     tissue_model_from_t1,
     with_lesions,
 )
@@ -124,16 +123,17 @@ def real_scans() -> list[RealScan]:
 
 
 def _measure(
-    hu: np.ndarray, mask: np.ndarray, affine: np.ndarray, atlas: TissueModel, name: str, source: str, nominal
+    hu: np.ndarray, mask: np.ndarray, affine: np.ndarray, name: str, source: str, nominal
 ) -> TextureMeasurement:
-    """:func:`measure_texture` with the MNI152 atlas painted as a noise-free CT (literature HU)."""
-    painted = np.tensordot(HU.brain, atlas.probabilities, axes=1)
+    """:func:`measure_texture` with the MNI152 atlas painted as a noise-free CT (literature HU,
+    :func:`lib.data.synthesis.mni_ct_atlas`)."""
+    painted, atlas = mni_ct_atlas()
     return measure_texture(
         hu, mask, affine, painted, atlas.mask, atlas.affine, atlas.probabilities, name, source, nominal
     )
 
 
-def measure_real(atlas: TissueModel) -> list[TextureMeasurement]:
+def measure_real() -> list[TextureMeasurement]:
     """Measure every real scan."""
     measured = []
     for scan in real_scans():
@@ -146,7 +146,6 @@ def measure_real(atlas: TissueModel) -> list[TextureMeasurement]:
                 scan.volume.array,
                 brain.mask,
                 scan.volume.voxel_affine(),
-                atlas,
                 scan.name,
                 scan.source,
                 scan.nominal_thickness_mm,
@@ -156,7 +155,7 @@ def measure_real(atlas: TissueModel) -> list[TextureMeasurement]:
     return measured
 
 
-def measure_synthetic(texture: ScanTexture, anatomy: TissueModel, atlas: TissueModel, seed: int) -> TextureMeasurement:
+def measure_synthetic(texture: ScanTexture, anatomy: TissueModel, seed: int) -> TextureMeasurement:
     """A pseudo-subject with exactly ``texture``'s appearance, sampled at the scan's slice spacing."""
     rng = np.random.default_rng(seed)
     subject = make_pseudo_subject(
@@ -169,7 +168,6 @@ def measure_synthetic(texture: ScanTexture, anatomy: TissueModel, atlas: TissueM
         subject.ct[:, :, ::step],
         subject.mask[:, :, ::step],
         affine,
-        atlas,
         f"synthetic {texture.name}",
         f"pseudo-subject seed {seed} of {COMPARISON_ANATOMY.name}, every {step} mm",
         None,
@@ -198,8 +196,7 @@ TABLE_HEADER = (
 
 def fit(out: Path) -> None:
     """Measure the real scans and write the texture file."""
-    atlas = tissue_model_from_mni()
-    measured = measure_real(atlas)
+    measured = measure_real()
     save_scan_textures([m.texture for m in measured], out, METHOD)
     print(f"wrote {out}\n\n{TABLE_HEADER}")
     for measurement in measured:
@@ -217,15 +214,15 @@ def compare(figure: Path, seed: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    atlas = tissue_model_from_mni()
-    real = {m.texture.name: m for m in measure_real(atlas)}
+    _, atlas = mni_ct_atlas()
+    real = {m.texture.name: m for m in measure_real()}
     fitted = {t.name: t for t in load_scan_textures()}
     t1 = read_nifti(COMPARISON_ANATOMY / "t1n.nii.gz", modality="MR")
     anatomy = tissue_model_from_t1(t1.array, t1.array > 0, t1.voxel_affine(), atlas=atlas)
     print(TABLE_HEADER)
     pairs = []
     for name, measurement in real.items():
-        synthetic = measure_synthetic(fitted.get(name, measurement.texture), anatomy, atlas, seed)
+        synthetic = measure_synthetic(fitted.get(name, measurement.texture), anatomy, seed)
         pairs.append((measurement, synthetic))
         print(_row(f"{name} real", measurement))
         print(_row(f"{name} synthetic", synthetic))
@@ -298,7 +295,7 @@ def lesions(figure: Path, seed: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    atlas = tissue_model_from_mni()
+    _, atlas = mni_ct_atlas()
     print("| subject | tumour ml (labels) | FLAIR rule ml | Dice | precision | recall |\n|---|---|---|---|---|---|")
     scores = []
     for case in sorted((SHARED_DATA / "brats_more").glob("Brats18_*")):
