@@ -98,12 +98,14 @@ __all__ = [
     "PARENCHYMA_HU",
     "TISSUE_LABELS",
     "UNCLASSIFIED",
+    "AcquiredCt",
     "AtlasCheck",
     "Banding",
     "SlicePair",
     "TissueCheck",
     "TissueCheckConfig",
     "TissueClass",
+    "acquired_ct",
     "atlas_cores",
     "atlas_tissue_check",
     "calibration_hu",
@@ -346,10 +348,38 @@ class TissueCheck:
         }
 
 
-def _acquired_brain(
-    ct_hu: np.ndarray, t1: np.ndarray, brain: np.ndarray, acquired: np.ndarray, pixel_spacing, config
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The acquired slices (``keep``), their smoothed brain HU, eroded brain and T1 (float64).
+@dataclass(frozen=True)
+class AcquiredCt:
+    """A CT's acquired slices as the checks read them (:func:`acquired_ct`): made once per
+    reconstruction and passed to :func:`tissue_check` and :func:`atlas_tissue_check`, which
+    otherwise each smooth the CT again.
+
+    Attributes:
+        keep: (Z,) bool, the acquired slices.
+        hu: (X, Y, acquired) the CT's brain HU smoothed in-plane (:func:`smoothed_hu`), float64.
+        inner: (X, Y, acquired) the brain eroded in-plane (:func:`inner_brain`).
+        smoothing_mm, erosion_mm: the configuration they were made with.
+    """
+
+    keep: np.ndarray
+    hu: np.ndarray
+    inner: np.ndarray
+    smoothing_mm: float
+    erosion_mm: float
+
+
+def acquired_ct(
+    ct_hu: np.ndarray,
+    brain: np.ndarray,
+    acquired: np.ndarray,
+    pixel_spacing: Sequence[float],
+    config: TissueCheckConfig = TissueCheckConfig(),
+) -> AcquiredCt:
+    """The acquired slices of ``ct_hu``, smoothed and eroded by ``config`` (see :class:`AcquiredCt`).
+
+    Args:
+        ct_hu, brain, acquired, pixel_spacing: as for :func:`tissue_check`.
+        config: its smoothing and erosion are used.
 
     Raises:
         ValueError: ``acquired`` of another length than Z.
@@ -360,7 +390,35 @@ def _acquired_brain(
     brain = np.asarray(brain, dtype=bool)[:, :, keep]
     hu = smoothed_hu(ct_hu[:, :, keep], brain, pixel_spacing, config.smoothing_mm)
     inner = inner_brain(brain, pixel_spacing, config.erosion_mm)
-    return keep, hu, inner, np.asarray(t1, dtype=np.float64)[:, :, keep]
+    return AcquiredCt(keep, hu, inner, config.smoothing_mm, config.erosion_mm)
+
+
+def _acquired_brain(
+    ct_hu: np.ndarray,
+    t1: np.ndarray,
+    brain: np.ndarray,
+    acquired: np.ndarray,
+    pixel_spacing,
+    config: TissueCheckConfig,
+    prepared: AcquiredCt | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The acquired slices (``keep``), their smoothed brain HU, eroded brain (``prepared``, or
+    :func:`acquired_ct` when None) and T1 (float64).
+
+    Raises:
+        ValueError: ``acquired`` of another length than Z, or ``prepared`` made for other
+            slices or with another smoothing or erosion than ``config``'s.
+    """
+    if prepared is None:
+        prepared = acquired_ct(ct_hu, brain, acquired, pixel_spacing, config)
+    elif (
+        not np.array_equal(prepared.keep, np.asarray(acquired, dtype=bool))
+        or prepared.hu.shape[:2] != ct_hu.shape[:2]
+        or (prepared.smoothing_mm, prepared.erosion_mm) != (config.smoothing_mm, config.erosion_mm)
+    ):
+        raise ValueError("prepared was made for other acquired slices, another grid or another smoothing/erosion")
+    keep = prepared.keep
+    return keep, prepared.hu, prepared.inner, np.asarray(t1, dtype=np.float64)[:, :, keep]
 
 
 def _t1_order(
@@ -388,6 +446,7 @@ def tissue_check(
     acquired: np.ndarray,
     pixel_spacing: Sequence[float],
     config: TissueCheckConfig = TissueCheckConfig(),
+    prepared: AcquiredCt | None = None,
 ) -> TissueCheck:
     """Does the synthetic T1 order the CT's tissue classes as a real T1 does?
 
@@ -398,13 +457,16 @@ def tissue_check(
         acquired: (Z,) bool, the slices an acquired CT slice lies on (the others are left out).
         pixel_spacing: in-plane voxel size (mm) along X and Y.
         config: thresholds, smoothing, erosion and calibration.
+        prepared: ``acquired_ct(ct_hu, brain, acquired, pixel_spacing, config)`` when already
+            made (shared with :func:`atlas_tissue_check`); None: made here.
 
     Raises:
-        ValueError: arrays of different shapes, or ``acquired`` of another length than Z.
+        ValueError: arrays of different shapes, ``acquired`` of another length than Z, or a
+            ``prepared`` that does not match.
     """
     if not ct_hu.shape == t1.shape == brain.shape:
         raise ValueError(f"CT {ct_hu.shape}, T1 {t1.shape} and brain {brain.shape} must have one shape")
-    keep, hu, inner, values = _acquired_brain(ct_hu, t1, brain, acquired, pixel_spacing, config)
+    keep, hu, inner, values = _acquired_brain(ct_hu, t1, brain, acquired, pixel_spacing, config, prepared)
     applied, shift = _calibrated(hu[inner], config)
     labels = _labels(hu, inner, applied)
     by_class = {tissue: values[labels == TISSUE_LABELS[tissue]] for tissue in TissueClass}
@@ -479,6 +541,7 @@ def atlas_tissue_check(
     pixel_spacing: Sequence[float],
     priors: np.ndarray,
     config: TissueCheckConfig = TissueCheckConfig(),
+    prepared: AcquiredCt | None = None,
 ) -> AtlasCheck:
     """Does the synthetic T1 order the atlas's white, grey and CSF cores as a real T1 does?
 
@@ -486,15 +549,17 @@ def atlas_tissue_check(
         ct_hu, t1, brain, acquired, pixel_spacing: as for :func:`tissue_check`.
         priors: (3, X, Y, Z) the atlas's CSF, grey and white maps registered onto the grid.
         config: its smoothing and erosion are used (the HU ranges are not).
+        prepared: as for :func:`tissue_check`.
 
     Raises:
-        ValueError: arrays of different shapes, or ``acquired`` of another length than Z.
+        ValueError: arrays of different shapes, ``acquired`` of another length than Z, or a
+            ``prepared`` that does not match.
     """
     if not ct_hu.shape == t1.shape == brain.shape == priors.shape[1:] or priors.shape[0] != len(ATLAS_CLASSES):
         raise ValueError(
             f"CT {ct_hu.shape}, T1 {t1.shape}, brain {brain.shape} and atlas maps {priors.shape} do not match"
         )
-    keep, hu, inner, values = _acquired_brain(ct_hu, t1, brain, acquired, pixel_spacing, config)
+    keep, hu, inner, values = _acquired_brain(ct_hu, t1, brain, acquired, pixel_spacing, config, prepared)
     cores = atlas_cores(priors[:, :, :, keep], inner)
     means, order, effect = _t1_order({tissue: values[core] for tissue, core in cores.items()})
     return AtlasCheck(

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lib.consistency import atlas_tissue_check, measure_banding, tissue_check
+from lib.consistency import AcquiredCt, acquired_ct, atlas_tissue_check, measure_banding, tissue_check
 from lib.data.atlas import atlas_priors
 from lib.data.ct_alignment import align_to_template, too_short_to_register
 from lib.data.ct_brain import BrainExtraction, extract_brain
@@ -272,15 +272,15 @@ class ReBrainPipeline:
             record.uncertainty_mean = float(uncertainty[:, :, record.index][brain].mean()) if brain.any() else 0.0
         ct = grid.interpolate(volume.array, axis=2)
         # Checks without ground truth (lib/consistency.py): the CT's HU classes against the T1
-        # (CT input only: other inputs have no HU), and the stripes at acquired slices.
-        tissue = (
-            {
-                **tissue_check(ct, mri, mask_dense, grid.acquired, grid.voxel_spacing[:2]).to_dict(),
-                "atlas": self._atlas_check(ct, mri, mask_dense, grid),
+        # (CT input only: other inputs have no HU), and the stripes at acquired slices. The CT's
+        # acquired slices are smoothed once for both halves of the tissue check.
+        tissue = {}
+        if modality == "ct":
+            prepared = acquired_ct(ct, mask_dense, grid.acquired, grid.voxel_spacing[:2])
+            tissue = {
+                **tissue_check(ct, mri, mask_dense, grid.acquired, grid.voxel_spacing[:2], prepared=prepared).to_dict(),
+                "atlas": self._atlas_check(ct, mri, mask_dense, grid, prepared),
             }
-            if modality == "ct"
-            else {}
-        )
         banding = {**measure_banding(mri, mask_dense, grid.acquired).to_dict(), "destriping": destriping}
         output_s = time.perf_counter() - started
 
@@ -301,7 +301,9 @@ class ReBrainPipeline:
         )
 
     @staticmethod
-    def _atlas_check(ct: np.ndarray, mri: np.ndarray, mask: np.ndarray, grid: DenseGrid) -> dict[str, Any]:
+    def _atlas_check(
+        ct: np.ndarray, mri: np.ndarray, mask: np.ndarray, grid: DenseGrid, prepared: AcquiredCt
+    ) -> dict[str, Any]:
         """The atlas half of the tissue check (:func:`lib.consistency.atlas_tissue_check`), or
         ``{"error": why}`` when the atlas cannot be registered (a brain too small to fit): the
         reconstruction itself is not affected."""
@@ -313,7 +315,9 @@ class ReBrainPipeline:
             priors = atlas_priors(ct, mask, grid.affine, painted, atlas.mask, atlas.affine, atlas.probabilities)
         except RuntimeError as error:  # ITK: e.g. too few samples in the overlap
             return {"error": f"atlas registration failed: {str(error).strip().splitlines()[-1]}"}
-        return atlas_tissue_check(ct, mri, mask, grid.acquired, grid.voxel_spacing[:2], priors).to_dict()
+        return atlas_tissue_check(
+            ct, mri, mask, grid.acquired, grid.voxel_spacing[:2], priors, prepared=prepared
+        ).to_dict()
 
     @staticmethod
     def _destripe_settings(

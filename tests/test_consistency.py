@@ -16,6 +16,7 @@ from lib.consistency import (
     UNCLASSIFIED,
     TissueCheckConfig,
     TissueClass,
+    acquired_ct,
     atlas_cores,
     atlas_tissue_check,
     check_columns,
@@ -316,3 +317,24 @@ def test_the_atlas_check_refuses_maps_of_another_grid():
         atlas_tissue_check(ct, t1, brain, EVERY_FOURTH, PIXEL_MM, phantom_priors(ct)[:, :-1])
     with pytest.raises(ValueError, match="acquired has 3"):
         atlas_tissue_check(ct, t1, brain, np.ones(3, dtype=bool), PIXEL_MM, phantom_priors(ct))
+
+
+def test_both_checks_give_the_same_record_from_the_ct_smoothed_once():
+    ct, t1, brain = phantom()
+    noisy = ct + np.random.default_rng(1).normal(0.0, 5.0, ct.shape)
+    priors = phantom_priors(ct)
+    prepared = acquired_ct(noisy, brain, EVERY_FOURTH, PIXEL_MM)
+    assert prepared.hu.shape == (72, 72, 3) and prepared.inner.shape == (72, 72, 3)
+    assert tissue_check(noisy, t1, brain, EVERY_FOURTH, PIXEL_MM, prepared=prepared).to_dict() == (
+        tissue_check(noisy, t1, brain, EVERY_FOURTH, PIXEL_MM).to_dict()
+    )
+    assert atlas_tissue_check(noisy, t1, brain, EVERY_FOURTH, PIXEL_MM, priors, prepared=prepared).to_dict() == (
+        atlas_tissue_check(noisy, t1, brain, EVERY_FOURTH, PIXEL_MM, priors).to_dict()
+    )
+    # Made for other slices or another smoothing: refused, not silently used.
+    with pytest.raises(ValueError, match="prepared"):
+        tissue_check(noisy, t1, brain, np.arange(9) % 2 == 0, PIXEL_MM, prepared=prepared)
+    with pytest.raises(ValueError, match="prepared"):
+        atlas_tissue_check(
+            noisy, t1, brain, EVERY_FOURTH, PIXEL_MM, priors, TissueCheckConfig(smoothing_mm=0.0), prepared=prepared
+        )
