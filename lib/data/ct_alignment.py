@@ -25,8 +25,10 @@ the CT as the *fixed* image, so it maps **CT physical points to template physica
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -755,6 +757,16 @@ def _fail(volume: Volume, why: str) -> VolumeReadError:
     return VolumeReadError(volume.source or "<volume>", f"registration to the head CT template failed: {why}")
 
 
+@contextlib.contextmanager
+def _itk_stops(volume: Volume) -> Iterator[None]:
+    """ITK's errors inside the block (e.g. too few samples inside both images) raised as the
+    :class:`VolumeReadError` of :func:`_fail`, naming the file and ITK's last line."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise _fail(volume, f"ITK stopped: {str(error).strip().splitlines()[-1]}") from error
+
+
 def too_short_to_register(volume: Volume) -> str | None:
     """Why the slice stack is too small to register (too few slices, too short, too wide a gap), or None.
 
@@ -841,7 +853,7 @@ def align_to_template(
         sitk.Euler3DTransform(),
         sitk.CenteredTransformInitializerFilter.MOMENTS,
     )
-    try:
+    with _itk_stops(volume):
         coarse, stage1 = _multiresolution(fixed, moving, fixed_mask, initial, seed)
         coarse_metric = _final_metric(fixed, moving, fixed_mask, coarse)
         if not coarse_metric <= max_metric:
@@ -867,8 +879,6 @@ def align_to_template(
             # iteration cap stopped it rather than give up.
             refined, stage2 = _refine(fixed, moving, fixed_mask, refined)
         transform, stage3, symmetry_deg = _symmetry(fixed, fixed_mask, refined, seed)
-    except RuntimeError as error:  # e.g. too few samples inside both images
-        raise _fail(volume, f"ITK stopped: {str(error).strip().splitlines()[-1]}") from error
     if symmetry_deg > MAX_SYMMETRY_DEG:
         # The mirror registration went astray (a very asymmetric head, a partial field of
         # view): keep the template-only result rather than a wild correction.
@@ -928,10 +938,8 @@ def align_to_template(
         )
     if rotation > MAX_ROTATION_DEG:
         raise _fail(volume, f"implausible rotation of {rotation:.1f} degrees to the template")
-    try:
+    with _itk_stops(volume):
         fits = _turned_fits(fixed, moving, fixed_mask, transform, template, (metric, correlation))
-    except RuntimeError as error:
-        raise _fail(volume, f"ITK stopped: {str(error).strip().splitlines()[-1]}") from error
     # The search stops at a refusing fit, so only the last can refuse; the record keeps the
     # best-correlated one (the refusing one when there is one: it beats the found correlation).
     turned_metric, turned_correlation = max(fits, key=lambda fit: fit[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -247,6 +248,20 @@ def test_noise_is_not_a_head(real_ct_volume, template):
     )
     with pytest.raises(VolumeReadError, match="registration"):
         align_to_template(noise)
+
+
+def test_an_itk_error_is_refused_naming_the_file_and_itk_reason(real_ct_volume, template, monkeypatch):
+    def stop(*args, **kwargs):
+        raise RuntimeError("Exception thrown in SimpleITK Execute:\nitk::ERROR: too few samples\n")
+
+    monkeypatch.setattr("lib.data.ct_alignment._multiresolution", stop)
+    with pytest.raises(VolumeReadError) as raised:
+        align_to_template(dataclasses.replace(real_ct_volume, source="head.nii"), template=template)
+    assert (
+        str(raised.value)
+        == "head.nii: registration to the head CT template failed: ITK stopped: itk::ERROR: too few samples"
+    )
+    assert isinstance(raised.value.__cause__, RuntimeError)
 
 
 def upside_down(volume: Volume) -> Volume:
