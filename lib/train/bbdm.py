@@ -257,7 +257,7 @@ class BridgeTrainer(Trainer):
         condition, x0, network = self.batch(picks.tolist())
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         loss = bridge_loss(self.scheduler, network, condition, x0, t, noise, self.spec.neighbours, autocast)
-        return loss, [self.train_config.lr]
+        return loss, [f"{self.lr:.6g}"]
 
     def finish(self, out: Path) -> None:
         plot_curves(out)

@@ -71,13 +71,44 @@ def test_resume_after_a_crash_continues_exactly(prepared, tmp_path):
 
 
 @pytest.mark.parametrize("config_class", [TrainConfig, ControlNetTrainConfig, RetrievalTrainConfig])
-def test_resume_keeps_the_saved_settings_but_takes_iters_and_precision(config_class):
+def test_resume_keeps_the_saved_settings_but_takes_iters_precision_and_decay(config_class):
     saved = config_class(iters=10, seed=7, lr=0.5, precision="fp32").to_dict()
     assert saved["precision"] == "fp32" and type(saved["precision"]) is str  # plain types in checkpoints
-    merged = config_class(iters=20, seed=1, lr=0.1, precision="bf16").resumed({**saved, "device": "cpu"})
+    merged = config_class(iters=20, seed=1, lr=0.1, precision="bf16", decay_iters=5).resumed({**saved, "device": "cpu"})
     assert (merged.iters, merged.precision, merged.seed, merged.lr) == (20, Precision.BF16, 7, 0.5)
+    assert merged.decay_iters == 5
+    # A run saved before the decay existed resumes at a constant rate unless given one.
+    del saved["decay_iters"]
+    assert config_class(iters=20).resumed(saved).decay_iters == 0
     with pytest.raises(ValueError, match="precision must be one of"):
         config_class(precision="fp16")
+
+
+def test_the_learning_rate_decays_linearly_over_the_last_iterations_only():
+    config = TrainConfig(iters=10, lr=1e-3, decay_iters=4)
+    rates = [config.learning_rate(iteration) for iteration in range(1, 11)]
+    np.testing.assert_allclose(rates, [1e-3] * 6 + [1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert TrainConfig(iters=10, lr=1e-3).learning_rate(10) == 1e-3  # no decay by default
+    # A decay longer than the run starts below lr and still ends at lr / decay_iters.
+    assert TrainConfig(iters=2, lr=1.0, decay_iters=4).learning_rate(1) == 0.5
+
+
+def test_a_decay_added_on_resume_follows_the_rates_of_an_uninterrupted_decayed_run(prepared, tmp_path):
+    """A constant-rate run resumed with a larger iters and decay_iters (what a finished run gets
+    for its decay phase) logs and applies the same rates, and ends on the same weights, as one
+    that had the schedule from the start."""
+    settings = {**SETTINGS, "lr": 2e-3}
+    train_bbdm(prepared, tmp_path / "whole", TINY, TrainConfig(iters=6, decay_iters=2, **settings))
+    train_bbdm(prepared, tmp_path / "split", TINY, TrainConfig(iters=4, **settings))
+    train_bbdm(prepared, tmp_path / "split", TINY, TrainConfig(iters=6, decay_iters=2, **settings), resume=True)
+    whole, split = (pd.read_csv(tmp_path / name / "loss.csv") for name in ("whole", "split"))
+    np.testing.assert_allclose(whole.lr, [2e-3] * 5 + [1e-3])
+    pd.testing.assert_frame_equal(whole.drop(columns="seconds"), split.drop(columns="seconds"))
+    a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True)["model"] for name in ("whole", "split"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    state = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert state["train_config"]["decay_iters"] == 2
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3)
 
 
 def test_every_training_setting_is_described_for_the_front_ends():
