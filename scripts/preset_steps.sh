@@ -15,11 +15,11 @@ train_controlnet_halved() {
 }
 
 # assemble_preset NAME DESCRIPTION: model_weights/NAME from the halved BBDM and ControlNet, the
-# encoder and the knowledge base, 5 sampling steps (issue 19: 2 / 5 / 10 steps scored 16.33 /
-# 16.23 / 16.19 dB on flair2t1 validation).
+# encoder and the knowledge base; STEPS sampling steps (default 5; issue 19: 2 / 5 / 10 steps
+# scored 16.33 / 16.23 / 16.19 dB on flair2t1 validation; NOTES.md "Session 7" for ct2mri's 2).
 assemble_preset() {
   rm -rf "model_weights/$1"
   $PY main.py make-preset --name "$1" --description "$2" \
     --data "$PREP" --bbdm "$WORK/bbdm16.pt" --encoder "$ENC/encoder.pt" --kb "$KB" --controlnet "$WORK/controlnet16.pt" \
-    --steps 5 --position-tolerance 0.1 --out "model_weights/$1"
+    --steps "${STEPS:-5}" --position-tolerance 0.1 --out "model_weights/$1"
 }

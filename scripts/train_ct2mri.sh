@@ -4,15 +4,18 @@
 # commands, exactly as it was made (model_weights/MODEL_CARD.md). Every step is skipped when its
 # output exists and resumed from its checkpoint otherwise.
 #
-#   bash scripts/train_ct2mri.sh WORK_DIR [BBDM_ITERS]
+#   bash scripts/train_ct2mri.sh WORK_DIR [BBDM_ITERS [DECAY_ITERS]]
 #
-# BBDM_ITERS: the iteration the shipped BBDM was stopped at (see MODEL_CARD.md); the run can be
-# resumed further with the same command and a larger number. STAGE=bbdm stops after the BBDM,
+# BBDM_ITERS: the iteration the constant-rate BBDM run was stopped at (see MODEL_CARD.md); the
+# run can be resumed further with the same command and a larger number. DECAY_ITERS (default 0):
+# then DECAY_ITERS more iterations with the learning rate decaying linearly towards 0
+# (--decay-iters), whose last weights are shipped (without it: the best-validation weights). STAGE=bbdm stops after the BBDM,
 # STAGE=encoder trains only the retrieval encoder and its knowledge base (they do not depend on
 # the BBDM, so the two can run side by side).
 set -euo pipefail
-WORK=${1:?usage: train_ct2mri.sh WORK_DIR [BBDM_ITERS]}
+WORK=${1:?usage: train_ct2mri.sh WORK_DIR [BBDM_ITERS [DECAY_ITERS]]}
 ITERS=${2:-1000}
+DECAY=${3:-0}
 STAGE=${STAGE:-all}
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
@@ -30,10 +33,18 @@ source "$(dirname "$0")/preset_steps.sh"
 if [ "$STAGE" != encoder ]; then
   # The flair2t1 BBDM's winning input and width (issue 19: neighbours 1, channels 32..256).
   BBDM_ARGS=(--data "$PREP" --out "$BBDM" --channels 32 64 128 256 --neighbours 1 --precision bf16
-    --iters "$ITERS" --val-every 100 --checkpoint-every 100 --quiet)
-  if [ -f "$BBDM/checkpoint.pt" ]; then $PY main.py train-bbdm "${BBDM_ARGS[@]}" --resume; else $PY main.py train-bbdm "${BBDM_ARGS[@]}"; fi
-  # The best validation brain PSNR's EMA weights, not the last (lib/train/loop.py BestWeights).
-  $PY main.py half-weights "$BBDM/best_model.pt" "$WORK/bbdm16.pt"
+    --val-every 100 --checkpoint-every 100 --quiet)
+  if [ -f "$BBDM/checkpoint.pt" ]; then RESUME=(--resume); else RESUME=(); fi
+  $PY main.py train-bbdm "${BBDM_ARGS[@]}" --iters "$ITERS" "${RESUME[@]}"
+  if [ "$DECAY" -gt 0 ]; then
+    # The decay phase; its last EMA weights are shipped: the 16-slice validation that picks the
+    # best weights swings with each subject's brightness more than the decay's gain shows in it.
+    $PY main.py train-bbdm "${BBDM_ARGS[@]}" --iters $((ITERS + DECAY)) --decay-iters "$DECAY" --resume
+    $PY main.py half-weights "$BBDM/model.pt" "$WORK/bbdm16.pt"
+  else
+    # The best validation brain PSNR's EMA weights, not the last (lib/train/loop.py BestWeights).
+    $PY main.py half-weights "$BBDM/best_model.pt" "$WORK/bbdm16.pt"
+  fi
   [ "$STAGE" = bbdm ] && exit 0
 fi
 

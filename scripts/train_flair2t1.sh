@@ -3,13 +3,16 @@
 # the CPU) with the project's own commands, exactly as it was made (model_weights/MODEL_CARD.md).
 # Every step is skipped when its output exists and resumed from its checkpoint otherwise.
 #
-#   bash scripts/train_flair2t1.sh WORK_DIR [BBDM_ITERS]
+#   bash scripts/train_flair2t1.sh WORK_DIR [BBDM_ITERS [DECAY_ITERS]]
 #
-# BBDM_ITERS: the iteration the shipped BBDM was stopped at (see MODEL_CARD.md); the run can be
-# resumed further with the same command and a larger number.
+# BBDM_ITERS: the iteration the constant-rate BBDM run was stopped at (see MODEL_CARD.md); the
+# run can be resumed further with the same command and a larger number. DECAY_ITERS (default 0):
+# then DECAY_ITERS more iterations with the learning rate decaying linearly towards 0
+# (--decay-iters), whose last weights are shipped.
 set -euo pipefail
-WORK=${1:?usage: train_flair2t1.sh WORK_DIR [BBDM_ITERS]}
+WORK=${1:?usage: train_flair2t1.sh WORK_DIR [BBDM_ITERS [DECAY_ITERS]]}
 ITERS=${2:-1000}
+DECAY=${3:-0}
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -30,6 +33,10 @@ if [ ! -f "$BBDM/checkpoint.pt" ]; then
   $PY main.py train-bbdm --data "$OLD" --out "$BBDM" "${BBDM_ARGS[@]}" --iters 200 --val-every 100 --checkpoint-every 100 --quiet
 fi
 $PY main.py train-bbdm --data "$PREP" --out "$BBDM" "${BBDM_ARGS[@]}" --iters "$ITERS" --resume --quiet
+if [ "$DECAY" -gt 0 ]; then
+  $PY main.py train-bbdm --data "$PREP" --out "$BBDM" "${BBDM_ARGS[@]}" --iters $((ITERS + DECAY)) \
+    --decay-iters "$DECAY" --resume --quiet
+fi
 $PY main.py half-weights "$BBDM/model.pt" "$WORK/bbdm16.pt"
 
 if [ ! -f "$ENC/encoder.pt" ]; then
