@@ -45,8 +45,8 @@ if [ ! -f "$ENC/encoder.pt" ]; then
 fi
 [ -d "$KB" ] || $PY main.py build-kb --data "$PREP" --encoder "$ENC/encoder.pt" --out "$KB" --slice-step 3
 
-# The ControlNet (scripts/preset_steps.sh); this preset ships its last weights, trained before
-# training kept the best-validation ones.
-train_controlnet_halved controlnet.pt
+# The ControlNet (scripts/preset_steps.sh), its best-validation weights (the preset of session 4,
+# trained before training kept them, shipped the last ones).
+train_controlnet_halved best_controlnet.pt
 assemble_preset flair2t1 \
   "FLAIR -> T1 MRI (the method's BraTS setting), 128x128 slices, 2.5-D input (+-1 slice), trained on 19 real BraTS subjects"
