@@ -59,7 +59,7 @@ class LoopConfig:
     decay_iters: int = field(
         default=0,
         metadata={
-            "help": "the last N iterations up to --iters lower the learning rate linearly towards 0 "
+            "help": "the run's last N iterations lower the learning rate linearly towards 0 "
             "(warmup-stable-decay: resume a constant-rate run with it); 0: constant",
             "min": 0,
         },
