@@ -227,6 +227,7 @@ def _train_bbdm(args: argparse.Namespace) -> None:
             device=args.device,
             resume=args.resume,
             progress=bar,
+            init=args.init_weights,
         )
     print(f"trained to iteration {args.iters}: {scores or 'no validation'} -> {args.out}/model.pt")
 
@@ -558,6 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bbdm.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per UNet level (default 1)")
     bbdm.add_argument("--resume", action="store_true", help="continue the run in --out")
+    bbdm.add_argument(
+        "--init-weights",
+        metavar="MODEL_PT",
+        help="start a new run from these BBDM weights (model.pt or a preset's bbdm.pt: fine-tuning, or going on "
+        "after a lost checkpoint); --channels, --neighbours and --num-res-blocks must match them, their bridge "
+        "settings are kept",
+    )
     bbdm.add_argument(
         "--channels",
         type=int,

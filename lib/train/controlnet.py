@@ -57,6 +57,7 @@ from lib.train.bbdm import (
     BridgeTrainer,
     TrainConfig,
     evaluate,
+    flip_rows,
     validation_indices,
 )
 from lib.train.loop import TrainingPlan, run_training
@@ -408,9 +409,11 @@ class ControlNetTrainer(BridgeTrainer):
         return self.model.controlnet
 
     def batch(
-        self, picks: list[int]
+        self, picks: list[int], flips: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-        condition, control, x0 = self.batches.batch(picks, self.train_config.slerp_count, self.device)
+        condition, control, x0 = (
+            flip_rows(tensor, flips) for tensor in self.batches.batch(picks, self.train_config.slerp_count, self.device)
+        )
         return condition, x0, partial(self.model, control=control)
 
     def validate(self, module: torch.nn.Module) -> tuple[dict[str, float], str]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,9 +14,10 @@ from torch.utils.data import Subset
 from lib.data.dataset import PreparedSlices
 from lib.diffusion.sampler import translate_slices
 from lib.diffusion.scheduler import BridgeSchedulerConfig, Objective
+from lib.io.checkpoint import halve_weights
 from lib.metrics import psnr
 from lib.models.denoiser import BBDMConfig, load_bbdm
-from lib.train.bbdm import BBDMTrainer, TrainConfig, train_bbdm
+from lib.train.bbdm import BBDMTrainer, TrainConfig, flip_rows, prepared_slices, train_bbdm
 from lib.train.loop import run_training
 from lib.train.run_folder import RunExistsError
 
@@ -108,3 +112,61 @@ def test_checkpoint_round_trip_gives_bit_identical_samples(prepared, tmp_path):
     assert not torch.equal(sample(7), sample(8))
     with pytest.raises(ValueError, match="expected 'bbdm'"):
         load_bbdm(tmp_path / "r" / "checkpoint.pt")
+
+
+def test_flip_rows_mirrors_only_the_chosen_items():
+    images = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).reshape(2, 1, 2, 3)
+    flipped = flip_rows(images, torch.tensor([True, False]))
+    assert torch.equal(flipped[0, 0], torch.tensor([[2.0, 1.0, 0.0], [5.0, 4.0, 3.0]]))  # along W only
+    assert torch.equal(flipped[1], images[1])
+    assert flip_rows(images, None) is images
+
+
+def test_flipped_training_items_mirror_input_and_target_together(prepared):
+    trainer = BBDMTrainer(lambda n, f: prepared_slices(prepared, n, f), tiny_config())
+    trainer.train_set, _ = prepared_slices(prepared, 0, 0.3)
+    trainer.device, trainer.model = torch.device("cpu"), None
+    plain_condition, plain_x0, _ = trainer.batch([0, 5])
+    condition, x0, _ = trainer.batch([0, 5], torch.tensor([False, True]))
+    assert torch.equal(condition[0], plain_condition[0]) and torch.equal(x0[0], plain_x0[0])
+    assert torch.equal(condition[1], plain_condition[1].flip(-1)) and torch.equal(x0[1], plain_x0[1].flip(-1))
+    assert not torch.equal(condition[1], plain_condition[1])  # a brain slice is not mirror-symmetric
+
+
+def test_flips_are_drawn_from_the_checkpointed_generator(prepared, tmp_path):
+    """With flips on, a resumed run still equals an uninterrupted one, and the flips change what is learnt."""
+    settings = dict(batch_size=2, val_every=10, checkpoint_every=2, seed=5, min_brain_fraction=0.1)
+    train_bbdm(prepared, tmp_path / "whole", tiny_config(), TrainConfig(iters=4, flip_probability=0.5, **settings))
+    train_bbdm(prepared, tmp_path / "split", tiny_config(), TrainConfig(iters=2, flip_probability=0.5, **settings))
+    train_bbdm(
+        prepared, tmp_path / "split", tiny_config(), TrainConfig(iters=4, flip_probability=0.5, **settings), resume=True
+    )
+    train_bbdm(prepared, tmp_path / "plain", tiny_config(), TrainConfig(iters=4, **settings))
+    whole, split, plain = (pd.read_csv(tmp_path / name / "loss.csv") for name in ("whole", "split", "plain"))
+    np.testing.assert_array_equal(whole.loss, split.loss)
+    assert not np.array_equal(whole.loss, plain.loss)
+
+
+def test_a_run_can_start_from_trained_weights(prepared, tmp_path):
+    """The new run's first weights are the given ones (lr 0 keeps them), its bridge is theirs, and
+    the run records where it started; another model config is refused, naming the file."""
+    settings = dict(batch_size=2, val_every=10, checkpoint_every=3, seed=5, min_brain_fraction=0.1)
+    bridge = BridgeSchedulerConfig(distance_range=(1.5, 9.0))
+    train_bbdm(prepared, tmp_path / "first", tiny_config(), TrainConfig(iters=3, lr=1e-3, **settings), bridge)
+    first = tmp_path / "first" / "model.pt"
+    halved = halve_weights(first, tmp_path / "halved.pt")
+    for start, tolerance in ((first, 0.0), (halved, 1e-3)):
+        out = tmp_path / f"from_{start.stem}"
+        train_bbdm(prepared, out, tiny_config(), TrainConfig(iters=1, lr=0.0, **settings), init=start)
+        (model, spec), (trained, _) = load_bbdm(out / "model.pt"), load_bbdm(first)
+        assert spec.scheduler.distance_range == (1.5, 9.0)
+        for name, tensor in trained.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[name], tensor, atol=tolerance, rtol=0.0)
+        assert json.loads((out / "config.json").read_text())["init"]["path"] == str(start)
+    # Without the start the same seed gives other weights: the start was used.
+    train_bbdm(prepared, tmp_path / "fresh", tiny_config(), TrainConfig(iters=1, lr=0.0, **settings))
+    fresh, _ = load_bbdm(tmp_path / "fresh" / "model.pt")
+    assert any(not torch.equal(fresh.state_dict()[k], v) for k, v in trained.state_dict().items())
+    wider = replace(tiny_config(), channels=(16, 48))
+    with pytest.raises(ValueError, match=r"model\.pt: its model config .* differs"):
+        train_bbdm(prepared, tmp_path / "wider", wider, TrainConfig(iters=1, **settings), init=first)

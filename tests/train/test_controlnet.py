@@ -132,12 +132,14 @@ def test_batches_mix_retrieval_triplets_and_slerp_pairs(inputs):
 
 
 def test_resumed_run_equals_an_uninterrupted_one(inputs, tmp_path):
+    """Flips on (half the items mirrored, control with them): their draws are checkpointed too."""
+    flipped = {**SETTINGS, "flip_probability": 0.5}
     data, models = inputs["data"], (inputs["bbdm"], inputs["kb"], inputs["encoder"])
-    scores = train_controlnet(data, tmp_path / "whole", *models, ControlNetTrainConfig(iters=3, **SETTINGS))
-    train_controlnet(data, tmp_path / "split", *models, ControlNetTrainConfig(iters=2, **SETTINGS))
+    scores = train_controlnet(data, tmp_path / "whole", *models, ControlNetTrainConfig(iters=3, **flipped))
+    train_controlnet(data, tmp_path / "split", *models, ControlNetTrainConfig(iters=2, **flipped))
     with pytest.raises(RunExistsError, match="resume=True continues it"):
-        train_controlnet(data, tmp_path / "split", *models, ControlNetTrainConfig(iters=3, **SETTINGS))
-    train_controlnet(data, tmp_path / "split", *models, ControlNetTrainConfig(iters=3, **SETTINGS), resume=True)
+        train_controlnet(data, tmp_path / "split", *models, ControlNetTrainConfig(iters=3, **flipped))
+    train_controlnet(data, tmp_path / "split", *models, ControlNetTrainConfig(iters=3, **flipped), resume=True)
 
     whole, split = (pd.read_csv(tmp_path / name / "loss.csv") for name in ("whole", "split"))
     assert list(whole.iteration) == [1, 2, 3]
