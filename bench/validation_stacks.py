@@ -23,21 +23,18 @@ from lib.diffusion.sampler import translate_slices
 from lib.metrics import issim, psnr, ssim_2d
 from lib.models.denoiser import load_bbdm
 from lib.models.device import inference_memory_format, resolve_inference_precision
+from lib.train.bbdm import slices_as_unit_volume
 
 MIN_BRAIN_FRACTION = 0.02
 
 
-def _as_volume(slices: np.ndarray) -> np.ndarray:
-    """(N, H, W) slices in [-1, 1] as an (H, W, N) volume in [0, 1]."""
-    return np.clip((np.transpose(slices, (1, 2, 0)) + 1.0) / 2.0, 0.0, 1.0)
-
-
-def _translate(model: torch.nn.Module, spec, condition: torch.Tensor, steps: int, batch: int) -> np.ndarray:
+def _translate(model: torch.nn.Module, spec, condition: torch.Tensor, steps: int, batch: int) -> torch.Tensor:
+    """(N, 1, S, S) translated slices in [-1, 1], ``batch`` slices per network call."""
     parts = [
         translate_slices(model, spec, condition[i : i + batch], steps=steps, precision="auto")
         for i in range(0, len(condition), batch)
     ]
-    return torch.cat(parts)[:, 0].numpy()
+    return torch.cat(parts)
 
 
 def score(prediction: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -61,12 +58,12 @@ def main() -> None:
     parser.add_argument("--flip", action="store_true", help="also the flipped input and the mean of the two")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
+    cpu = torch.device("cpu")
     print("| model | steps | input | subject | brain PSNR | offset removed | SSIM | I-SSIM (truth) |")
     print("|---|---|---|---|---|---|---|---|")
     for model_path in args.models:
         model, spec = load_bbdm(model_path)
         model.eval()
-        cpu = torch.device("cpu")
         model.to(memory_format=inference_memory_format(resolve_inference_precision("auto", cpu), cpu))
         dataset = PreparedSlices(args.data, args.split, MIN_BRAIN_FRACTION, spec.neighbours)
         subjects = sorted(set(dataset.table["subject"]))
@@ -75,19 +72,20 @@ def main() -> None:
             for subject in subjects:
                 items = [dataset[i] for i in dataset.table.index[dataset.table["subject"] == subject]]
                 condition = torch.stack([item["source"] for item in items])
-                truth = _as_volume(torch.stack([item["target"] for item in items])[:, 0].numpy())
-                mask = np.transpose(torch.stack([item["mask"] for item in items])[:, 0].numpy(), (1, 2, 0)) > 0.5
+                truth = slices_as_unit_volume(torch.stack([item["target"] for item in items]))
+                mask = slices_as_unit_volume(torch.stack([item["mask"] for item in items])) > 0.5
+                truth_issim = issim(truth, mask)
                 outputs = {"plain": _translate(model, spec, condition, steps, args.batch_size)}
                 if args.flip:
-                    outputs["flipped"] = _translate(model, spec, condition.flip(-1), steps, args.batch_size)[..., ::-1]
+                    outputs["flipped"] = _translate(model, spec, condition.flip(-1), steps, args.batch_size).flip(-1)
                     outputs["mean of both"] = (outputs["plain"] + outputs["flipped"]) / 2
                 for name, output in outputs.items():
-                    row = score(_as_volume(output), truth, mask)
+                    row = score(slices_as_unit_volume(output), truth, mask)
                     totals.setdefault(name, []).append(row)
                     print(
                         f"| {model_path} | {steps} | {name} | {subject} | {row['psnr']:.2f} | "
                         f"{row['psnr_offset_removed']:.2f} | {row['ssim']:.3f} | {row['issim']:.3f} "
-                        f"({issim(truth, mask):.3f}) |",
+                        f"({truth_issim:.3f}) |",
                         flush=True,
                     )
             for name, rows in totals.items():
