@@ -36,7 +36,27 @@ import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, Self
+
+
+class OptionWord(enum.StrEnum):
+    """An option whose value is one of a few words; :meth:`parse` names them when refusing one.
+
+    A subclass sets ``option = enum.nonmember("its name")`` for the error message.
+    """
+
+    @classmethod
+    def parse(cls, value: OptionWord | str) -> Self:
+        """The member named ``value``.
+
+        Raises:
+            ValueError: naming the option and its accepted words.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            name = getattr(cls, "option", cls.__name__)
+            raise ValueError(f"{name} must be one of {[member.value for member in cls]}, got {value!r}") from None
 
 
 @dataclasses.dataclass(frozen=True)

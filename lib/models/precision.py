@@ -8,24 +8,16 @@ from __future__ import annotations
 
 import enum
 
+from lib.options_schema import OptionWord
 
-class Precision(enum.StrEnum):
+
+class Precision(OptionWord):
     """The arithmetic of the network's forward pass (parameters, loss, optimiser and sampler stay float32)."""
+
+    option = enum.nonmember("precision")
 
     # What auto means is the device's and the task's (lib.models.device): training keeps float32
     # on a CPU, sampling takes bfloat16 wherever the device computes it natively.
     AUTO = "auto"
     FP32 = "fp32"  # float32 throughout
     BF16 = "bf16"  # bfloat16 autocast where the device supports it, else float32 with a warning
-
-    @classmethod
-    def parse(cls, value: Precision | str) -> Precision:
-        """The precision named ``value``.
-
-        Raises:
-            ValueError: naming the accepted words.
-        """
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"precision must be one of {[p.value for p in cls]}, got {value!r}") from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import enum
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from lib.io.checkpoint import load_checkpoint
 from lib.metrics import psnr, ssim_2d
 from lib.models.denoiser import BBDM_KIND, BBDMConfig, BBDMSpec, bbdm_checkpoint, build_denoiser
 from lib.models.weights_hash import state_dict_hash
+from lib.options_schema import OptionWord
 from lib.progress import ProgressFn
 from lib.train.loop import LoopConfig, Trainer, TrainingPlan, run_training
 from lib.train.run_folder import TrainingRun
@@ -53,6 +55,15 @@ VALIDATION_MIN_BRAIN_FRACTION = 0.2
 
 # (neighbours, min_brain_fraction) -> training slices and validation slices (None: no validation).
 SliceSets = Callable[[int, float], tuple[Dataset, Dataset | None]]
+
+
+class BridgeLoss(OptionWord):
+    """How the network output is compared with the bridge's training target."""
+
+    option = enum.nonmember("loss")
+
+    MSE = "mse"  # mean squared error (our default since the first weights)
+    L1 = "l1"  # mean absolute error, the original BBDM's choice (Li et al. 2023)
 
 
 @dataclass
@@ -74,6 +85,16 @@ class TrainConfig(LoopConfig):
     # training slice is a plausible new one (a model trained without flips scores 0.6 dB lower on
     # flipped validation inputs: it has learnt side-specific detail of 20 subjects; NOTES.md).
     flip_probability: float = field(default=0.0, metadata={"help": FLIP_HELP, "min": 0.0, "max": 1.0})
+    # A run saved before this option existed has no "loss" key and resumes with the default,
+    # the loss it was trained with.
+    loss: BridgeLoss = field(
+        default=BridgeLoss.MSE,
+        metadata={"help": "the bridge loss: mse (squared error) or l1 (absolute error, as in the original BBDM)"},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.loss = BridgeLoss.parse(self.loss)
 
 
 def prepared_slices(
@@ -218,6 +239,7 @@ def bridge_loss(
     noise: torch.Tensor,
     neighbours: int,
     autocast: contextlib.AbstractContextManager,
+    kind: BridgeLoss = BridgeLoss.MSE,
 ) -> torch.Tensor:
     """The BBDM loss of one batch (METHOD.md section 1), in float32.
 
@@ -231,13 +253,16 @@ def bridge_loss(
         noise: (B, 1, H, W) standard normal noise.
         neighbours: CT slices on each side of y in ``condition``.
         autocast: the forward pass's mixed-precision context.
+        kind: squared or absolute error.
 
     Returns:
-        The mean squared error between the network output and the training target.
+        The mean squared (or absolute) error between the network output and the training target.
     """
     x_t, target = scheduler.training_pair(x0, condition[:, neighbours : neighbours + 1], t, noise)
     with autocast:
         output = network(torch.cat([x_t, condition], dim=1), t)
+    if kind == BridgeLoss.L1:
+        return torch.nn.functional.l1_loss(output.float(), target)
     return torch.nn.functional.mse_loss(output.float(), target)
 
 
@@ -274,7 +299,9 @@ class BridgeTrainer(Trainer):
         flips = torch.rand(size, generator=generator) < probability if probability > 0 else None
         condition, x0, network = self.batch(picks.tolist(), flips)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
-        loss = bridge_loss(self.scheduler, network, condition, x0, t, noise, self.spec.neighbours, autocast)
+        loss = bridge_loss(
+            self.scheduler, network, condition, x0, t, noise, self.spec.neighbours, autocast, self.train_config.loss
+        )
         return loss, [f"{self.lr:.6g}"]
 
     def finish(self, out: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 
@@ -13,11 +14,19 @@ from torch.utils.data import Subset
 
 from lib.data.dataset import PreparedSlices
 from lib.diffusion.sampler import translate_slices
-from lib.diffusion.scheduler import BridgeSchedulerConfig, Objective
+from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig, Objective
 from lib.io.checkpoint import halve_weights
 from lib.metrics import psnr
 from lib.models.denoiser import BBDMConfig, load_bbdm
-from lib.train.bbdm import BBDMTrainer, TrainConfig, flip_rows, prepared_slices, train_bbdm
+from lib.train.bbdm import (
+    BBDMTrainer,
+    BridgeLoss,
+    TrainConfig,
+    bridge_loss,
+    flip_rows,
+    prepared_slices,
+    train_bbdm,
+)
 from lib.train.loop import run_training
 from lib.train.run_folder import RunExistsError
 
@@ -145,6 +154,39 @@ def test_flips_are_drawn_from_the_checkpointed_generator(prepared, tmp_path):
     whole, split, plain = (pd.read_csv(tmp_path / name / "loss.csv") for name in ("whole", "split", "plain"))
     np.testing.assert_array_equal(whole.loss, split.loss)
     assert not np.array_equal(whole.loss, plain.loss)
+
+
+def test_bridge_loss_kinds_compare_output_and_target_as_named():
+    """The L1 loss is the mean absolute error of the network output against the bridge target."""
+    scheduler = BridgeScheduler(BridgeSchedulerConfig(timesteps=10))
+    generator = torch.Generator().manual_seed(0)
+    condition, x0, noise = (torch.randn((2, 1, 8, 8), generator=generator) for _ in range(3))
+    t = torch.tensor([2, 7])
+    output = torch.randn((2, 1, 8, 8), generator=generator)
+    _, target = scheduler.training_pair(x0, condition, t, noise)
+    args = (scheduler, lambda _input, _t: output, condition, x0, t, noise, 0, contextlib.nullcontext())
+    absolute = bridge_loss(*args, BridgeLoss.L1)
+    squared = bridge_loss(*args, BridgeLoss.MSE)
+    assert torch.isclose(absolute, (output - target).abs().mean())
+    assert torch.isclose(squared, ((output - target) ** 2).mean())
+    assert torch.equal(bridge_loss(*args), squared)  # the default stays the squared error
+    assert not torch.isclose(absolute, squared)
+
+
+def test_loss_kind_is_saved_and_a_run_without_it_resumes_with_mse(prepared, tmp_path):
+    settings = dict(batch_size=2, val_every=10, checkpoint_every=2, seed=5, min_brain_fraction=0.1)
+    train_bbdm(prepared, tmp_path / "l1", tiny_config(), TrainConfig(iters=2, loss="l1", **settings))
+    train_bbdm(prepared, tmp_path / "mse", tiny_config(), TrainConfig(iters=2, **settings))
+    saved = json.loads((tmp_path / "l1" / "config.json").read_text())["training"]
+    assert saved["loss"] == "l1"
+    l1, mse = (pd.read_csv(tmp_path / name / "loss.csv") for name in ("l1", "mse"))
+    assert not np.array_equal(l1.loss, mse.loss)  # same draws, a different loss
+    # Configs saved before the option existed have no "loss": they resume with the squared error.
+    old = {key: value for key, value in TrainConfig(iters=2).to_dict().items() if key != "loss"}
+    assert TrainConfig(iters=4).resumed(old).loss is BridgeLoss.MSE
+    assert TrainConfig(iters=4, loss="l1").resumed(saved).loss is BridgeLoss.L1
+    with pytest.raises(ValueError, match=r"loss must be one of \['mse', 'l1'\], got 'huber'"):
+        TrainConfig(loss="huber")
 
 
 def test_a_run_can_start_from_trained_weights(prepared, tmp_path):
