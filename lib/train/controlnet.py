@@ -50,6 +50,7 @@ from lib.diffusion.slerp import slerp
 from lib.models.controlnet import ControlledDenoiser, controlnet_checkpoint, controlnet_from_denoiser, state_dict_hash
 from lib.models.denoiser import BBDMSpec, load_bbdm
 from lib.models.retrieval_encoder import RetrievalEncoder, embed_slices, encoder_hash, load_retrieval_encoder
+from lib.options_schema import OptionWord
 from lib.progress import ProgressFn
 from lib.retrieval.knowledge_base import KnowledgeBase
 from lib.train.bbdm import (
@@ -80,8 +81,10 @@ TRIPLET_COLUMNS = [
 _QUERY_CHUNK = 512  # slices embedded and queried at a time, so memory stays bounded
 
 
-class ControlTarget(enum.StrEnum):
+class ControlTarget(OptionWord):
     """Which MRI a retrieval triplet is trained to produce."""
+
+    option = enum.nonmember("target")
 
     REFERENCE = "reference"  # the MRI paired with the reference r (METHOD.md section 3)
     OWN = "own"  # y's own MRI
@@ -119,10 +122,7 @@ class ControlNetTrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        try:
-            self.target = ControlTarget(self.target).value
-        except ValueError:
-            raise ValueError(f"target must be one of {[t.value for t in ControlTarget]}, got {self.target!r}") from None
+        self.target = ControlTarget.parse(self.target).value
 
     @property
     def slerp_count(self) -> int:
