@@ -36,7 +36,7 @@ format: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # Benchmarks print tables; they are not tests. `make bench`: whole-volume reconstruction with
 # the shipped ct2mri preset (time by stage, quality by steps). BENCH_ARGS passes options, e.g.

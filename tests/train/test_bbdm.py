@@ -86,8 +86,10 @@ def test_overfitting_real_slices_learns_the_translation(prepared, tmp_path, obje
         tiny_config(),
         BridgeSchedulerConfig(objective=objective),
     )
+    # 150 iterations are plenty (measured: loss ratio >= 16, samples >= 8 dB above identity, both
+    # objectives and precisions); 400 cost CI minutes on float32-only CPUs for no extra coverage.
     run_training(
-        trainer, run, TrainConfig(iters=400, batch_size=4, lr=2e-3, ema_decay=0.9, checkpoint_every=400, seed=0)
+        trainer, run, TrainConfig(iters=150, batch_size=4, lr=2e-3, ema_decay=0.9, checkpoint_every=150, seed=0)
     )
     loss = pd.read_csv(run / "loss.csv").loss.to_numpy()
     assert loss[:20].mean() / loss[-20:].mean() > 5
