@@ -1,5 +1,6 @@
 """Benchmark of the default BBDM denoiser: forward time, FLOPs, whole-volume sampling, memory,
-and the forward pass per slice in fp32 and bf16 at several batch sizes.
+and the forward pass per slice in each arithmetic setting (float32 in either memory layout, and
+bfloat16 where the CPU has it natively) at several batch sizes.
 
 Run with ``make bench-bbdm`` (or ``python -m bench.bbdm --help``). Prints Markdown tables.
 Times are medians of repeated runs; each is also given as a ratio to a fixed matrix-multiply
@@ -7,10 +8,10 @@ baseline timed in the same process, which is steadier than seconds on a shared m
 Sampling a whole volume at many steps is long on a CPU: step counts whose estimated time
 exceeds ``--budget-s`` are reported as estimates (steps x measured time per step), marked so.
 The first table runs the network in ``--precision`` as the pipeline does (auto: bf16 where the
-device computes it natively). The second times fp32 and bf16 at every batch size in turn, round
+device computes it natively). The second times every setting at every batch size in turn, round
 after round, so that a load that comes and goes on a shared machine weighs on all alike; its
-speed-up (fp32 time over bf16 time) is the number to read, and its fastest batch size per slice
-is the one the pipeline's ``batch_size`` should default to.
+speed-ups over contiguous float32 are the numbers to read, and its fastest cell per slice says
+which precision, layout and ``batch_size`` the pipeline should default to on such a CPU.
 """
 
 from __future__ import annotations
@@ -139,22 +140,35 @@ def run(
     return rows
 
 
+# The arithmetic settings the per-slice table compares: (label, precision, memory layout).
+SETTINGS = (
+    ("fp32", Precision.FP32, torch.contiguous_format),
+    ("fp32 channels_last", Precision.FP32, torch.channels_last),
+    ("bf16 channels_last", Precision.BF16, torch.channels_last),
+)
+
+
+def settings_for(device: torch.device) -> tuple[tuple[str, Precision, torch.memory_format], ...]:
+    """The settings worth timing on ``device``: bfloat16 only where it is native."""
+    return tuple(setting for setting in SETTINGS if setting[1] is Precision.FP32 or supports_bf16(device))
+
+
 def precision_per_slice(
     config: BBDMConfig, device: torch.device, batches: list[int], repeats: int
-) -> list[tuple[int, float, float]]:
-    """(batch, fp32 s per slice, bf16 s per slice) of one network forward at each batch size.
+) -> dict[tuple[int, str], float]:
+    """Seconds per slice of one network forward at each (batch size, setting label).
 
-    The two run on the same weights (bf16 on a ``channels_last`` copy on a CPU, as the pipeline
-    runs it), each after one warm-up forward at each batch size (oneDNN builds its kernels for a
-    shape on first use). Each of the ``repeats`` rounds times every batch size in both
-    precisions, one forward each in turn, so that a load that comes and goes on a shared machine
-    falls on all of them alike; times are the medians over the rounds.
+    Every setting runs the same weights (a copy in its memory layout), each after one warm-up
+    forward at each batch size (oneDNN builds its kernels for a shape on first use). Each of
+    the ``repeats`` rounds times every batch size in every setting, one forward each in turn,
+    so that a load that comes and goes on a shared machine falls on all of them alike; times are
+    the medians over the rounds.
     """
     torch.manual_seed(0)
-    models = {Precision.FP32: build_denoiser(config).to(device).eval()}
-    models[Precision.BF16] = copy.deepcopy(models[Precision.FP32]).to(
-        memory_format=inference_memory_format(Precision.BF16, device)
-    )
+    reference = build_denoiser(config).to(device).eval()
+    settings = settings_for(device)
+    models = {label: copy.deepcopy(reference).to(memory_format=layout) for label, _, layout in settings}
+    precisions = {label: precision for label, precision, _ in settings}
     size = config.image_size
     inputs = {
         batch: (
@@ -164,21 +178,19 @@ def precision_per_slice(
         for batch in batches
     }
 
-    def forward(batch: int, precision: Precision) -> None:
-        with autocast_context(device, precision):
-            models[precision](*inputs[batch])
+    def forward(batch: int, label: str) -> None:
+        with autocast_context(device, precisions[label]):
+            models[label](*inputs[batch])
 
-    cells = [(batch, precision) for batch in batches for precision in models]
-    seconds: dict[tuple[int, Precision], list[float]] = {cell: [] for cell in cells}
+    cells = [(batch, label) for batch in batches for label in models]
+    seconds: dict[tuple[int, str], list[float]] = {cell: [] for cell in cells}
     with torch.no_grad():
         for cell in cells:
             forward(*cell)  # warm-up
         for _ in range(repeats):
             for cell in cells:
                 seconds[cell].append(_median_seconds(functools.partial(forward, *cell), 1, device))
-    return [
-        (batch, *(statistics.median(seconds[batch, precision]) / batch for precision in models)) for batch in batches
-    ]
+    return {cell: statistics.median(times) / cell[0] for cell, times in seconds.items()}
 
 
 def main() -> None:
@@ -203,9 +215,9 @@ def main() -> None:
         type=int,
         nargs="+",
         default=[1, 2, 4, 8, 16],
-        help="batch sizes of the fp32-vs-bf16 table (needs native bf16)",
+        help="batch sizes of the per-slice table",
     )
-    parser.add_argument("--precision-only", action="store_true", help="print only the fp32-vs-bf16 table")
+    parser.add_argument("--precision-only", action="store_true", help="print only the per-slice table")
     parser.add_argument(
         "--budget-s", type=float, default=300.0, help="measure a step count only if its estimate is below this"
     )
@@ -224,12 +236,19 @@ def main() -> None:
         rows = run(config, device, args.slices, args.steps, args.batch, args.repeats, args.budget_s, precision)
         for what, value, ratio in rows:
             print(f"| {what} | {value} | {ratio} |")
+    labels = [setting[0] for setting in settings_for(device)]
     if not supports_bf16(device):
-        print(f"\n{label}: no native bfloat16, so no fp32-vs-bf16 table.")
-        return
-    print("\n| batch | fp32 ms / slice | bf16 ms / slice | bf16 speed-up |\n|---|---|---|---|")
-    for batch, fp32, bf16 in precision_per_slice(config, device, args.precision_batches, args.repeats):
-        print(f"| {batch} | {fp32 * 1e3:.1f} | {bf16 * 1e3:.1f} | {fp32 / bf16:.2f}x |")
+        print(f"\n{label}: no native bfloat16, so the table times float32 in both layouts only.")
+    print(
+        "\nms per slice of one forward; in brackets the speed-up over fp32 in the contiguous layout (the "
+        "pipeline's float32 setting).\n"
+    )
+    print("| batch | " + " | ".join(labels) + " |\n|---|" + "---|" * len(labels))
+    per_slice = precision_per_slice(config, device, args.precision_batches, args.repeats)
+    for batch in args.precision_batches:
+        base_time = per_slice[batch, labels[0]]
+        cells = [f"{per_slice[batch, lab] * 1e3:.1f} ({base_time / per_slice[batch, lab]:.2f}x)" for lab in labels]
+        print(f"| {batch} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

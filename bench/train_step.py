@@ -4,9 +4,9 @@ Run with ``make bench-train`` (or ``python -m bench.train_step --help``). One tr
 the training loop's on random data: the bridge loss (:func:`lib.train.bbdm.bridge_loss`, forward
 under the precision's autocast, loss in float32) and :func:`lib.train.loop.optimisation_step`
 (backward, gradient clipping, AdamW, the EMA). fp32 and bf16
-steps are interleaved in one process (the machine is shared: interleaving spreads its noise over
-both), and each is reported as the median of ``--repeats`` timed steps after warm-up, with the
-ratio to fp32. bf16 keeps the weights in channels_last, as the training loop does on a CPU.
+steps, float32 in both memory layouts (contiguous and ``channels_last``), are interleaved in one
+process (the machine is shared: interleaving spreads its noise over all), and each is reported
+as the median of ``--repeats`` timed steps after warm-up, with the ratio to contiguous fp32.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 import torch
 from torch.optim.swa_utils import AveragedModel
 
+from bench.bbdm import settings_for
 from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig
 from lib.models.denoiser import BBDMConfig, build_denoiser
 from lib.models.device import Precision, autocast_context, resolve_device, supports_bf16
@@ -25,12 +26,17 @@ from lib.train.bbdm import TrainConfig, bridge_loss
 from lib.train.loop import optimisation_step, warmup_ema
 
 
-def make_step(config: BBDMConfig, precision: Precision, device: torch.device, batch: int, seed: int = 0):
-    """A closure that runs one training step at ``precision`` on fresh random data."""
+def make_step(
+    config: BBDMConfig,
+    precision: Precision,
+    device: torch.device,
+    batch: int,
+    seed: int = 0,
+    memory_format: torch.memory_format = torch.contiguous_format,
+):
+    """A closure that runs one training step at ``precision``, weights in ``memory_format``, on fresh random data."""
     torch.manual_seed(seed)
-    model = build_denoiser(config).to(device)
-    if precision is Precision.BF16 and device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)  # as BBDMTrainer.build
+    model = build_denoiser(config).to(device).to(memory_format=memory_format)
     defaults = TrainConfig()
     optimiser = torch.optim.AdamW(model.parameters(), lr=defaults.lr, weight_decay=defaults.weight_decay)
     ema = AveragedModel(model, multi_avg_fn=warmup_ema(defaults.ema_decay), use_buffers=True)
@@ -64,29 +70,32 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     config = BBDMConfig.for_channels(args.image_size, tuple(args.channels), neighbours=args.neighbours)
-    precisions = [Precision.FP32] + ([Precision.BF16] if supports_bf16(device) else [])
-    steps = {precision: make_step(config, precision, device, args.batch) for precision in precisions}
-    seconds: dict[Precision, list[float]] = {precision: [] for precision in precisions}
+    settings = settings_for(device)
+    steps = {
+        label: make_step(config, precision, device, args.batch, memory_format=layout)
+        for label, precision, layout in settings
+    }
+    seconds: dict[str, list[float]] = {label: [] for label in steps}
     for round_index in range(args.warmup + args.repeats):
-        for precision, step in steps.items():
+        for label, step in steps.items():
             started = time.perf_counter()
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if round_index >= args.warmup:
-                seconds[precision].append(time.perf_counter() - started)
-    base = statistics.median(seconds[Precision.FP32])
+                seconds[label].append(time.perf_counter() - started)
+    base = statistics.median(seconds[settings[0][0]])
     print(
         f"BBDM training step: {args.image_size}x{args.image_size}, channels {tuple(args.channels)}, "
         f"neighbours {args.neighbours}, batch {args.batch}, {device}, {torch.get_num_threads()} threads, "
         f"median of {args.repeats} interleaved steps after {args.warmup} warm-up"
     )
-    if len(precisions) == 1:
+    if not supports_bf16(device):
         print(f"(bf16 not supported on {device}: fp32 only)")
-    print("\n| precision | s / step | images / s | speed-up vs fp32 |\n|---|---|---|---|")
-    for precision in precisions:
-        median = statistics.median(seconds[precision])
-        print(f"| {precision.value} | {median:.2f} | {args.batch / median:.1f} | {base / median:.2f}x |")
+    print("\n| setting | s / step | images / s | speed-up vs fp32 |\n|---|---|---|---|")
+    for label, times in seconds.items():
+        median = statistics.median(times)
+        print(f"| {label} | {median:.2f} | {args.batch / median:.1f} | {base / median:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Whole brain stacks of a prepared split translated by BBDMs: how good is each model, per subject?
 
-``python -m bench.validation_stacks PREPARED MODEL.pt [MODEL.pt ...] [--split val] [--steps 2 5] [--flip]``
+``python -m bench.validation_stacks PREPARED MODEL.pt [MODEL.pt ...] [--split val] [--steps 2 5] [--flip]
+[--precision fp32]``
 
 Every slice of each subject with some brain (not the in-loop validation's 16 slices, which
 swing with the subjects' brightness) is translated from its prepared FLAIR or CT (the model's
@@ -22,16 +23,18 @@ from lib.data.dataset import PreparedSlices
 from lib.diffusion.sampler import translate_slices
 from lib.metrics import issim, psnr, ssim_2d
 from lib.models.denoiser import load_bbdm
-from lib.models.device import inference_memory_format, resolve_inference_precision
+from lib.models.device import Precision, inference_memory_format, resolve_inference_precision
 from lib.train.bbdm import slices_as_unit_volume
 
 MIN_BRAIN_FRACTION = 0.02
 
 
-def _translate(model: torch.nn.Module, spec, condition: torch.Tensor, steps: int, batch: int) -> torch.Tensor:
+def _translate(
+    model: torch.nn.Module, spec, condition: torch.Tensor, steps: int, batch: int, precision: Precision
+) -> torch.Tensor:
     """(N, 1, S, S) translated slices in [-1, 1], ``batch`` slices per network call."""
     parts = [
-        translate_slices(model, spec, condition[i : i + batch], steps=steps, precision="auto")
+        translate_slices(model, spec, condition[i : i + batch], steps=steps, precision=precision)
         for i in range(0, len(condition), batch)
     ]
     return torch.cat(parts)
@@ -57,14 +60,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[2])
     parser.add_argument("--flip", action="store_true", help="also the flipped input and the mean of the two")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--precision", type=Precision.parse, default=Precision.AUTO, help="auto (bf16 where native), fp32, bf16"
+    )
     args = parser.parse_args()
     cpu = torch.device("cpu")
+    precision = resolve_inference_precision(args.precision, cpu)
+    print(f"Sampling in {precision.value}.\n")
     print("| model | steps | input | subject | brain PSNR | offset removed | SSIM | I-SSIM (truth) |")
     print("|---|---|---|---|---|---|---|---|")
     for model_path in args.models:
         model, spec = load_bbdm(model_path)
         model.eval()
-        model.to(memory_format=inference_memory_format(resolve_inference_precision("auto", cpu), cpu))
+        model.to(memory_format=inference_memory_format(precision, cpu))
         dataset = PreparedSlices(args.data, args.split, MIN_BRAIN_FRACTION, spec.neighbours)
         subjects = sorted(set(dataset.table["subject"]))
         for steps in args.steps:
@@ -75,9 +83,11 @@ def main() -> None:
                 truth = slices_as_unit_volume(torch.stack([item["target"] for item in items]))
                 mask = slices_as_unit_volume(torch.stack([item["mask"] for item in items])) > 0.5
                 truth_issim = issim(truth, mask)
-                outputs = {"plain": _translate(model, spec, condition, steps, args.batch_size)}
+                outputs = {"plain": _translate(model, spec, condition, steps, args.batch_size, precision)}
                 if args.flip:
-                    outputs["flipped"] = _translate(model, spec, condition.flip(-1), steps, args.batch_size).flip(-1)
+                    outputs["flipped"] = _translate(
+                        model, spec, condition.flip(-1), steps, args.batch_size, precision
+                    ).flip(-1)
                     outputs["mean of both"] = (outputs["plain"] + outputs["flipped"]) / 2
                 for name, output in outputs.items():
                     row = score(slices_as_unit_volume(output), truth, mask)

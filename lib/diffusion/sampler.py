@@ -90,9 +90,9 @@ def translate_slices(
         control: (B, 1, H, W) ControlNet control images (METHOD.md section 3), or None.
         precision: the network's arithmetic, as :func:`lib.models.device.resolve_inference_precision`
             reads it (auto: bfloat16 where the device computes it natively). float32, the
-            default, runs the network exactly as without autocast. For bfloat16 on a CPU the
-            model should be ``channels_last`` (:func:`lib.models.device.inference_memory_format`),
-            which the caller sets once rather than on every call.
+            default, runs the network exactly as without autocast. On a CPU the model should be
+            ``channels_last`` (:func:`lib.models.device.inference_memory_format`), which the
+            caller sets once rather than on every call.
 
     Raises:
         ValueError: an unknown precision word, and as :func:`sample_bridge`.
