@@ -28,6 +28,7 @@ from lib.data.demo_inputs import make_demo_inputs
 from lib.data.sparse import simulate_sparse_volume
 from lib.evaluation.score import score_volumes
 from lib.io import read_volume
+from lib.models.device import resolve_inference_precision
 from lib.pipeline import ReBrainPipeline, ReconstructionOptions
 from lib.presets import load_preset
 from lib.report.outputs import input_geometry, write_outputs
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=ReconstructionOptions.batch_size)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--precision", default="auto", help="the network's arithmetic: auto (bf16 where native), fp32, bf16"
+    )
     parser.add_argument("--source", type=Path, help="input NIfTI (default: the demo pair's CT)")
     parser.add_argument("--reference", type=Path, help="its ground-truth T1 NIfTI (with --source)")
     args = parser.parse_args()
@@ -95,7 +99,8 @@ def main() -> None:
     print(
         f"Reconstruction benchmark: preset {preset.name}, {args.slices} output slices from "
         f"{args.slices // 2 + 1} acquired (x2), "
-        f"device {pipeline.device}, batch {args.batch_size}, {args.repeats} repeats (medians); models loaded "
+        f"device {pipeline.device}, precision {resolve_inference_precision(args.precision, pipeline.device).value}, "
+        f"batch {args.batch_size}, {args.repeats} repeats (medians); models loaded "
         f"in {load_s:.1f} s; "
         f"baseline (10 matmuls 1024^2) {base * 1e3:.1f} ms\n"
     )
@@ -111,7 +116,7 @@ def main() -> None:
             args.source, args.reference = inputs["pair_ct"], inputs["pair_t1"]
         source, reference = central_slices(args.source, args.reference, args.slices, folder)
         for steps in steps_list:
-            options = ReconstructionOptions(steps=steps, batch_size=args.batch_size)
+            options = ReconstructionOptions(steps=steps, batch_size=args.batch_size, precision=args.precision)
             runs = [run_once(pipeline, source, folder / "out", options) for _ in range(args.repeats)]
             median = {stage: statistics.median(run[stage] for run in runs) for stage in runs[0]}
             quality = score_volumes(folder / "out" / "mri.nii.gz", reference)
