@@ -89,7 +89,7 @@ def run(
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(single, t_single)
     rows.append(("FLOPs per slice forward", f"{counter.get_total_flops() / 1e9:.2f} GFLOP", ""))
-    model.to(memory_format=inference_memory_format(precision, device))
+    model.to(memory_format=inference_memory_format(device))
     with torch.no_grad(), autocast_context(device, precision):
         model(single, t_single)  # warm-up
         forward_1 = _median_seconds(lambda: model(single, t_single), repeats, device)

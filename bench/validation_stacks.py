@@ -72,7 +72,7 @@ def main() -> None:
     for model_path in args.models:
         model, spec = load_bbdm(model_path)
         model.eval()
-        model.to(memory_format=inference_memory_format(precision, cpu))
+        model.to(memory_format=inference_memory_format(cpu))
         dataset = PreparedSlices(args.data, args.split, MIN_BRAIN_FRACTION, spec.neighbours)
         subjects = sorted(set(dataset.table["subject"]))
         for steps in args.steps:

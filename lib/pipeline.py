@@ -113,10 +113,6 @@ class ReBrainPipeline:
     preset: Preset
     device: torch.device
     versions: dict[str, str] = field(init=False)
-    # The memory layout the model's weights are in (None: not set yet). It follows the precision
-    # of the last sampling run and changes only with it, so that a model is converted once, not
-    # on every call, and float32 runs in the layout it always had.
-    _memory_format: torch.memory_format | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         slice_shape = self.kb.manifest.slice_shape
@@ -126,6 +122,8 @@ class ReBrainPipeline:
                 f"{self.config.image_size}"
             )
         self.versions = self.preset.fingerprint()
+        # Once, not on every sampling call: the layout depends on the device only.
+        self.model.to(memory_format=inference_memory_format(self.device))  # in place, the ControlNet's too
 
     @classmethod
     def from_preset(cls, preset: Preset, device: str = "cpu") -> ReBrainPipeline:
@@ -444,10 +442,6 @@ class ReBrainPipeline:
         false samples the BBDM alone whatever the preset has; ``precision`` is resolved
         (float32 or bfloat16).
         """
-        memory_format = inference_memory_format(precision, self.device)
-        if memory_format != self._memory_format:
-            self.model.to(memory_format=memory_format)  # in place, the ControlNet's denoiser too
-            self._memory_format = memory_format
         condition = torch.from_numpy(self._condition(y))
         control_tensor = torch.from_numpy(control[:, None])
         steps = options.effective_steps(self.preset)

@@ -84,8 +84,8 @@ def resolve_inference_precision(precision: Precision | str, device: torch.device
     return resolve_precision(precision, device)
 
 
-def inference_memory_format(precision: Precision, device: torch.device) -> torch.memory_format:
-    """The memory layout a network's weights should have to run at a resolved ``precision`` on ``device``.
+def inference_memory_format(device: torch.device) -> torch.memory_format:
+    """The memory layout a network's weights should have to run on ``device``, in either precision.
 
     ``channels_last`` on a CPU, in either precision: oneDNN's convolutions are fastest in it.
     Measured with ``make bench-bbdm`` (the 128 x 128 BBDM's forward per slice, 2 threads): on an

@@ -64,7 +64,7 @@ def test_float32_is_the_network_without_autocast(controlled):
 def test_bfloat16_is_close_to_float32_and_steps_in_float32(controlled, monkeypatch):
     model = random_model(controlled)
     fp32 = translate(model, controlled)
-    model.to(memory_format=inference_memory_format(Precision.BF16, CPU))
+    model.to(memory_format=inference_memory_format(CPU))
     steps = []
     step = BridgeScheduler.step
 
