@@ -228,6 +228,7 @@ def _train_bbdm(args: argparse.Namespace) -> None:
             resume=args.resume,
             progress=bar,
             init=args.init_weights,
+            bridge_start=args.bridge_start,
         )
     print(f"trained to iteration {args.iters}: {scores or 'no validation'} -> {args.out}/model.pt")
 
@@ -556,6 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["plain", "directional"],
         default="plain",
         help="training target (default plain: the directional one measured worse here, NOTES.md)",
+    )
+    bbdm.add_argument(
+        "--bridge-start",
+        choices=["source", "intensity-map"],
+        default="source",
+        help="the bridge's input end: the input itself (default), or the input through an intensity lookup table "
+        "fitted on the training brains, so that the bridge only carries what the table leaves (a new run only: "
+        "--resume and --init-weights keep their bridge)",
     )
     bbdm.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per UNet level (default 1)")
     bbdm.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 
+from lib.data.intensity_map import apply_intensity_map, fit_intensity_map
+
 if TYPE_CHECKING:  # lib.io pulls in the DICOM readers; the methods only read the grid
     from lib.io.volume import DenseGrid
 
@@ -233,54 +235,6 @@ class Identity(GapFilling):
 
     def fill(self, plan: SlicePlan, sample: SampleFn, knowledge_base: ReferenceSlices) -> tuple[np.ndarray, np.ndarray]:
         return plan.y.astype(np.float32, copy=True), np.zeros(plan.y.shape, dtype=np.float32)
-
-
-# Intensity bins of the lookup table over the models' [-1, 1] range.
-INTENSITY_BINS = 256
-# A voxel whose normalised input is at or below this is background (prepared and model-frame
-# slices set the outside of the brain to -1).
-BACKGROUND_LEVEL = -1.0 + 1e-3
-
-
-def fit_intensity_map(pairs: Iterator[tuple[np.ndarray, np.ndarray]], bins: int = INTENSITY_BINS) -> np.ndarray:
-    """The mean target value of each input intensity bin over the brain voxels of slice pairs.
-
-    Args:
-        pairs: (input, target) slice stacks in [-1, 1] units, (N, S, S) each.
-        bins: bins over [-1, 1].
-
-    Returns:
-        (bins,) the table; a bin no voxel fell in takes the value of its nearest filled bins
-        (linear interpolation), so that every input intensity maps somewhere.
-
-    Raises:
-        ValueError: no brain voxel in the pairs.
-    """
-    sums = np.zeros(bins)
-    counts = np.zeros(bins)
-    for source, target in pairs:
-        brain = source > BACKGROUND_LEVEL
-        index = _bin_index(source[brain], bins)
-        sums += np.bincount(index, weights=target[brain].astype(np.float64), minlength=bins)
-        counts += np.bincount(index, minlength=bins)
-    filled = counts > 0
-    if not filled.any():
-        raise ValueError("no brain voxel to fit the intensity map on")
-    centres = _bin_centres(bins)
-    return np.interp(centres, centres[filled], sums[filled] / counts[filled])
-
-
-def apply_intensity_map(table: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``values`` in [-1, 1] mapped through the table (linear between bin centres)."""
-    return np.interp(values, _bin_centres(len(table)), table).astype(np.float32)
-
-
-def _bin_index(values: np.ndarray, bins: int) -> np.ndarray:
-    return np.clip(((values + 1.0) / 2.0 * bins).astype(np.int64), 0, bins - 1)
-
-
-def _bin_centres(bins: int) -> np.ndarray:
-    return -1.0 + (np.arange(bins) + 0.5) * 2.0 / bins
 
 
 class IntensityMap(GapFilling):

@@ -85,7 +85,8 @@ def translate_slices(
             (:mod:`lib.models.controlnet`) when ``control`` is given.
         config: the model's spec as :func:`lib.models.denoiser.load_bbdm` returns it (its
             neighbours and the bridge scheduler's settings).
-        condition: (B, 1 + 2 * neighbours, H, W) CT slices, the centre one is the bridge's y.
+        condition: (B, 1 + 2 * neighbours, H, W) CT slices, the centre one is the bridge's y
+            (through the bridge's source map first, when it has one).
         steps, eta, generator, progress: as in :func:`sample_bridge`.
         control: (B, 1, H, W) ControlNet control images (METHOD.md section 3), or None.
         precision: the network's arithmetic, as :func:`lib.models.device.resolve_inference_precision`
@@ -97,6 +98,8 @@ def translate_slices(
     Raises:
         ValueError: an unknown precision word, and as :func:`sample_bridge`.
     """
+    scheduler = BridgeScheduler(config.scheduler)
+    condition = scheduler.map_source(condition)
     y = condition[:, config.neighbours : config.neighbours + 1]
     if control is None:
         network = lambda x, t, c: denoise(model, x, t, c)  # noqa: E731
@@ -111,7 +114,7 @@ def translate_slices(
 
     return sample_bridge(
         denoise_fn,
-        BridgeScheduler(config.scheduler),
+        scheduler,
         y,
         condition,
         steps=steps,

@@ -16,7 +16,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from lib.data.intensity_map import BACKGROUND_LEVEL
 from lib.models.config_dict import config_from_dict
+
+
+class BridgeStart(enum.StrEnum):
+    """Where the bridge's y end is: the input itself, or the input mapped through an intensity
+    lookup table fitted on the training brains (:mod:`lib.data.intensity_map`), so that the
+    bridge only has to carry the difference the table leaves."""
+
+    SOURCE = "source"
+    INTENSITY_MAP = "intensity-map"
 
 
 class Objective(enum.StrEnum):
@@ -39,6 +49,9 @@ class BridgeSchedulerConfig:
         direction_eps: e in the directional target's denominator.
         distance_range: 1st and 99th percentiles of ||y - x0|| over training slices; bounds
             the directional x0 recovery (measured by training when not given).
+        source_map: None for a bridge that starts from the input itself; else the intensity
+            lookup table (:func:`lib.data.intensity_map.fit_intensity_map`) every input channel
+            goes through before the network and the bridge see it (:meth:`BridgeScheduler.map_source`).
 
     Raises:
         ValueError: fewer than 2 time steps, or m_min, m_max not in 0 <= m_min < m_max <= 1.
@@ -51,9 +64,14 @@ class BridgeSchedulerConfig:
     objective: Objective = field(default=Objective.DIRECTIONAL, metadata={"help": "what the denoiser learns"})
     direction_eps: float = field(default=1e-8, metadata={"help": "e in the directional target's denominator"})
     distance_range: tuple[float, float] | None = None
+    source_map: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         self.objective = Objective(self.objective)
+        if self.source_map is not None:
+            self.source_map = tuple(float(value) for value in self.source_map)
+            if len(self.source_map) < 2:
+                raise ValueError(f"a source map needs at least 2 bins, got {len(self.source_map)}")
         if self.distance_range is not None:
             self.distance_range = (float(self.distance_range[0]), float(self.distance_range[1]))
         if self.timesteps < 2:
@@ -66,7 +84,18 @@ class BridgeSchedulerConfig:
         values = asdict(self)
         values["objective"] = self.objective.value
         values["distance_range"] = list(self.distance_range) if self.distance_range is not None else None
+        if self.source_map is None:
+            # A bridge from the input itself is stored as before the option existed, so that
+            # such checkpoints keep loading in older readers.
+            del values["source_map"]
+        else:
+            values["source_map"] = list(self.source_map)
         return values
+
+    @property
+    def start(self) -> BridgeStart:
+        """Where the bridge's y end is (:class:`BridgeStart`)."""
+        return BridgeStart.SOURCE if self.source_map is None else BridgeStart.INTENSITY_MAP
 
     @classmethod
     def from_dict(cls, values: dict) -> BridgeSchedulerConfig:
@@ -98,6 +127,26 @@ class BridgeScheduler:
         self.m = torch.linspace(self.config.m_min, self.config.m_max, self.config.timesteps, dtype=torch.float64)
         self.delta = 2.0 * self.config.max_var * (self.m - self.m**2)
         self.timesteps: list[int] = []
+
+    def map_source(self, condition: torch.Tensor) -> torch.Tensor:
+        """The network's input channels as this bridge sees them: unchanged for a bridge from the
+        input itself, else each voxel mapped through the source map (linear between its bin
+        centres, as :func:`lib.data.intensity_map.apply_intensity_map`); background voxels
+        (at or below :data:`lib.data.intensity_map.BACKGROUND_LEVEL`) stay as they are, as the
+        target's background does.
+
+        Args:
+            condition: (B, C, H, W) input slices in [-1, 1].
+        """
+        if self.config.source_map is None:
+            return condition
+        table = torch.tensor(self.config.source_map, device=condition.device, dtype=torch.float32)
+        bins = table.numel()
+        position = ((condition.float() + 1.0) * (bins / 2.0) - 0.5).clamp(0.0, bins - 1.0)
+        low = position.floor().long().clamp(max=bins - 2)
+        weight = position - low
+        mapped = table[low] * (1.0 - weight) + table[low + 1] * weight
+        return torch.where(condition > BACKGROUND_LEVEL, mapped, condition.float()).to(condition.dtype)
 
     def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """m_t and delta_t for each batch item, shaped to broadcast against ``like``."""

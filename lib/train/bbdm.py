@@ -22,7 +22,7 @@ import contextlib
 import enum
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lib.data.dataset import MIN_INPUT_COVERAGE, PreparedSlices
+from lib.data.dataset import MIN_INPUT_COVERAGE, PreparedDataset, PreparedSlices, select_slices
+from lib.data.intensity_map import fit_intensity_map
 from lib.diffusion.sampler import translate_slices
-from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig
+from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig, BridgeStart
 from lib.io.checkpoint import load_checkpoint
 from lib.metrics import psnr, ssim_2d
 from lib.models.denoiser import BBDM_KIND, BBDMConfig, BBDMSpec, bbdm_checkpoint, build_denoiser
@@ -133,12 +134,16 @@ def validation_indices(dataset: Dataset, count: int) -> list[int]:
     return np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int).tolist()
 
 
-def measure_distance_range(dataset: Dataset, neighbours: int = 0, count: int = 512) -> tuple[float, float]:
-    """1st and 99th percentiles of ||y - x0|| (per slice) over up to ``count`` training slices."""
+def measure_distance_range(
+    dataset: Dataset, neighbours: int = 0, count: int = 512, bridge: BridgeScheduler | None = None
+) -> tuple[float, float]:
+    """1st and 99th percentiles of ||y - x0|| (per slice) over up to ``count`` training slices,
+    y through ``bridge``'s source map when given."""
     distances = []
     for index in validation_indices(dataset, count):
         item = dataset[index]
-        distances.append(float((item["source"][neighbours] - item["target"][0]).norm()))
+        condition = item["source"] if bridge is None else bridge.map_source(item["source"][None])[0]
+        distances.append(float((condition[neighbours] - item["target"][0]).norm()))
     low, high = np.percentile(distances, [1, 99])
     return float(low), float(high)
 
@@ -247,7 +252,8 @@ def bridge_loss(
         scheduler: the bridge.
         network: ``(input, t) -> output`` on the input ``[x_t, condition]`` (the denoiser, or the
             ControlNet-guided denoiser with its control bound).
-        condition: (B, C, H, W) CT slices; the centre channel is the bridge's y.
+        condition: (B, C, H, W) CT slices; the centre channel is the bridge's y (both through
+            the bridge's source map first, when it has one).
         x0: (B, 1, H, W) MRI slices.
         t: (B,) step indices.
         noise: (B, 1, H, W) standard normal noise.
@@ -258,6 +264,7 @@ def bridge_loss(
     Returns:
         The mean squared (or absolute) error between the network output and the training target.
     """
+    condition = scheduler.map_source(condition)
     x_t, target = scheduler.training_pair(x0, condition[:, neighbours : neighbours + 1], t, noise)
     with autocast:
         output = network(torch.cat([x_t, condition], dim=1), t)
@@ -364,7 +371,9 @@ class BBDMTrainer(BridgeTrainer):
                 "(image_size, neighbours)"
             )
         if self.spec.scheduler.distance_range is None:
-            measured = measure_distance_range(self.train_set, self.spec.neighbours)
+            measured = measure_distance_range(
+                self.train_set, self.spec.neighbours, bridge=BridgeScheduler(self.spec.scheduler)
+            )
             self.spec = replace(self.spec, scheduler=replace(self.spec.scheduler, distance_range=measured))
         self.scheduler = BridgeScheduler(self.spec.scheduler)
         self.items = len(self.train_set)
@@ -412,6 +421,26 @@ class BBDMTrainer(BridgeTrainer):
         return bbdm_checkpoint(module.state_dict(), self.spec)
 
 
+def fit_source_map(data: str | os.PathLike[str]) -> tuple[float, ...]:
+    """The intensity lookup table of a bridge that starts from the mapped input
+    (:attr:`BridgeStart.INTENSITY_MAP`): fitted on the brain voxels of every training-split
+    slice of a prepared dataset whose input covers the brain (``MIN_INPUT_COVERAGE``), the
+    slices the training may draw from.
+
+    Raises:
+        ValueError: not a prepared dataset, or no brain voxel in its training split.
+    """
+    dataset = PreparedDataset(data)
+    rows = select_slices(dataset.slices, "train", 0.0, MIN_INPUT_COVERAGE)
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for subject, subject_rows in rows.groupby("subject", sort=False):
+            picked = subject_rows["slice"].to_numpy()
+            yield dataset.array(subject, "source")[picked], dataset.array(subject, "target")[picked]
+
+    return tuple(float(value) for value in fit_intensity_map(pairs()))
+
+
 def train_bbdm(
     data: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -422,6 +451,7 @@ def train_bbdm(
     resume: bool = False,
     progress: ProgressFn | None = None,
     init: str | os.PathLike[str] | None = None,
+    bridge_start: BridgeStart | str = BridgeStart.SOURCE,
 ) -> dict[str, float]:
     """Train (or resume training) a BBDM denoiser on a prepared dataset; see the module docstring.
 
@@ -435,6 +465,9 @@ def train_bbdm(
         resume: continue from ``out/checkpoint.pt``.
         progress: called after each iteration (validation lines as its message).
         init: weights a new run starts from (see :class:`BBDMTrainer`).
+        bridge_start: where a new run's bridge starts (:class:`BridgeStart`); for the intensity
+            map its table is fitted here (:func:`fit_source_map`). A resumed or initialised run
+            keeps the bridge it was trained on.
 
     Returns:
         The last validation scores (empty without a validation set).
@@ -444,5 +477,8 @@ def train_bbdm(
         ValueError: no checkpoint to resume, data that does not fit the model, or ``init``
             unreadable or of another model config.
     """
+    scheduler = scheduler if scheduler is not None else BridgeSchedulerConfig()
+    if BridgeStart(bridge_start) is BridgeStart.INTENSITY_MAP and not resume and init is None:
+        scheduler = replace(scheduler, source_map=fit_source_map(data))
     trainer = BBDMTrainer(partial(prepared_slices, data), config, scheduler, init)
     return run_training(trainer, out, train_config, device, resume, progress)

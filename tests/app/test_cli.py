@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from app.cli import main
 from lib.data.invesalius import CRANIUM_PATH
@@ -133,6 +134,8 @@ def test_train_bbdm_command_trains_resumes_and_plots(tmp_path):
         "2",
         "--checkpoint-every",
         "2",
+        "--bridge-start",
+        "intensity-map",
         "--quiet",
     ]
     first = run(*common, "--iters", "2")
@@ -142,7 +145,8 @@ def test_train_bbdm_command_trains_resumes_and_plots(tmp_path):
     resumed = run(*common, "--iters", "4", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "trained to iteration 4" in resumed.stdout
-    assert (tmp_path / "run" / "model.pt").is_file()
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert len(saved["scheduler"]["source_map"]) == 256  # the bridge starts from the mapped input
     plot = run("compare-runs", str(tmp_path / "run"), "--out", str(tmp_path / "cmp.png"))
     assert plot.returncode == 0 and (tmp_path / "cmp.png").stat().st_size > 1000
 

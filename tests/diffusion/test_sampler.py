@@ -3,6 +3,8 @@ it, the step's arithmetic stays float32, and the ControlNet path runs in both.""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -87,3 +89,20 @@ def test_bfloat16_is_close_to_float32_and_steps_in_float32(controlled, monkeypat
 def test_an_unknown_precision_is_refused_naming_the_words():
     with pytest.raises(ValueError, match=r"precision must be one of \['auto', 'fp32', 'bf16'\], got 'fp16'"):
         translate(random_model(False), False, precision="fp16")
+
+
+def test_a_mapped_bridge_translates_the_mapped_input_once():
+    """A BBDM whose bridge starts from the mapped input samples exactly as a plain bridge does from
+    the input mapped beforehand: the map is applied once, to every channel, before the network."""
+    model = random_model(controlled=False)
+    condition, _ = batch()
+    table = torch.linspace(-0.8, 0.6, 32) ** 2 - 0.5  # not monotonic, as FLAIR -> T1 is not
+    mapped_spec = BBDMSpec(tiny_config(), replace(SCHEDULER, source_map=tuple(table.tolist())))
+    premapped = BridgeScheduler(mapped_spec.scheduler).map_source(condition)
+    assert not torch.allclose(premapped, condition)
+    through_map = translate_slices(model, mapped_spec, condition, steps=3)
+    beforehand = translate_slices(model, BBDMSpec(tiny_config(), SCHEDULER), premapped, steps=3)
+    torch.testing.assert_close(through_map, beforehand, atol=1e-6, rtol=0)
+    assert not torch.allclose(
+        through_map, translate_slices(model, BBDMSpec(tiny_config(), SCHEDULER), condition, steps=3)
+    )

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from lib.data.intensity_map import BACKGROUND_LEVEL, apply_intensity_map
 from lib.diffusion.sampler import sample_bridge
-from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig, Objective
+from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig, BridgeStart, Objective
 from tests.conftest import BRATS_CASE, require
 
 
@@ -39,6 +40,33 @@ def test_config_round_trip_and_unknown_keys():
     assert BridgeSchedulerConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown bridge scheduler config keys"):
         BridgeSchedulerConfig.from_dict({**config.to_dict(), "channels": [1]})
+
+
+def test_source_map_is_saved_only_when_the_bridge_has_one():
+    plain = BridgeSchedulerConfig()
+    assert plain.start is BridgeStart.SOURCE and "source_map" not in plain.to_dict()
+    mapped = BridgeSchedulerConfig(source_map=[-1, 0, 0.5, 1])
+    assert mapped.start is BridgeStart.INTENSITY_MAP and mapped.source_map == (-1.0, 0.0, 0.5, 1.0)
+    assert BridgeSchedulerConfig.from_dict(mapped.to_dict()) == mapped
+    with pytest.raises(ValueError, match="at least 2 bins"):
+        BridgeSchedulerConfig(source_map=[0.3])
+
+
+def test_map_source_is_the_lookup_table_inside_the_brain_and_keeps_the_background():
+    generator = torch.Generator().manual_seed(4)
+    table = torch.rand(64, generator=generator) * 2 - 1
+    condition = torch.rand((2, 3, 16, 16), generator=generator) * 2 - 1
+    condition[:, :, :4] = -1.0  # background rows
+    condition[0, 0, 5, :3] = torch.tensor([-0.999, 0.999, 1.0])  # beyond the first and last bin centres
+    bridge = BridgeScheduler(BridgeSchedulerConfig(source_map=table.tolist()))
+    mapped = bridge.map_source(condition)
+    brain = condition > BACKGROUND_LEVEL
+    expected = torch.from_numpy(apply_intensity_map(table.numpy(), condition.numpy()))
+    torch.testing.assert_close(mapped[brain], expected[brain], atol=1e-6, rtol=0)
+    assert torch.equal(mapped[~brain], condition[~brain])
+    assert not torch.allclose(mapped[brain], condition[brain])
+    # A bridge from the input itself leaves it as it is.
+    assert BridgeScheduler(BridgeSchedulerConfig()).map_source(condition) is condition
 
 
 def test_forward_sample_mean_and_variance_monte_carlo():

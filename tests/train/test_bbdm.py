@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from lib.data.dataset import PreparedSlices
+from lib.data.dataset import PreparedDataset, PreparedSlices
 from lib.diffusion.sampler import translate_slices
 from lib.diffusion.scheduler import BridgeScheduler, BridgeSchedulerConfig, Objective
 from lib.io.checkpoint import halve_weights
@@ -214,3 +214,48 @@ def test_a_run_can_start_from_trained_weights(prepared, tmp_path):
     wider = replace(tiny_config(), channels=(16, 48))
     with pytest.raises(ValueError, match=r"model\.pt: its model config .* differs"):
         train_bbdm(prepared, tmp_path / "wider", wider, TrainConfig(iters=1, **settings), init=first)
+
+
+def test_a_bridge_from_the_intensity_map_fits_its_table_on_the_training_brains(prepared, tmp_path):
+    """The table is each input bin's mean target over the training split's brain voxels (never
+    the validation split's), it is saved with the bridge, the distance range is measured on the
+    mapped inputs, and a resumed run keeps the table it started with."""
+    settings = dict(batch_size=2, val_every=10, checkpoint_every=2, seed=5, min_brain_fraction=0.1)
+    train_bbdm(
+        prepared, tmp_path / "run", tiny_config(), TrainConfig(iters=2, **settings), bridge_start="intensity-map"
+    )
+    _, spec = load_bbdm(tmp_path / "run" / "model.pt")
+    table = np.asarray(spec.scheduler.source_map)
+    assert table.shape == (256,)
+    dataset = PreparedDataset(prepared)
+    pairs = {split: [] for split in ("train", "val")}
+    for split, found in pairs.items():
+        for subject in dataset.subjects(split):
+            keep = dataset.slices[(dataset.slices.subject == subject) & (dataset.slices.input_coverage >= 0.8)]
+            source, target = (np.asarray(dataset.array(subject, name))[keep["slice"]] for name in ("source", "target"))
+            brain = source > -1 + 1e-3
+            found.append((source[brain], target[brain]))
+    source, target = (np.concatenate(values) for values in zip(*pairs["train"], strict=True))
+    # The most crowded bin's table value is the mean target of the training voxels in it.
+    index = np.clip(((source + 1) / 2 * 256).astype(int), 0, 255)
+    crowded = np.bincount(index, minlength=256).argmax()
+    assert table[crowded] == pytest.approx(float(target[index == crowded].mean()), abs=1e-5)
+    val_source, val_target = (np.concatenate(values) for values in zip(*pairs["val"], strict=True))
+    val_index = np.clip(((val_source + 1) / 2 * 256).astype(int), 0, 255)
+    busy = np.bincount(val_index, minlength=256).argmax()
+    assert table[busy] != pytest.approx(float(val_target[val_index == busy].mean()), abs=1e-5)
+    # The distances are those from the mapped input to the target.
+    train = PreparedSlices(prepared, "train", 0.1)
+    bridge = BridgeScheduler(spec.scheduler)
+    mapped = [
+        float((bridge.map_source(train[i]["source"][None])[0, 0] - train[i]["target"][0]).norm())
+        for i in range(len(train))
+    ]
+    raw = [float((train[i]["source"][0] - train[i]["target"][0]).norm()) for i in range(len(train))]
+    low, high = spec.scheduler.distance_range
+    assert min(mapped) <= low < high <= max(mapped)
+    assert np.median(mapped) < np.median(raw)  # the table brings the input closer to the T1
+    # Resuming keeps the saved table (the bridge the weights were trained on), whatever is asked.
+    train_bbdm(prepared, tmp_path / "run", tiny_config(), TrainConfig(iters=4, **settings), resume=True)
+    _, resumed = load_bbdm(tmp_path / "run" / "model.pt")
+    assert resumed.scheduler.source_map == spec.scheduler.source_map
