@@ -126,6 +126,10 @@ class BridgeScheduler:
         self.config = config if config is not None else BridgeSchedulerConfig()
         self.m = torch.linspace(self.config.m_min, self.config.m_max, self.config.timesteps, dtype=torch.float64)
         self.delta = 2.0 * self.config.max_var * (self.m - self.m**2)
+        # Built once: map_source runs on every training batch and every sampling call.
+        self._source_table = (
+            None if self.config.source_map is None else torch.tensor(self.config.source_map, dtype=torch.float32)
+        )
         self.timesteps: list[int] = []
 
     def map_source(self, condition: torch.Tensor) -> torch.Tensor:
@@ -138,9 +142,9 @@ class BridgeScheduler:
         Args:
             condition: (B, C, H, W) input slices in [-1, 1].
         """
-        if self.config.source_map is None:
+        if self._source_table is None:
             return condition
-        table = torch.tensor(self.config.source_map, device=condition.device, dtype=torch.float32)
+        table = self._source_table.to(condition.device)
         bins = table.numel()
         position = ((condition.float() + 1.0) * (bins / 2.0) - 0.5).clamp(0.0, bins - 1.0)
         low = position.floor().long().clamp(max=bins - 2)
